@@ -1,0 +1,533 @@
+"""Rollouts for Stable-Layers: G candidate layer decompositions per image, with Flow-GRPO log-probs.
+
+Qwen-Image-Layered turns one RGB image into N RGBA layers by denoising N+1 latent frames (frame 0 the
+composite, frames 1..N the layers, back to front) conditioned on the VAE latents of the input image.
+This file samples that process with the Flow-GRPO SDE step (Liu et al., "Flow-GRPO", arXiv:2505.05470v4,
+Sec. 4.1, Eq. 9-10), records what the GRPO update needs, decodes the layers, and re-scores stored
+transitions under the current policy.
+
+    # the sampler alone on the tiny random model (CPU, seconds): PNGs under outputs/rollout/
+    python rollout.py --images examples --pretrained_model_name_or_path tiny --resolution 64
+    # the real model on one GPU: 4 candidates per image at the released settings, SDE on every step
+    python rollout.py --images my_designs/ --group_size 4 --num_inference_steps 10 --noise_level 1.2
+
+Departures from diffusers' QwenImageLayeredPipeline.__call__ (with noise_level=0 the layers match it to
+1e-5, see test_smoke.py): the sampler state stays in float32 between steps (diffusers rounds it to the
+model dtype and forms dt * v in bf16 on a bf16 model); batches of several images are decoded and regrouped
+here (diffusers 0.42.1 splits batched output wrongly); group members are consecutive rows.
+"""
+
+import argparse
+import hashlib
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageLayeredPipeline,
+    QwenImageTransformer2DModel,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+from diffusers.utils.torch_utils import randn_tensor
+
+DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
+DEFAULT_PROMPT = "a clean, well composed image"  # the released Stable-Layers LoRA's fixed prompt
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------- loading
+def build_tiny_pipeline(seed=0):
+    """A seeded, randomly initialised Qwen-Image-Layered pipeline at toy sizes (no download).
+
+    Real architecture flags (layer-3D RoPE, the additional time condition, an RGBA VAE with z_dim 16, the
+    linear dynamic time shift); ~92K transformer parameters. See ../shared/NOTES.md section 4.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()) + specials)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    ids = {s: vocab[s] for s in specials}
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(vocab), bos_token_id=None,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
+        vocab_size=len(vocab), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_layer3d_rope=True, use_additional_t_cond=True)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], input_channels=4,
+                                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear",
+                                                base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
+    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tokenizer, processor=None, transformer=transformer)
+
+
+def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False):
+    """A QwenImageLayeredPipeline from a hub id or local folder, or the tiny random one for "tiny".
+
+    The captioning processor is skipped unless `captioning` (it needs torchvision; only auto-captions use it).
+    """
+    if pretrained_model_name_or_path == "tiny":
+        pipe = build_tiny_pipeline()
+    else:
+        extra = {} if captioning else {"processor": None}
+        try:
+            pipe = QwenImageLayeredPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype,
+                                                            **extra)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
+                             f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.")
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_lora(pipe, path):
+    """Load a LoRA into pipe.transformer: a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder
+    holding one) or a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the released
+    Stable-Layers format)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        state = load_file(path / "adapter_model.safetensors")
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
+        incompatible = set_peft_model_state_dict(pipe.transformer, state)
+        if getattr(incompatible, "unexpected_keys", None):
+            raise ValueError(f"--lora {path}: keys that match no module: {incompatible.unexpected_keys[:3]}")
+    elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(path))
+    else:
+        raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
+                                "nor a PEFT adapter folder (adapter_config.json)")
+
+
+def save_lora(transformer, folder, base_model=DEFAULT_MODEL):
+    """Write the transformer's active LoRA twice: pytorch_lora_weights.safetensors (diffusers'
+    load_lora_weights) and peft/ (a PEFT adapter folder, loads like the released LoRA)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = get_peft_model_state_dict(transformer)
+    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True)
+    (folder / "peft").mkdir(parents=True, exist_ok=True)
+    config = transformer.peft_config["default"]
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(folder / "peft")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+              folder / "peft" / "adapter_model.safetensors")
+
+
+# ----------------------------------------------------------------------------- images
+def open_image(path):
+    """Any image file as an RGB PIL image: EXIF rotation applied, alpha flattened over white, 16-bit and
+    float greys scaled to 8 bit, palette/CMYK converted. Raises ValueError naming the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    return to_rgb(im)
+
+
+def to_rgb(im):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_images(folder):
+    """All readable images under `folder` (recursive, sorted) as (paths, RGB images). Unreadable files are
+    skipped with a warning naming them; a folder with none stops with a clear message."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"--images {folder}: no such folder")
+    paths, images = [], []
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        try:
+            images.append(open_image(p))
+            paths.append(p)
+        except ValueError as e:
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                warnings.warn(f"skipping {e}", stacklevel=2)
+    if not images:
+        raise SystemExit(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths, images
+
+
+def condition_size(image, resolution, multiple=32):
+    """(width, height) of the condition image: about resolution^2 pixels, aspect kept, sides multiples of 32
+    (diffusers' calculate_dimensions)."""
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution}: must be a multiple of {multiple} (the model uses 640 or 1024)")
+    return calculate_dimensions(resolution * resolution, image.size[0] / image.size[1])
+
+
+def prepare_images(pipe, images, resolution):
+    """Resize like diffusers and turn RGB into RGBA with alpha 1. Returns (pixels (n, 4, 1, H, W) in [-1, 1],
+    resized RGB images, H, W). All images of one call must land on the same size (Layer-3D RoPE reads the
+    first sample's shape only)."""
+    if not images:
+        raise ValueError("images: empty list; give at least one image")
+    if not all(isinstance(im, Image.Image) for im in images):
+        raise ValueError("images: every item must be a PIL.Image (use rollout.open_image for files)")
+    sizes = {condition_size(im, resolution) for im in images}
+    if len(sizes) > 1:
+        raise ValueError(f"images resolve to different sizes {sorted(sizes)} at resolution {resolution}; "
+                         "sample them in separate calls")
+    (width, height), = sizes
+    rgb = [pipe.image_processor.resize(to_rgb(im), height, width) for im in images]
+    pixels = pipe.image_processor.preprocess([im.convert("RGBA") for im in rgb], height, width)
+    return pixels.unsqueeze(2), rgb, height, width  # (n, 4, 1, H, W)
+
+
+# ----------------------------------------------------------------------------- prompts
+def encode_prompt(pipe, prompt):
+    """(prompt_embeds (1, L, D), prompt_embeds_mask (1, L) or None), cached on the pipeline so the text
+    encoder can be freed after the first call (see train.py)."""
+    cache = pipe.__dict__.setdefault("_prompt_cache", {})
+    if prompt not in cache:
+        if pipe.text_encoder is None:
+            raise RuntimeError(f"prompt {prompt!r} was not encoded before the text encoder was freed")
+        with torch.no_grad():
+            cache[prompt] = pipe.encode_prompt(prompt, device=pipe.text_encoder.device, max_sequence_length=512)
+    return cache[prompt]
+
+
+def caption(pipe, image):
+    """Auto-caption one image with the pipeline's Qwen2.5-VL (cached by pixel hash); needs the processor."""
+    if pipe.processor is None:
+        raise RuntimeError("auto-captioning needs the pipeline's processor: load_pipeline(..., captioning=True)")
+    cache = pipe.__dict__.setdefault("_caption_cache", {})
+    key = hashlib.sha1(image.tobytes()).hexdigest()
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = pipe.get_image_caption(image, use_en_prompt=True, device=pipe.text_encoder.device)
+    return cache[key]
+
+
+# ----------------------------------------------------------------------------- the SDE step
+def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, prev_sample=None, generator=None,
+                          sde_type="sde"):
+    """One reverse step x_t -> x_{t-1} of Flow-GRPO and the log-density of the sample (all float32).
+
+    Flow-GRPO (arXiv:2505.05470v4, Sec. 4.1, Eq. 9-10), with dt = sigma_next - sigma < 0, a = noise_level:
+        std_dev_t   = a * sqrt(sigma / (1 - sigma'))      sigma' = sigma, or sigma_next where sigma == 1
+        prev_mean   = x * (1 + std_dev_t^2 / (2 sigma) * dt) + v * (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) * dt
+        prev_sample = prev_mean + std_dev_t * sqrt(-dt) * eps,   eps ~ N(0, I)
+        log_prob    = MEAN over all non-batch dims of log N(prev_sample; prev_mean, (std_dev_t sqrt(-dt))^2)
+    a = 0 is the plain Euler step x + v dt; its log_prob (a Dirac) is returned as 0.
+    sde_type="cps" is the coefficients-preserving variant (Wang et al., arXiv:2509.05952v2, Eq. 12):
+        s = sigma_next sin(a pi / 2), x0 = x - sigma v, x1 = x + (1 - sigma) v,
+        prev_mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - s^2) x1, prev_sample = prev_mean + s eps,
+        log_prob = -MEAN (prev_sample - prev_mean)^2   (unscaled, as upstream; std_dev_t returned = s)
+    sigma, sigma_next: floats or (B,) tensors. Given prev_sample, that stored transition is re-scored.
+    Returns (prev_sample, log_prob (B,), prev_mean, std_dev_t (B, 1, ..., 1)).
+    """
+    x, v = latents.float(), velocity.float()
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(shape).expand(x.shape[0], *shape[1:])
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).reshape(shape).expand_as(sigma)
+    dt = sigma_next - sigma
+    dims = tuple(range(1, x.ndim))
+    if sde_type == "sde":
+        std_dev_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+        prev_mean = (x * (1 + std_dev_t**2 / (2 * sigma) * dt)
+                     + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt)
+        scale = std_dev_t * torch.sqrt(-dt)
+    elif sde_type == "cps":
+        std_dev_t = sigma_next * math.sin(noise_level * math.pi / 2)
+        x0, x1 = x - sigma * v, x + (1 - sigma) * v
+        prev_mean = (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - std_dev_t**2) * x1
+        scale = std_dev_t
+    else:
+        raise ValueError(f"sde_type {sde_type!r}: use 'sde' or 'cps'")
+    if prev_sample is None:
+        eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_sample = prev_mean + scale * eps
+    prev_sample = prev_sample.float()
+    if noise_level == 0:
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    elif sde_type == "cps":
+        log_prob = -((prev_sample.detach() - prev_mean) ** 2).mean(dims)
+    else:
+        log_prob = (-((prev_sample.detach() - prev_mean) ** 2) / (2 * scale**2)
+                    - torch.log(scale) - 0.5 * math.log(2 * math.pi)).mean(dims)
+    return prev_sample, log_prob, prev_mean, std_dev_t
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class Trajectory:
+    """What one rollout hands to the GRPO update (B = number of images * group_size, rows grouped)."""
+    latents: torch.Tensor  # (B, K+1, S, 64) float32: states before/after each of the K SDE steps of the window
+    log_probs: torch.Tensor  # (B, K) float32: log p_old of each stored transition
+    window: tuple  # (start, end): steps start..end-1 are SDE steps; all others ODE, nothing stored
+    sigmas: torch.Tensor  # (T+1,) float32 schedule, last 0
+    timesteps: torch.Tensor  # (T,) float32, sigmas[:-1] * 1000, as the scheduler gives them
+    image_latents: torch.Tensor  # (B, S_c, 64) condition tokens, appended after the noise tokens
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    prompt_embeds_mask: object  # (B, L) or None (None when no token is padding)
+    negative_prompt_embeds: object  # (B, L', D) or None when CFG is off
+    negative_prompt_embeds_mask: object
+    layers: object  # (B, N, 4, H, W) float32 in [0, 1], layer 0 = background; None if not decoded
+    images: list  # the n condition images (RGB, resized as the model saw them)
+    num_layers: int
+    height: int
+    width: int
+    group_size: int
+    noise_level: float
+    true_cfg_scale: float
+    cfg_normalize: bool
+    sde_type: str
+
+    def img_shapes(self, batch):
+        h, w = self.height // 16, self.width // 16
+        return [[(1, h, w)] * (self.num_layers + 1) + [(1, h, w)]] * batch
+
+
+def predict_velocity(transformer, traj, latents, t, rows=slice(None)):
+    """v(x_t, t | image, prompt) for the given rows: the transformer on [noise tokens, condition tokens],
+    sliced back to the noise tokens, with true CFG (and its optional per-token renormalisation) if on."""
+    n = latents.shape[0]
+    dtype = traj.image_latents.dtype
+    x = torch.cat([latents.to(dtype), traj.image_latents[rows]], dim=1)
+    timestep = t.expand(n).to(dtype) / 1000  # exactly as diffusers forms it
+    common = dict(hidden_states=x, timestep=timestep, img_shapes=traj.img_shapes(n), attention_kwargs={},
+                  additional_t_cond=torch.zeros(n, dtype=torch.long, device=x.device), return_dict=False)
+
+    def mask(m):
+        return None if m is None else m[rows]
+
+    v = transformer(encoder_hidden_states=traj.prompt_embeds[rows], encoder_hidden_states_mask=mask(
+        traj.prompt_embeds_mask), **common)[0][:, : latents.shape[1]]
+    if traj.negative_prompt_embeds is None:
+        return v
+    v_neg = transformer(encoder_hidden_states=traj.negative_prompt_embeds[rows], encoder_hidden_states_mask=mask(
+        traj.negative_prompt_embeds_mask), **common)[0][:, : latents.shape[1]]
+    combined = v_neg + traj.true_cfg_scale * (v - v_neg)
+    if traj.cfg_normalize:
+        combined = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+    return combined
+
+
+def _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
+           negative_prompt, cfg_normalize, generator):
+    """Everything before the denoising loop, as diffusers does it: condition latents, prompt embeddings,
+    initial noise (B, (N+1) * h * w, 64) and the shifted schedule. Returns (trajectory skeleton, latents)."""
+    if layers < 1:
+        raise ValueError(f"layers={layers}: need at least 1")
+    pixels, rgb, height, width = prepare_images(pipe, images, resolution)
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    batch = len(images) * group_size
+    prompts = [caption(pipe, im) for im in rgb] if prompt is None else [prompt] * len(rgb)
+    embeds = [encode_prompt(pipe, p) for p in prompts]
+    if len({e.shape[1] for e, _ in embeds}) > 1:
+        raise ValueError("per-image captions of different token lengths: sample those images in separate calls")
+    prompt_embeds = torch.cat([e for e, _ in embeds]).to(device, dtype).repeat_interleave(group_size, 0)
+    prompt_mask = None if embeds[0][1] is None else torch.cat([m for _, m in embeds]).to(device)
+    do_cfg = true_cfg_scale > 1
+    neg, neg_mask = encode_prompt(pipe, negative_prompt) if do_cfg else (None, None)
+    with torch.no_grad():
+        image_latents = pipe._encode_vae_image(pixels.to(device, dtype), generator=None)  # (n, 16, 1, h, w)
+        latents, image_latents = pipe.prepare_latents(
+            image_latents.repeat_interleave(group_size, 0), batch, pipe.transformer.config.in_channels // 4,
+            height, width, layers, dtype, device, generator)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    mu = (image_latents.shape[1] / 256) ** 0.5  # sqrt(condition tokens / 256): 2.5 at 640 px
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0, num_inference_steps + 1)[:-1], mu=mu, device=device)
+    repeat = (lambda m: None if m is None else m.repeat_interleave(batch // m.shape[0], 0))
+    traj = Trajectory(
+        latents=None, log_probs=None, window=(0, 0), sigmas=scheduler.sigmas, timesteps=scheduler.timesteps,
+        image_latents=image_latents, prompt_embeds=prompt_embeds,
+        prompt_embeds_mask=None if prompt_mask is None else prompt_mask.repeat_interleave(group_size, 0),
+        negative_prompt_embeds=None if neg is None else repeat(neg.to(device, dtype)),
+        negative_prompt_embeds_mask=None if neg_mask is None else repeat(neg_mask.to(device)),
+        layers=None, images=rgb, num_layers=layers, height=height, width=width, group_size=group_size,
+        noise_level=0.0, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize, sde_type="sde")
+    return traj, latents.float()
+
+
+@torch.no_grad()
+def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_level=1.2, resolution=640,
+           prompt=DEFAULT_PROMPT, true_cfg_scale=1.0, negative_prompt=" ", cfg_normalize=False, sde_window=None,
+           sde_type="sde", generator=None, decode=True, progress=False):
+    """Sample group_size candidate decompositions of each image with the Flow-GRPO SDE sampler.
+
+    Steps sde_window = (start, end) (default: all T steps) take sde_step_with_logprob and store their states
+    and log-probs; the others are Euler (ODE) steps. Each image is repeated group_size times with
+    independent initial noise (rows i*G..i*G+G-1 are image i's group). prompt=None auto-captions each image.
+    Returns a Trajectory with layers (B, layers, 4, H, W) in [0, 1] if decode.
+    """
+    traj, x = _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
+                     negative_prompt, cfg_normalize, generator)
+    start, end = sde_window or (0, num_inference_steps)
+    if not 0 <= start < end <= num_inference_steps:
+        raise ValueError(f"sde_window {sde_window}: need 0 <= start < end <= num_inference_steps={num_inference_steps}")
+    traj.window, traj.noise_level, traj.sde_type = (start, end), float(noise_level), sde_type
+    states, log_probs = [], []
+    for i in tqdm(range(num_inference_steps), desc="denoise", leave=False, disable=not progress):
+        v = predict_velocity(pipe.transformer, traj, x, traj.timesteps[i])
+        sigma, sigma_next = traj.sigmas[i], traj.sigmas[i + 1]
+        if start <= i < end:
+            if i == start:
+                states.append(x)
+            x, log_prob, _, _ = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, generator=generator,
+                                                      sde_type=sde_type)
+            states.append(x)
+            log_probs.append(log_prob)
+        else:
+            x = x + (sigma_next - sigma) * v.float()  # Euler, as FlowMatchEulerDiscreteScheduler.step
+    traj.latents = torch.stack(states, dim=1)  # (B, K+1, S, 64)
+    traj.log_probs = torch.stack(log_probs, dim=1)  # (B, K)
+    if decode:
+        traj.layers = decode_layers(pipe, x, traj.height, traj.width, layers)
+    return traj
+
+
+@torch.no_grad()
+def decompose(pipe, images, *, layers, sampler="heun", num_inference_steps=50, resolution=640, true_cfg_scale=1.0,
+              generator=None, prompt=DEFAULT_PROMPT, progress=False):
+    """Deterministic decomposition for evaluation: (B, layers, 4, H, W) in [0, 1].
+
+    sampler="heun" is the released model's setting (2nd-order Heun on the same shifted schedule:
+    x' = x + dt v(x, t); x <- x + dt (v(x, t) + v(x', t_next)) / 2, plain Euler on the last step to sigma=0);
+    sampler="euler" is diffusers' own Euler loop (= sample(..., noise_level=0)).
+    """
+    if sampler == "euler":
+        return sample(pipe, images, layers=layers, num_inference_steps=num_inference_steps, noise_level=0.0,
+                      resolution=resolution, prompt=prompt, true_cfg_scale=true_cfg_scale, generator=generator,
+                      sde_window=(0, 1), progress=progress).layers
+    if sampler != "heun":
+        raise ValueError(f"--sampler {sampler!r}: use 'heun' or 'euler'")
+    traj, x = _start(pipe, images, layers, 1, num_inference_steps, resolution, prompt, true_cfg_scale, " ",
+                     False, generator)
+    sig, ts = traj.sigmas, traj.timesteps
+    for i in tqdm(range(num_inference_steps), desc="heun", leave=False, disable=not progress):
+        dt = sig[i + 1] - sig[i]
+        v = predict_velocity(pipe.transformer, traj, x, ts[i]).float()
+        if sig[i + 1] > 0:
+            v_next = predict_velocity(pipe.transformer, traj, x + dt * v, ts[i + 1]).float()
+            v = (v + v_next) / 2
+        x = x + dt * v
+    return decode_layers(pipe, x, traj.height, traj.width, layers)
+
+
+@torch.no_grad()
+def decode_layers(pipe, latents, height, width, layers, chunk=8):
+    """Packed latents (B, (N+1) h w, 64) -> RGBA layers (B, N, 4, H, W) in [0, 1]. Frame 0 (the composite)
+    is dropped; frames are decoded `chunk` at a time to bound VAE memory, then regrouped per sample."""
+    vae = pipe.vae
+    x = pipe._unpack_latents(latents, height, width, layers, pipe.vae_scale_factor).to(vae.dtype)  # (B, C, N+1, h, w)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x.device, x.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(x.device, x.dtype)
+    x = x / inv_std + mean
+    b, c, _, h, w = x.shape
+    frames = x[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(b * layers, c, 1, h, w)
+    out = torch.cat([vae.decode(f, return_dict=False)[0][:, :, 0] for f in frames.split(chunk)])
+    return (out.float() / 2 + 0.5).clamp(0, 1).reshape(b, layers, 4, out.shape[-2], out.shape[-1])
+
+
+def step_log_prob(transformer, traj, j, rows=slice(None)):
+    """Re-score stored transition j of the window (states j -> j+1) under the current transformer, with
+    gradients: returns (log_prob (b,), prev_mean, std_dev_t) for the given rows."""
+    i = traj.window[0] + j
+    x = traj.latents[rows, j]
+    v = predict_velocity(transformer, traj, x, traj.timesteps[i], rows)
+    _, log_prob, prev_mean, std_dev_t = sde_step_with_logprob(
+        v, x, traj.sigmas[i], traj.sigmas[i + 1], traj.noise_level, prev_sample=traj.latents[rows, j + 1],
+        sde_type=traj.sde_type)
+    return log_prob, prev_mean, std_dev_t
+
+
+# ----------------------------------------------------------------------------- files
+def save_layers(layers_k, folder):
+    """(N, 4, H, W) in [0, 1] -> folder/layer_<i>.png (RGBA, layer_0 the background)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(layers_k):
+        array = (layer.permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+        Image.fromarray(array, "RGBA").save(folder / f"layer_{i}.png")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE "
+                                "sampler) and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
+    p.add_argument("--images", required=True, help="folder of input images (searched recursively)")
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    p.add_argument("--lora", default=None, help="optional LoRA: diffusers .safetensors (or folder) or PEFT folder")
+    p.add_argument("--output_dir", default="outputs/rollout", help="where the PNGs go")
+    p.add_argument("--layers", type=int, default=4, help="number of RGBA layers N")
+    p.add_argument("--group_size", type=int, default=4, help="candidates per image G")
+    p.add_argument("--num_inference_steps", type=int, default=10, help="denoising steps T")
+    p.add_argument("--noise_level", type=float, default=1.2, help="SDE noise level a (0 = deterministic Euler)")
+    p.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("START", "END"),
+                   help="only steps START..END-1 are SDE (default all)")
+    p.add_argument("--resolution", type=int, default=640, help="condition bucket: 640 or 1024 (tiny: any multiple of 32)")
+    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    paths, images = load_images(args.images)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device == "cuda" else None,
+                         device=device)
+    if args.lora:
+        load_lora(pipe, args.lora)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    out = Path(args.output_dir)
+    for path, image in tqdm(list(zip(paths, images)), desc="images"):
+        traj = sample(pipe, [image], layers=args.layers, group_size=args.group_size, generator=generator,
+                      num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
+                      sde_window=args.sde_window, resolution=args.resolution, true_cfg_scale=args.true_cfg_scale)
+        folder = out / path.relative_to(args.images).with_suffix("")
+        folder.mkdir(parents=True, exist_ok=True)
+        traj.images[0].save(folder / "image.png")
+        for k, layers_k in enumerate(traj.layers):
+            save_layers(layers_k, folder / f"candidate_{k:02d}")
+    print(f"wrote {len(paths)} x {args.group_size} decompositions to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
