@@ -1,0 +1,794 @@
+"""Rewards for Stable-Layers: the two-stage VLM judge, plus programmatic rewards for ablations.
+
+    # score a folder written by `python rollout.py --images DIR --output_dir OUT`, no GPU, no download
+    python reward.py --decompositions OUT --judge tiny
+    # a real judge: any transformers Qwen-VL checkpoint, or any OpenAI-compatible server
+    python reward.py --decompositions OUT --judge local --judge_model Qwen/Qwen2.5-VL-7B-Instruct
+    vllm serve Qwen/Qwen2.5-VL-7B-Instruct --port 8000 &
+    python reward.py --decompositions OUT --judge http --judge_url http://localhost:8000/v1 \
+        --judge_model Qwen/Qwen2.5-VL-7B-Instruct --output_dir judge_view   # saves what the judge saw
+    python reward.py --decompositions OUT --reward recon                   # no judge at all
+
+Every reward is fn(images, layers, group_size, **kwargs) -> (rewards (B,) float32 CPU, info dict), with
+layers (B, N, 4, H, W) in [0, 1], straight alpha, layer 0 = background, and the G = group_size candidates
+of image i in rows i*G .. i*G+G-1. REWARDS maps names to functions; unknown kwargs are ignored.
+
+The "vlm" reward (Stable-Layers' two-stage judge: structured per-candidate scoring, then grid calibration):
+  stage 1, each candidate b alone (its panel: input + N layers on a checkerboard), criteria k = prompts/criteria.txt:
+      s_bk = E[score] = sum_{d=1..9} p(d) * d, p = softmax of the digit logits at the score position,
+             renormalised over the digits 1..9 (local judges; HTTP: top_logprobs, else the parsed integer)
+      t_b  = sum_k w_k * s_bk / sum_k w_k                      (weights w equal by default)
+  stage 2, one grid per image i with its G panels in the order perm_i = randperm(G) (torch generator seeded
+      with `seed`, one draw per group); position p is labelled letter p and shows candidate perm_i[p]:
+      c_{i*G + perm_i[p]} = E[score of letter p]               (so position bias cannot become reward)
+  combine = "calibrated" (default): r_b = c_b;  "mean": r_b = (t_b + c_b) / 2;  "stage1": r_b = t_b (no grid).
+Fallbacks (counted in info, never raised): a candidate whose stage 1 failed gets the mean t of its group's
+successful candidates, or 5 (mid-scale) if none succeeded; a group whose stage 2 failed uses t for all its
+candidates. A group scored by one constant therefore gets zero advantage. Rewards live on the 1..9 scale.
+Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it barely moves the within-group
+ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
+"""
+import argparse
+import base64
+import io
+import json
+import logging
+import math
+import os
+import re
+import string
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+log = logging.getLogger("reward")
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+LETTERS = string.ascii_uppercase
+LOW, HIGH, MID = 1, 9, 5.0  # the score scale and the score a group with no answer gets
+COMBINE = ("calibrated", "mean", "stage1")
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompts:
+    stage1: str  # template with {num_layers} {criteria} {answer_format}
+    stage2: str  # template with {num_candidates} {num_layers} {labels} {criteria} {answer_format}
+    criteria: dict  # key -> description, in file order
+
+
+def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
+    """Read criteria.txt, stage1.txt, stage2.txt; fail now (naming the file) rather than at step 1."""
+    d = Path(prompts_dir)
+    texts = {}
+    for name in ("criteria", "stage1", "stage2"):
+        if not (d / f"{name}.txt").is_file():
+            raise FileNotFoundError(f"--prompts_dir {d}: missing {name}.txt (copy it from {PROMPTS_DIR})")
+        texts[name] = (d / f"{name}.txt").read_text(encoding="utf-8")
+    criteria = {}
+    for line in texts["criteria"].splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, desc = line.partition(":")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+                raise ValueError(f"{d / 'criteria.txt'}: line {line[:40]!r} is not 'key: description'")
+            criteria[key.strip()] = desc.strip()
+    if not criteria:
+        raise ValueError(f"{d / 'criteria.txt'}: no criteria found (one 'key: description' per line)")
+    allowed = {"stage1": {"num_layers", "criteria", "answer_format"},
+               "stage2": {"num_candidates", "num_layers", "labels", "criteria", "answer_format"}}
+    for name, ok in allowed.items():
+        fields = {f for _, f, _, _ in string.Formatter().parse(texts[name]) if f is not None}
+        if fields - ok or "answer_format" not in fields:
+            raise ValueError(f"{d / (name + '.txt')}: placeholders must be among {sorted(ok)} and include "
+                             f"{{answer_format}}; found {sorted(fields)} (write literal braces as {{{{ }}}})")
+    return Prompts(texts["stage1"], texts["stage2"], criteria)
+
+
+def answer_format(keys) -> str:
+    return "{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}"
+
+
+def _criteria_text(prompts: Prompts) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in prompts.criteria.items())
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def _font(size):
+    return ImageFont.load_default(size=max(8, int(size)))
+
+
+def _rgba(t: torch.Tensor) -> Image.Image:
+    """(4, H, W) or (3, H, W) float in [0, 1] -> PIL image."""
+    a = (t.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, "RGBA" if a.shape[2] == 4 else "RGB")
+
+
+def _on_checkerboard(layer: Image.Image, size, square: int) -> Image.Image:
+    """Resize an RGBA layer (premultiplied while resampling, so hidden colours do not bleed) and composite it
+    over a grey-and-white checkerboard drawn at the output size."""
+    layer = layer.convert("RGBa").resize(size, Image.BILINEAR).convert("RGBA")
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    board = np.where(((yy // square + xx // square) % 2)[..., None] == 0, 255, 204).astype(np.uint8)
+    board = Image.fromarray(np.concatenate([board.repeat(3, 2), np.full((h, w, 1), 255, np.uint8)], 2), "RGBA")
+    return Image.alpha_composite(board, layer.convert("RGBA")).convert("RGB")
+
+
+def render_candidate_panel(image, layers_k, label=None, caption=None, tile=256) -> Image.Image:
+    """One candidate: the input image, then its N layers (N, 4, H, W) on a checkerboard, each titled;
+    an optional big `label` on the left and `caption` text (may hold newlines) underneath."""
+    n, _, h, w = layers_k.shape
+    s = tile / max(h, w)
+    tw, th = max(1, round(w * s)), max(1, round(h * s))
+    pad, title_h = max(2, tile // 32), max(10, tile // 10)
+    label_w = max(12, tile // 4) if label else 0
+    lines = caption.splitlines() if caption else []
+    cap_h = len(lines) * (title_h + 2) + (pad if lines else 0)
+    panel = Image.new("RGB", (label_w + pad + (n + 1) * (tw + pad), pad + title_h + th + pad + cap_h), "white")
+    draw = ImageDraw.Draw(panel)
+    tiles = [image.convert("RGB").resize((tw, th), Image.BILINEAR)]
+    tiles += [_on_checkerboard(_rgba(layers_k[i]), (tw, th), max(2, tile // 32)) for i in range(n)]
+    for i, t in enumerate(tiles):
+        x = label_w + pad + i * (tw + pad)
+        panel.paste(t, (x, pad + title_h))
+        draw.text((x, pad), "input" if i == 0 else f"layer {i - 1}", fill="black", font=_font(title_h * 0.8))
+    if label:
+        draw.text((label_w // 2, pad + title_h + th // 2), label, fill="black", font=_font(label_w * 0.9), anchor="mm")
+    for j, line in enumerate(lines):
+        draw.text((label_w + pad, pad + title_h + th + pad + j * (title_h + 2)), line, fill="black",
+                  font=_font(title_h * 0.8))
+    return panel
+
+
+def render_group_grid(image, layers_group, labels, captions=None, tile=256, cols=None) -> Image.Image:
+    """All G candidates (G, N, 4, H, W) as labelled panels in a grid, filled row by row in the given order.
+    cols defaults to the count that makes the grid closest to square."""
+    g = layers_group.shape[0]
+    if len(labels) != g:
+        raise ValueError(f"render_group_grid: {g} candidates but {len(labels)} labels")
+    panels = [render_candidate_panel(image, layers_group[k], labels[k], captions[k] if captions else None, tile)
+              for k in range(g)]
+    pw, ph = max(p.width for p in panels), max(p.height for p in panels)
+    cols = cols or max(1, min(g, round(math.sqrt(g * ph / pw))))
+    rows = math.ceil(g / cols)
+    grid = Image.new("RGB", (cols * pw + (cols - 1) * 4, rows * ph + (rows - 1) * 4), (128, 128, 128))
+    for k, p in enumerate(panels):
+        grid.paste(p, ((k % cols) * (pw + 4), (k // cols) * (ph + 4)))
+    return grid
+
+
+def _fit(img: Image.Image, max_side: int) -> Image.Image:
+    s = max_side / max(img.size)
+    return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
+
+# ------------------------------------------------------------------------------- parsing, expected scores
+
+
+def _key_pattern(key):
+    flags = re.IGNORECASE if len(key) > 1 else 0  # single letters (grid labels) must match case
+    return re.compile(r"(?<![A-Za-z0-9_])[\"']?" + re.escape(key) + r"[\"']?\s*[:=]\s*[\"']?(-?\d+(?:\.\d+)?)", flags)
+
+
+def _number(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v):
+        return float(v)
+    return None
+
+
+def parse_scores(text, keys, low=LOW, high=HIGH):
+    """Lenient parse of a judge answer: the first JSON object in the text (nested dicts searched, keys
+    case-insensitive), else `key: 7` / `"key" = 7` patterns. Returns {key: float} or None when any key is
+    missing, not a number or outside [low, high] (refusals and prose give None)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    flat, decoder = {}, json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, m.start())
+        except ValueError:
+            continue
+        stack = [obj] if isinstance(obj, dict) else []
+        while stack:  # breadth-first: top-level keys win over nested ones
+            d = stack.pop(0)
+            for k, v in d.items():
+                (stack.append(v) if isinstance(v, dict) else flat.setdefault(str(k).lower(), v))
+        break
+    scores = {}
+    for key in keys:
+        v = _number(flat.get(key.lower()))
+        if v is None:
+            m = _key_pattern(key).search(text)
+            v = float(m.group(1)) if m else None
+        if v is None or not low <= v <= high:
+            return None
+        scores[key] = v
+    return scores
+
+
+def expected_score(logits: torch.Tensor, digit_ids) -> torch.Tensor:
+    """E[s] = sum_{d=1..9} p(d) * d with p = softmax(logits[..., digit_ids]), i.e. the model's distribution
+    renormalised over the digit tokens 1..9 (digit_ids[j] is the token of digit j+1). (..., V) -> (...)."""
+    p = torch.softmax(logits[..., list(digit_ids)].float(), dim=-1)
+    return (p * torch.arange(LOW, LOW + len(digit_ids), dtype=torch.float32, device=p.device)).sum(-1)
+
+
+def expected_from_top_logprobs(top) -> float | None:
+    """Same expectation from an OpenAI `top_logprobs` list [{token, logprob}]: the mass of the entries
+    that are one digit 1..9 (spaces stripped; " 7" and "7" add up), renormalised. None if no digit."""
+    mass = {}
+    for t in top or []:
+        tok = str(t.get("token", "")).strip()
+        if len(tok) == 1 and tok.isdigit() and LOW <= int(tok) <= HIGH and isinstance(t.get("logprob"), (int, float)):
+            mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
+    total = sum(mass.values())
+    return sum(d * m for d, m in mass.items()) / total if total > 0 else None
+
+
+def _refine_with_logprobs(scores, content, keys):
+    """Replace each parsed integer by the top-logprob expectation at the token that wrote it, if found."""
+    if not content:
+        return scores
+    toks = [str(c.get("token", "")) for c in content]
+    text, starts = "".join(toks), np.cumsum([0] + [len(t) for t in toks])
+    out = dict(scores)
+    for key in keys:
+        m = _key_pattern(key).search(text)
+        if not m or len(m.group(1)) != 1:
+            continue
+        j = int(np.searchsorted(starts, m.start(1), side="right") - 1)
+        e = expected_from_top_logprobs(content[j].get("top_logprobs")) if toks[j].strip() == m.group(1) else None
+        if e is not None and round(scores[key]) == int(m.group(1)):
+            out[key] = e
+    return out
+
+# ------------------------------------------------------------------------------------------------ judges
+
+
+@dataclass
+class Query:
+    image: Image.Image  # what the judge sees
+    prompt: str
+    keys: list  # the JSON fields the answer must hold (criteria, or grid letters)
+
+
+@dataclass
+class Judge:
+    kind: str  # tiny | local | text_encoder | http
+    name: str  # model id or URL, for logs (never the API key)
+    score: Callable  # list[Query] -> (list[dict[key, float] | None], {"requests": int, "retries": int})
+    prompts: Prompts
+    panel_size: int = 1024  # longest side (px) of a stage-1 panel as sent to the judge
+    grid_size: int = 1024  # longest side (px) of a stage-2 grid as sent to the judge
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+          "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+          "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+IMAGE_PAD = "<|image_pad|>"
+
+
+def _tiny_qwen_vl(seed=0):
+    """A randomly initialised Qwen2.5-VL (43K parameters) and a byte-level tokenizer, built in code."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted = iter(range(256, 512))  # GPT-2 byte-level alphabet: non-printable bytes move above 255
+    vocab = {(chr(b) if b in printable else chr(next(shifted))): b for b in range(256)}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD,
+                "<|video_pad|>"]
+    vocab.update({s: 256 + i for i, s in enumerate(specials)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
+    tok.add_tokens(specials, special_tokens=True)
+    tok.chat_template = CHATML
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           fullatt_block_indexes=[1], window_size=56),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return model, tok, Qwen2VLImageProcessorPil()
+
+
+def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_size=16):
+    """Score queries with a transformers VLM: one generate per batch of same-key queries, the assistant turn
+    forced to the JSON skeleton {"k1": d, "k2": d, ...} (each d greedy among digits 1..9) so every score
+    position is known; the score is the expected value over the digit logits there."""
+    digit_ids = []
+    for d in range(LOW, HIGH + 1):
+        ids = tokenizer.encode(str(d), add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"judge tokenizer splits '{d}' into {len(ids)} tokens; use --judge http for this model")
+        digit_ids.append(ids[0])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+
+    def chat_text(prompt):  # enable_thinking=False: Qwen3-style templates then open the answer directly
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        kw = {"add_generation_prompt": True, "tokenize": False, "enable_thinking": False}
+        if processor is not None:
+            return processor.apply_chat_template(msgs, **kw)
+        try:  # the model's own template if it knows images, else plain ChatML (all Qwen-VL models speak it)
+            text = tokenizer.apply_chat_template(msgs, **kw)
+        except Exception:
+            text = ""
+        ok = isinstance(text, str) and text.count(IMAGE_PAD) == 1
+        return text if ok else tokenizer.apply_chat_template(msgs, chat_template=CHATML, **kw)
+
+    def encode(prompts, images):
+        texts = [chat_text(p) for p in prompts]
+        if processor is not None:
+            return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+        px = image_processor(images=images, return_tensors="pt")  # pixel_values (sum patches, D), image_grid_thw (n, 3)
+        n_tokens = (px["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist()
+        texts = [t.replace(IMAGE_PAD, IMAGE_PAD * k, 1) for t, k in zip(texts, n_tokens)]
+        enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        enc["mm_token_type_ids"] = (enc["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).int()
+        enc.update(px)
+        return enc.to(device)
+
+    def skeleton(keys):  # allowed tokens per generated step, and the steps that hold a score digit
+        plan, score_steps, pieces = [], [], [f'{{"{keys[0]}": '] + [f', "{k}": ' for k in keys[1:]] + ["}"]
+        for i, piece in enumerate(pieces):
+            plan += [[t] for t in tokenizer.encode(piece, add_special_tokens=False)]
+            if i < len(keys):
+                score_steps.append(len(plan))
+                plan.append(digit_ids)
+        return plan, score_steps
+
+    @torch.no_grad()
+    def score(queries):
+        results, stats = [None] * len(queries), {"requests": 0, "retries": 0}
+        by_keys = {}
+        for i, q in enumerate(queries):
+            by_keys.setdefault(tuple(q.keys), []).append(i)
+        for keys, idx in by_keys.items():
+            plan, score_steps = skeleton(list(keys))
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                try:
+                    enc = encode([queries[i].prompt for i in chunk], [queries[i].image for i in chunk])
+                    L = enc["input_ids"].shape[1]
+                    out = model.generate(**enc, max_new_tokens=len(plan), do_sample=False, pad_token_id=pad_id,
+                                         prefix_allowed_tokens_fn=lambda b, ids: plan[min(len(ids) - L, len(plan) - 1)],
+                                         output_logits=True, return_dict_in_generate=True)
+                except (RuntimeError, ValueError) as e:  # e.g. out of memory: count as failed answers, go on
+                    log.warning("judge batch of %d failed: %s", len(chunk), str(e).splitlines()[0][:200])
+                    continue
+                finally:
+                    stats["requests"] += 1
+                texts = tokenizer.batch_decode(out.sequences[:, L:], skip_special_tokens=True)
+                expected = expected_score(torch.stack([out.logits[s] for s in score_steps], 1), digit_ids)  # (b, K)
+                for row, i in enumerate(chunk):
+                    parsed = parse_scores(texts[row], keys)  # the forced answer must parse; checks the skeleton
+                    if parsed is not None and torch.isfinite(expected[row]).all():
+                        results[i] = dict(zip(keys, expected[row].tolist()))
+        return results, stats
+
+    return score
+
+
+def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs,
+                 extra_body):
+    """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time."""
+    use_logprobs = [bool(logprobs)]  # turned off for good if the server rejects the field (HTTP 400)
+
+    def one(q):  # -> (scores | None, attempts)
+        buf = io.BytesIO()
+        q.image.save(buf, format="PNG")
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+            buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]
+        attempts = 0
+        while attempts <= max_retries:
+            if attempts:
+                time.sleep(backoff * 2 ** (attempts - 1))  # exponential backoff: backoff, 2*backoff, 4*backoff ...
+            attempts += 1
+            body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+                    "max_tokens": max_tokens, **(extra_body or {})}
+            if use_logprobs[0]:
+                body.update(logprobs=True, top_logprobs=10)
+            try:
+                answer = _request(url + "/chat/completions", api_key_env, timeout, body)
+                choice = answer["choices"][0]
+                text = choice["message"].get("content")
+                if isinstance(text, list):  # some servers return content parts
+                    text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+                scores = parse_scores(text, q.keys)
+                if scores is not None:
+                    content = (choice.get("logprobs") or {}).get("content")
+                    return _refine_with_logprobs(scores, content, q.keys), attempts
+                log.warning("judge answer unparseable (attempt %d): %r", attempts, str(text)[:120])
+            except urllib.error.HTTPError as e:
+                if e.code == 400 and "logprobs" in body:  # this request asked for them (others may have too)
+                    use_logprobs[0] = False
+                    log.warning("judge server rejected logprobs (HTTP 400); asking for plain answers from now on")
+                    attempts -= 1  # not the answer's fault: this try is free
+                    continue
+                log.warning("judge HTTP %d (attempt %d)", e.code, attempts)
+                if e.code in (401, 403, 404):
+                    return None, attempts  # will not change on retry
+            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                log.warning("judge request failed (attempt %d): %s", attempts, f"{type(e).__name__}: {e}"[:200])
+        return None, attempts
+
+    def score(queries):
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(queries)))) as pool:
+            out = list(pool.map(one, queries))
+        attempts = [a for _, a in out]
+        return [s for s, _ in out], {"requests": sum(attempts), "retries": sum(attempts) - len(attempts)}
+
+    return score
+
+
+def _request(url, api_key_env, timeout, body=None):
+    """GET (body None) or POST JSON; the key is read here, at send time, and goes only into the header."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(api_key_env):
+        headers["Authorization"] = "Bearer " + os.environ[api_key_env]
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def load_judge(kind: str, model: str | None = None, url: str | None = None, **options) -> Judge:
+    """Build a judge and check it works now, before any expensive work.
+    kind "tiny": random tiny Qwen2.5-VL (options: seed, panel_size, grid_size; default 128 px images).
+    kind "local": model = hub id or folder of a transformers image-text-to-text model (options: device, dtype,
+        batch_size). Qwen-VL models work without torchvision; other families need their AutoProcessor.
+    kind "text_encoder": reuse a loaded Qwen2_5_VLForConditionalGeneration, e.g. the diffusion pipeline's own
+        (options: pipeline, or text_encoder and tokenizer): zero extra GPU memory.
+    kind "http": url = OpenAI-compatible base URL (ending in /v1 or similar), model = served model name
+        (options: api_key_env="OPENAI_API_KEY", timeout=60, max_retries=3, backoff=1.0, concurrency=16,
+        max_tokens=512, logprobs=True, extra_body=None, probe=True).
+    Common options: prompts_dir, panel_size, grid_size."""
+    prompts = load_prompts(options.pop("prompts_dir", None) or PROMPTS_DIR)
+    sizes = {k: int(v) for k in ("panel_size", "grid_size") if (v := options.pop(k, None)) is not None}
+    if kind == "tiny":
+        scorer = _local_scorer(*_tiny_qwen_vl(options.get("seed", 0)), batch_size=options.get("batch_size", 16))
+
+        def one_thread(queries):  # ops this small run several times faster on one CPU thread than on two
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return scorer(queries)
+            finally:
+                torch.set_num_threads(n)
+        return Judge("tiny", "tiny-qwen2.5-vl", one_thread, prompts, **{"panel_size": 128, "grid_size": 128, **sizes})
+    if kind == "text_encoder":
+        pipe = options.get("pipeline")
+        enc, tok = options.get("text_encoder", getattr(pipe, "text_encoder", None)), options.get(
+            "tokenizer", getattr(pipe, "tokenizer", None))
+        if enc is None or tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
+            raise ValueError("--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
+                             "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))")
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        scorer = _local_scorer(enc.eval(), tok, options.get("image_processor") or Qwen2VLImageProcessorPil(),
+                               batch_size=options.get("batch_size", 16))
+        return Judge("text_encoder", type(enc).__name__, scorer, prompts, **sizes)
+    if kind == "local":
+        return Judge("local", str(model), _load_local(model, **options), prompts, **sizes)
+    if kind == "http":
+        if not url:
+            raise ValueError("--judge http needs --judge_url (e.g. http://localhost:8000/v1)")
+        url, o = url.rstrip("/"), {"api_key_env": "OPENAI_API_KEY", "timeout": 60.0, "max_retries": 3,
+                                   "backoff": 1.0, "concurrency": 16, "max_tokens": 512, "logprobs": True,
+                                   "extra_body": None, "probe": True, **options}
+        if o.pop("probe"):
+            model = _probe(url, model, o["api_key_env"])
+        if not model:
+            raise ValueError("--judge http needs --judge_model (the model name the server serves)")
+        return Judge("http", f"{model} @ {url}", _http_scorer(url, model, **o), prompts, **sizes)
+    raise ValueError(f"--judge {kind!r}: choose one of tiny, local, text_encoder, http")
+
+
+def _load_local(model, device=None, dtype=None, batch_size=16):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    if not model:
+        raise ValueError("--judge local needs --judge_model (a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder)")
+    if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"--judge_model {model}: no such folder (give a local model folder or a hub id)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    try:
+        try:  # the model's own processor is the general path; it needs torchvision for Qwen-VL video parts
+            processor = AutoProcessor.from_pretrained(model)
+            processor = processor if hasattr(processor, "image_processor") else None
+        except Exception:
+            processor = None
+        if processor is not None:
+            processor.tokenizer.padding_side = "left"
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(model)
+        image_processor = None if processor is not None else AutoImageProcessor.from_pretrained(model, backend="pil")
+        vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--judge_model {model}: could not load it as an image-text-to-text model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return _local_scorer(vlm, tokenizer, image_processor, processor, batch_size)
+
+
+def _probe(url, model, api_key_env):
+    """GET {url}/models with a short timeout; returns the model name to use (the only one served if None)."""
+    try:
+        served = [m.get("id") for m in _request(url + "/models", api_key_env, 10.0).get("data", [])]
+    except urllib.error.HTTPError as e:
+        hint = f"set the API key in ${api_key_env} (or --api_key_env)" if e.code in (401, 403) else "fix the URL"
+        raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {hint}") from None
+    except (urllib.error.URLError, OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
+                         f"{getattr(e, 'reason', e)}); start it or fix the URL") from None
+    if not model:
+        if len(served) != 1:
+            raise ValueError(f"--judge_model is required: {url} serves {len(served)} models {served[:8]}")
+        return served[0]
+    if served and model not in served and f"models/{model}" not in served:
+        raise ValueError(f"--judge_model {model}: not served at {url} (it serves {served[:8]})")
+    return model
+
+# ----------------------------------------------------------------------------------------------- rewards
+
+
+def _check(images, layers, group_size):
+    if layers.ndim != 5 or layers.shape[2] != 4:
+        raise ValueError(f"layers must be (B, N, 4, H, W), got {tuple(layers.shape)}")
+    if layers.shape[0] != len(images) * group_size:
+        raise ValueError(f"layers has {layers.shape[0]} rows but {len(images)} images x group_size {group_size}")
+
+
+def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, combine="calibrated", save_dir=None,
+               **_):
+    """The two-stage Stable-Layers reward (formulas in the module docstring). weights: {criterion: w} or a list
+    in criteria order; combine: calibrated | mean | stage1; save_dir: write the panels, grids and prompts
+    exactly as sent to the judge."""
+    _check(images, layers, group_size)
+    if judge is None:
+        raise ValueError("the 'vlm' reward needs judge=load_judge(...) (train.py: --judge)")
+    if combine not in COMBINE:
+        raise ValueError(f"combine={combine!r}: choose one of {COMBINE}")
+    t0 = time.perf_counter()
+    B, N, G, P = layers.shape[0], layers.shape[1], group_size, judge.prompts
+    keys = list(P.criteria)
+    w = torch.tensor([float(weights.get(k, 1.0)) for k in keys] if isinstance(weights, dict) else
+                     ([1.0] * len(keys) if weights is None else [float(x) for x in weights]))
+    if isinstance(weights, dict) and set(weights) - set(keys) or len(w) != len(keys) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights {weights}: give non-negative weights for the criteria {keys}, not all zero")
+    labels = list(LETTERS[:G])
+    if G > len(LETTERS):
+        raise ValueError(f"group_size {G} > 26: the grid cannot label more than A-Z")
+    prompt1 = P.stage1.format(num_layers=N, criteria=_criteria_text(P), answer_format=answer_format(keys))
+    tile = lambda size: max(48, min(256, 2 * size // (N + 1)))  # render at ~2x the size sent, then downscale
+    queries = [Query(_fit(render_candidate_panel(images[b // G], layers[b], tile=tile(judge.panel_size)),
+                          judge.panel_size), prompt1, keys)
+               for b in range(B)]
+    gen = torch.Generator().manual_seed(int(seed))
+    perms = [torch.randperm(G, generator=gen).tolist() for _ in range(len(images))]  # position p shows perm[p]
+    if combine != "stage1":
+        prompt2 = P.stage2.format(num_candidates=G, num_layers=N, labels=", ".join(labels),
+                                  criteria=_criteria_text(P), answer_format=answer_format(labels))
+        queries += [Query(_fit(render_group_grid(images[i], layers[i * G:(i + 1) * G][perm], labels,
+                                                 tile=tile(judge.grid_size)), judge.grid_size), prompt2, labels)
+                    for i, perm in enumerate(perms)]
+    if save_dir:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        for j, q in enumerate(queries):
+            q.image.save(Path(save_dir) / (f"stage1_panel_{j:02d}.png" if j < B else f"stage2_grid_{j - B:02d}.png"))
+        (Path(save_dir) / "stage1_prompt.txt").write_text(prompt1, encoding="utf-8")
+        if combine != "stage1":
+            (Path(save_dir) / "stage2_prompt.txt").write_text(prompt2, encoding="utf-8")
+    t_judge = time.perf_counter()
+    answers, stats = judge.score(queries)
+    t_judge = time.perf_counter() - t_judge
+
+    s1 = torch.full((B, len(keys)), float("nan"))  # (B, K) expected criterion scores, nan = failed
+    for b, a in enumerate(answers[:B]):
+        if a is not None:
+            s1[b] = torch.tensor([a[k] for k in keys])
+    ok1 = ~s1.isnan().any(1)  # (B,)
+    total = (s1 * w).sum(1) / w.sum()  # (B,) t_b
+    filled = total.clone()
+    for i in range(len(images)):
+        g, okg = slice(i * G, (i + 1) * G), ok1[i * G:(i + 1) * G]
+        filled[g] = torch.where(okg, total[g], total[g][okg].mean() if okg.any() else MID)
+    s2 = torch.full((B,), float("nan"))  # (B,) c_b, mapped back from grid positions to candidates
+    for i, (perm, a) in enumerate(zip(perms, answers[B:])):
+        if a is not None:
+            for p, cand in enumerate(perm):
+                s2[i * G + cand] = a[labels[p]]
+    ok2 = ~s2.isnan()
+    if combine == "calibrated":
+        rewards, fallback = torch.where(ok2, s2, filled), ~ok2
+    elif combine == "mean":
+        rewards, fallback = torch.where(ok2, (filled + s2) / 2, filled), ~ok2 | ~ok1
+    else:
+        rewards, fallback = filled, ~ok1
+
+    def group_std(x, ok):  # mean over groups (with every member scored) of the population std within the group
+        stds = [x[i * G:(i + 1) * G].std(unbiased=False) for i in range(len(images)) if ok[i * G:(i + 1) * G].all()]
+        return float(torch.stack(stds).mean()) if stds else 0.0
+
+    info = {f"stage1/{k}": float(s1[ok1, j].mean()) if ok1.any() else 0.0 for j, k in enumerate(keys)}
+    info.update({
+        "stage1/total": float(total[ok1].mean()) if ok1.any() else 0.0,
+        "stage1/group_std": group_std(total, ok1),
+        "stage2/score": float(s2[ok2].mean()) if ok2.any() else 0.0,
+        "stage2/group_std": group_std(s2, ok2),
+        "reward/mean": float(rewards.mean()),
+        "judge/failed_stage1": float((~ok1).sum()),
+        "judge/failed_stage2": float(sum(a is None for a in answers[B:])),
+        "judge/fallbacks": float(fallback.sum()),
+        "judge/requests": float(stats["requests"]),
+        "judge/retries": float(stats["retries"]),
+        "time/judge_s": t_judge,
+        "time/reward_s": time.perf_counter() - t0,
+    })
+    info["candidates"] = [{
+        "criteria": {k: (float(s1[b, j]) if ok1[b] else None) for j, k in enumerate(keys)},
+        "stage1": float(total[b]) if ok1[b] else None, "stage2": float(s2[b]) if ok2[b] else None,
+        "reward": float(rewards[b]), "fallback": bool(fallback[b]),
+        "label": labels[perms[b // G].index(b % G)] if combine != "stage1" else None,  # its letter in the grid
+    } for b in range(B)]
+    return rewards.float(), info
+
+
+def composite(layers: torch.Tensor, background=1.0) -> torch.Tensor:
+    """Porter-Duff "over" from layer 0 upward onto an opaque background (white by default), straight alpha:
+    out <- rgb_i * a_i + out * (1 - a_i). (B, N, 4, H, W) -> (B, 3, H, W)."""
+    out = torch.full_like(layers[:, 0, :3], float(background))
+    for i in range(layers.shape[1]):
+        a = layers[:, i, 3:4]
+        out = layers[:, i, :3] * a + out * (1 - a)
+    return out
+
+
+def recon_reward(images, layers, group_size, **_):
+    """r_b = -mean_{c,y,x} |composite(layers_b) - image_b|, composite over white, the image resized to (W, H)
+    (bilinear) and scaled to [0, 1]; mean over the 3 colour channels and all pixels."""
+    _check(images, layers, group_size)
+    H, W = layers.shape[-2:]
+    target = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((W, H), Image.BILINEAR), np.float32)
+                                           / 255).permute(2, 0, 1) for im in images])  # (len(images), 3, H, W)
+    l1 = (composite(layers.float()) - target.repeat_interleave(group_size, 0)).abs().mean((1, 2, 3))  # (B,)
+    return (-l1).float(), {"recon/l1": float(l1.mean())}
+
+
+def layer_usage_reward(images, layers, group_size, blank_tol=1e-3, dup_tol=0.05, **_):
+    """r_b = -(number of bad layers) / N. Layer i is blank if mean_{y,x} alpha_i < blank_tol; a non-blank
+    layer j duplicates an earlier non-blank layer i if sum|P_i - P_j| / sum max(P_i, P_j) < dup_tol, where
+    P = premultiplied RGBA (rgb * alpha, alpha) and the sums run over channels and pixels. A layer is bad
+    if it is blank or a duplicate (counted once)."""
+    _check(images, layers, group_size)
+    alpha = layers[:, :, 3].float()  # (B, N, H, W)
+    blank = alpha.mean((-1, -2)) < blank_tol  # (B, N)
+    P = torch.cat([layers[:, :, :3] * layers[:, :, 3:4], layers[:, :, 3:4]], 2).float().flatten(2)  # (B, N, 4HW)
+    dup = torch.zeros_like(blank)
+    for j in range(1, layers.shape[1]):
+        for i in range(j):
+            rel = (P[:, i] - P[:, j]).abs().sum(-1) / torch.maximum(P[:, i], P[:, j]).sum(-1).clamp_min(1e-8)
+            dup[:, j] |= (rel < dup_tol) & ~blank[:, i] & ~blank[:, j]
+    bad = blank | dup
+    return (-bad.float().mean(1)).float(), {"layer_usage/blank": float(blank.float().sum(1).mean()),
+                                            "layer_usage/duplicate": float(dup.float().sum(1).mean()),
+                                            "layer_usage/coverage": float(alpha.mean())}
+
+
+REWARDS = {"vlm": vlm_reward, "recon": recon_reward, "layer_usage": layer_usage_reward}
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def load_decompositions(root):
+    """rollout.py's PNG layout -> [(stem, image, layers (G, N, 4, H, W))], one entry per <stem> folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--decompositions {root}: no such folder")
+    stems = [root] if (root / "image.png").is_file() else sorted(p.parent for p in root.glob("*/image.png"))
+    groups = []
+    for d in stems:
+        cands = sorted(d.glob("candidate_*"))
+        if not cands:
+            raise ValueError(f"{d}: image.png but no candidate_*/ folders (write them with rollout.py)")
+        stack = []
+        for c in cands:
+            files = sorted(c.glob("layer_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
+            if not files:
+                raise ValueError(f"{c}: no layer_<i>.png files")
+            arr = [np.asarray(Image.open(f).convert("RGBA"), np.float32) / 255 for f in files]
+            if len({a.shape for a in arr}) != 1:
+                raise ValueError(f"{c}: the layer PNGs differ in size")
+            stack.append(torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2))  # (N, 4, H, W)
+        if len({s.shape for s in stack}) != 1:
+            raise ValueError(f"{d}: candidates differ in layer count or size {sorted({tuple(s.shape) for s in stack})}")
+        groups.append((d.name, Image.open(d / "image.png").convert("RGB"), torch.stack(stack)))
+    if not groups:
+        raise ValueError(f"--decompositions {root}: no <stem>/image.png found; write it with "
+                         f"python rollout.py --images DIR --output_dir {root}")
+    return groups
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--decompositions", required=True, help="rollout.py output folder: <stem>/image.png, "
+                   "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group")
+    p.add_argument("--reward", default="vlm", choices=sorted(REWARDS), help="which reward to compute")
+    p.add_argument("--judge", default="tiny", choices=["tiny", "local", "http"], help="judge backend for --reward vlm")
+    p.add_argument("--judge_model", default=None, help="local: hub id or folder; http: served model name")
+    p.add_argument("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    p.add_argument("--judge_extra_body", default=None, help='http: JSON merged into each request, e.g. '
+                   '\'{"chat_template_kwargs": {"enable_thinking": false}}\'')
+    p.add_argument("--prompts_dir", default=str(PROMPTS_DIR), help="folder with criteria.txt, stage1.txt, stage2.txt")
+    p.add_argument("--combine", default="calibrated", choices=COMBINE, help="how stage 1 and stage 2 make the reward")
+    p.add_argument("--weights", default=None, help="criterion weights in the stage-1 total, e.g. separation=2,alpha=1 "
+                   "(others 1)")
+    p.add_argument("--panel_size", type=int, default=None, help="longest side of a stage-1 panel sent to the judge")
+    p.add_argument("--grid_size", type=int, default=None, help="longest side of a stage-2 grid sent to the judge")
+    p.add_argument("--seed", type=int, default=0, help="seeds the grid order shuffle")
+    p.add_argument("--output_dir", default=None, help="save the panels, grids and prompts the judge saw here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        groups = load_decompositions(args.decompositions)
+        kwargs = {"seed": args.seed, "combine": args.combine}
+        if args.weights:
+            pairs = [kv.split("=") for kv in args.weights.split(",")]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"--weights {args.weights}: write key=value pairs, e.g. separation=2,alpha=1")
+            kwargs["weights"] = {k.strip(): float(v) for k, v in pairs}
+        if args.reward == "vlm":
+            extra = json.loads(args.judge_extra_body) if args.judge_extra_body else None
+            opts = {"api_key_env": args.api_key_env, "extra_body": extra} if args.judge == "http" else {}
+            kwargs["judge"] = load_judge(args.judge, args.judge_model, args.judge_url, prompts_dir=args.prompts_dir,
+                                         panel_size=args.panel_size, grid_size=args.grid_size, **opts)
+        rows = []
+        for stem, image, layers in tqdm(groups, desc="groups", disable=len(groups) < 2):
+            save = str(Path(args.output_dir) / stem) if args.output_dir else None
+            rewards, info = REWARDS[args.reward]([image], layers, layers.shape[0], save_dir=save, **kwargs)
+            for k in range(layers.shape[0]):
+                c = info.get("candidates", [{}] * len(rewards))[k]
+                row = {"group": stem, "cand": f"{k:02d}"}
+                if c:
+                    row.update({"label": c["label"], **c["criteria"], "stage1": c["stage1"], "stage2": c["stage2"]})
+                row.update({"reward": float(rewards[k]), **({"fallback": c["fallback"]} if c else {})})
+                rows.append(row)
+            scalars = {k: v for k, v in info.items() if k != "candidates"}
+            tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in scalars.items()))
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
+    cols = list(rows[0])
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    width = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.rjust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).rjust(width[c]) for c in cols))
+    if args.output_dir:
+        print(f"what the judge saw: {args.output_dir}/<stem>/stage1_panel_*.png, stage2_grid_*.png, *_prompt.txt")
+
+
+if __name__ == "__main__":
+    main()
