@@ -693,7 +693,16 @@ def layer_usage_reward(images, layers, group_size, blank_tol=1e-3, dup_tol=0.05,
                                             "layer_usage/coverage": float(alpha.mean())}
 
 
-REWARDS = {"vlm": vlm_reward, "recon": recon_reward, "layer_usage": layer_usage_reward}
+def opaque_background_reward(images, layers, group_size, **_):
+    """r_b = mean_{y,x} alpha of layer 0. The background layer of a decomposition should be fully opaque
+    (occluded areas inpainted, no holes); a cheap regulariser and the reward of the CPU learning test."""
+    _check(images, layers, group_size)
+    r = layers[:, 0, 3].float().mean((-1, -2))  # (B,)
+    return r, {"opaque_background/alpha": float(r.mean())}
+
+
+REWARDS = {"vlm": vlm_reward, "recon": recon_reward, "layer_usage": layer_usage_reward,
+           "opaque_background": opaque_background_reward}
 
 # ------------------------------------------------------------------------------------------------- CLI
 

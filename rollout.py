@@ -88,6 +88,8 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
     """
     if pretrained_model_name_or_path == "tiny":
         pipe = build_tiny_pipeline()
+        if torch_dtype not in (None, torch.float32):
+            pipe.to(dtype=torch_dtype)
     else:
         extra = {} if captioning else {"processor": None}
         try:
@@ -96,8 +98,6 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
         except (OSError, ValueError) as e:
             raise SystemExit(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
                              f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.")
-    if torch_dtype is not None:
-        pipe.to(dtype=torch_dtype)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -133,11 +133,12 @@ def save_lora(transformer, folder, base_model=DEFAULT_MODEL):
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    state = get_peft_model_state_dict(transformer)
-    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True)
-    (folder / "peft").mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(transformer, save_embedding_layers=False)
     config = transformer.peft_config["default"]
     config.base_model_name_or_path = base_model
+    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True,
+                                               transformer_lora_adapter_metadata=config.to_dict())  # keeps alpha
+    (folder / "peft").mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder / "peft")
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
               folder / "peft" / "adapter_model.safetensors")

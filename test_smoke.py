@@ -1,13 +1,32 @@
 """Smoke tests: CPU, offline, tiny randomly initialised real models. Run: python -m pytest -q test_smoke.py"""
 
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import base64
+import csv
+import io
+import json
 import math
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
+import evaluate as ev
 import grpo
+import reward
 import rollout
+import train
 
 torch.set_num_threads(2)
 
@@ -122,7 +141,7 @@ def test_heun_beats_euler_at_equal_steps(pipe):
     assert (heun - ref).abs().mean() < 0.5 * (euler - ref).abs().mean()
 
 
-def test_bad_input(pipe, tmp_path):
+def test_rollout_bad_input(pipe, tmp_path):
     (tmp_path / "notes.png").write_text("this is not a png")
     with pytest.raises(ValueError, match="notes.png: not a readable image"):
         rollout.open_image(tmp_path / "notes.png")
@@ -210,3 +229,892 @@ def test_kl_loss():
     assert kl.item() == pytest.approx(1 / (2 * 0.25))
     exact = grpo.kl_loss(torch.ones(2, 5, 4), torch.zeros(2, 5, 4), torch.full((2, 1, 1), 0.5), dt=-0.1)
     assert exact.item() == pytest.approx(1 / (2 * 0.25 * 0.1))
+
+
+# ----------------------------------------------------------------------------- train
+TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--group_size", "4", "--num_inference_steps",
+        "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--train_batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Designs in awkward formats, one corrupt PNG and a text file."""
+    d = tmp_path_factory.mktemp("images")
+    design((48, 32), seed=0).save(d / "a.png")
+    design((40, 40), seed=1).convert("CMYK").save(d / "b.jpg")
+    design((48, 32), seed=2).convert("P").save(d / "c.gif")
+    Image.fromarray((np.asarray(design((32, 48), seed=3).convert("L"), np.uint16) * 257)).save(d / "d16.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (d / "README.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(image_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    with pytest.warns(UserWarning, match="broken.png"):
+        pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2", "3",
+                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
+                           "--sample_every", "1", "--images_per_step", "2", *TINY])
+    return out, pipe
+
+
+def test_train_outputs_and_first_ratio(run):
+    out, _ = run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ["reward/mean", "reward/std", "recon/l1", "loss/policy", "loss/kl", "diag/clipfrac", "diag/approx_kl",
+                "diag/ratio_mean", "time/rollout_s", "time/reward_s", "time/train_s", "mem/peak_gb"]:
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert all(abs(r["diag/ratio_mean"] - 1) < 1e-5 for r in records)  # one inner epoch: fully on-policy
+    assert records[0]["reward/mean"] == pytest.approx(-records[0]["recon/l1"])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # pruned to the limit
+    assert not list(out.glob(".*tmp"))
+    assert Image.open(out / "samples" / "step-000002.png").size[0] > 64
+
+
+def test_update_follows_advantages(pipe):
+    """After one update, the log-prob of each stored transition moves with its advantage."""
+    torch.manual_seed(0)
+    pipe = rollout.load_pipeline("tiny")
+    params = train.add_lora(pipe.transformer, 8, 16)
+    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "4"])
+    traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=4, noise_level=1.2,
+                          resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(0))
+    advantages = torch.tensor([1.5, -0.5, 0.5, -1.5])
+    stats = train.policy_update(pipe.transformer, [traj], advantages, args, params, torch.optim.AdamW(params, lr=1e-2))
+    assert stats["diag/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["train/skipped_updates"] == 0
+    with torch.no_grad():
+        new = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
+    delta = (new - traj.log_probs).sum(1)
+    assert torch.corrcoef(torch.stack([delta, advantages]))[0, 1] > 0.9
+
+
+def test_saved_lora_reproduces_the_trained_policy(run):
+    """The final LoRA loads through diffusers' load_lora_weights, through peft, and through rollout.load_lora,
+    and each gives the trained policy's velocity."""
+    from peft import PeftModel
+
+    out, trained = run
+    image = design()
+    probe = rollout.sample(trained, [image], layers=2, num_inference_steps=2, noise_level=0, resolution=64,
+                           generator=torch.Generator().manual_seed(0), decode=False)
+    x, t = probe.latents[:, 0], probe.timesteps[0]
+    with torch.no_grad():
+        expected = rollout.predict_velocity(trained.transformer, probe, x, t)
+        base = rollout.predict_velocity(rollout.load_pipeline("tiny").transformer, probe, x, t)
+        assert (expected - base).abs().max() > 1e-4, "the trained LoRA must change the policy"
+        via_diffusers = rollout.load_pipeline("tiny")
+        via_diffusers.load_lora_weights(str(out))
+        via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
+        via_rollout = rollout.load_pipeline("tiny")
+        rollout.load_lora(via_rollout, out / "peft")
+        for model in (via_diffusers.transformer, via_peft, via_rollout.transformer):
+            torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), expected, rtol=0, atol=1e-6)
+
+
+def test_resume_gives_the_same_run(image_dir, tmp_path):
+    common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--checkpointing_steps", "2",
+              "--sample_every", "0", "--learning_rate", "1e-2", *TINY]
+    train.main([*common, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "4"])
+    train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
+    train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "4",
+                "--resume_from_checkpoint", "latest"])
+    a = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rewards = [[json.loads(line)["reward/mean"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+               for d in ("straight", "resumed")]
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 4
+
+
+def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeypatch):
+    """The method works: a short run on the tiny model raises a programmatic reward (the background layer's
+    opacity) measured on fixed evaluation seeds; training on the negated reward (advantages' sign flipped)
+    lowers it."""
+    score = reward.REWARDS["opaque_background"]
+    monkeypatch.setitem(reward.REWARDS, "flipped", lambda *a, **k: (-score(*a, **k)[0], {}))
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        design((48, 32), seed=i).save(tmp_path / "images" / f"{i}.png")
+    images = [design((48, 32), seed=i) for i in range(2)]
+
+    def evaluate(lora=None):
+        pipe = rollout.load_pipeline("tiny")
+        if lora:
+            rollout.load_lora(pipe, lora)
+        traj = rollout.sample(pipe, images, layers=2, group_size=8, num_inference_steps=4, noise_level=1.2,
+                              resolution=64, generator=torch.Generator().manual_seed(100))
+        return score(images, traj.layers, 8)[0].mean().item()
+
+    results = {"base": evaluate()}
+    for name in ("opaque_background", "flipped"):
+        train.main(["--images", str(tmp_path / "images"), "--output_dir", str(tmp_path / name), "--reward", name,
+                    "--layers", "2", "--max_train_steps", "20", "--checkpointing_steps", "100", "--sample_every", "0",
+                    "--beta", "0", "--learning_rate", "3e-2", *TINY])
+        results[name] = evaluate(tmp_path / name / "peft")
+    print("learning test (mean background alpha, fixed seeds):", results)
+    assert results["opaque_background"] > results["base"] + 0.01
+    assert results["flipped"] < results["base"] - 0.01
+
+
+def test_train_bad_input(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "train.py", "--images", str(empty), "--pretrained_model_name_or_path", "tiny",
+                           "--reward", "recon"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no readable image" in proc.stderr and "Traceback" not in proc.stderr
+    for argv, message in [(["--group_size", "1"], "--group_size"), (["--reward", "nope"], "--reward 'nope'"),
+                          (["--sde_window", "20"], "--sde_window")]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--images", str(empty), *argv])
+        assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- reward
+KEYS = ["separation", "alpha", "inpainting", "distribution", "validity"]
+
+
+@pytest.fixture(scope="module")
+def tiny_judge():
+    return reward.load_judge("tiny")
+
+
+@contextmanager
+def one_thread():
+    """Models this small run several times faster on one CPU thread (as the tiny judge does itself)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _layers(g, n=3, h=24, w=32, seed=0):
+    torch.manual_seed(seed)
+    return torch.rand(g, n, 4, h, w)
+
+
+# ------------------------------------------------------------------------------------- a real HTTP judge
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, payload):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._send(self.server.models_status, {"object": "list", "data": [{"id": "judge-test"}]})
+        self._send(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.posts.append(body)
+            self.server.auth.append(self.headers.get("Authorization"))
+        status, payload = self.server.answer(body)
+        self._send(status, payload)
+
+
+@contextmanager
+def judge_server(answer, models_status=200):
+    """Serve /v1/models and /v1/chat/completions on an ephemeral port; answer(body) -> (status, payload)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads, srv.block_on_close = True, False
+    srv.answer, srv.models_status, srv.lock, srv.posts, srv.auth = answer, models_status, threading.Lock(), [], []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def keys_asked(body):  # the JSON fields the prompt's answer format asks for
+    text = body["messages"][0]["content"][1]["text"]
+    return re.findall(r'"(\w+)": <1-9>', text)
+
+
+def image_sent(body):
+    url = body["messages"][0]["content"][0]["image_url"]["url"]
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def completion(text, tops=None):
+    """A chat completion whose logprobs split the text into one-character tokens; tops maps a character
+    index to its top_logprobs [(token, probability)]."""
+    content = [{"token": ch, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": math.log(p)}
+                                                             for t, p in (tops or {}).get(i, [])]}
+               for i, ch in enumerate(text)]
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": content} if tops is not None else None}]}
+
+
+def http_judge(url, **options):
+    return reward.load_judge("http", model="judge-test", url=url, backoff=0.01, panel_size=96, grid_size=160,
+                             **options)
+
+
+def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog):
+    stage1 = {"separation": 9, "alpha": 7, "inpainting": 5, "distribution": 3, "validity": 1}
+
+    def answer(body):
+        keys = keys_asked(body)
+        if keys == KEYS:  # only the alpha digit carries top logprobs: 7 and 6 at p = 0.5 each -> 6.5
+            text = json.dumps(stage1)
+            return 200, completion(text, {text.index('"alpha": ') + 9: [("7", 0.5), (" 6", 0.5), ("x", 0.9)]})
+        text = json.dumps({k: 9 - i for i, k in enumerate(keys)})  # A=9, B=8, ... each with E = digit - 0.25
+        return 200, completion(text, {text.index(f'"{k}": ') + 5: [(str(9 - i), 0.75), (str(8 - i), 0.25)]
+                                      for i, k in enumerate(keys)})
+
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-secret-123")
+    with judge_server(answer) as (srv, url):
+        judge = http_judge(url, api_key_env="JUDGE_TEST_KEY")
+        images = [Image.new("RGB", (32, 24), c) for c in ("red", "blue")]
+        rewards, info = reward.vlm_reward(images, _layers(8), 4, judge=judge, seed=3)
+        assert info["stage1/separation"] == 9.0 and info["stage1/alpha"] == pytest.approx(6.5)
+        assert info["stage1/total"] == pytest.approx((9 + 6.5 + 5 + 3 + 1) / 5)
+        positions = ["ABCD".index(c["label"]) for c in info["candidates"]]
+        assert rewards.tolist() == pytest.approx([9 - p - 0.25 for p in positions])
+        assert info["judge/requests"] == 10 and info["judge/retries"] == 0 and info["judge/fallbacks"] == 0
+        mean_r, _ = reward.vlm_reward(images, _layers(8), 4, judge=judge, seed=3, combine="mean")
+        assert mean_r.tolist() == pytest.approx([(4.9 + 9 - p - 0.25) / 2 for p in positions])
+        w_r, w_info = reward.vlm_reward(images, _layers(8), 4, judge=judge, combine="stage1",
+                                        weights={"separation": 3})
+        assert w_r.tolist() == pytest.approx([(27 + 6.5 + 5 + 3 + 1) / 7] * 8)
+        assert w_info["judge/requests"] == 8  # stage1 mode sends no grid
+        assert set(srv.auth) == {"Bearer sk-test-secret-123"}
+        assert all(b["temperature"] == 0 and b["logprobs"] is True for b in srv.posts)
+    assert "sk-test-secret" not in repr(judge) + repr(info) + caplog.text
+
+
+def test_http_garbage_falls_back_and_counts():
+    bad = [(200, completion("I'm sorry, I can't rate images.")),
+           (200, completion('{"separation": 5, "alpha": 5}')),  # fields missing
+           (200, completion('{"A": 10, "B": 0, "C": 5, "D": 5, "separation": 12, "alpha": 0, "inpainting": 5, '
+                            '"distribution": 5, "validity": 5}')),  # out of range
+           (200, {"choices": [{"message": {"role": "assistant", "content": None, "refusal": "no"}}]}),
+           (200, b"<html>not json</html>"), (200, {"choices": []}), (200, {"error": "overloaded"})]
+    count = [0]
+
+    def answer(body):
+        if mode[0] == "stage2_only" and keys_asked(body) == KEYS:
+            return 200, completion(json.dumps({k: 6 for k in KEYS}))
+        count[0] += 1
+        return bad[count[0] % len(bad)]
+
+    mode = ["all"]
+    with judge_server(answer) as (srv, url):
+        judge = http_judge(url, max_retries=2)
+        images = [Image.new("RGB", (32, 24), "white")] * 2
+        rewards, info = reward.vlm_reward(images, _layers(8), 4, judge=judge)
+        assert rewards.tolist() == [5.0] * 8  # mid-scale for everyone: zero advantage
+        assert (info["judge/failed_stage1"], info["judge/failed_stage2"], info["judge/fallbacks"]) == (8, 2, 8)
+        assert len(srv.posts) == info["judge/requests"] == 10 * 3 and info["judge/retries"] == 20
+        assert all(c["stage1"] is None and c["stage2"] is None and c["fallback"] for c in info["candidates"])
+        mode[0] = "stage2_only"
+        rewards, info = reward.vlm_reward(images, _layers(8), 4, judge=judge)
+        assert rewards.tolist() == [6.0] * 8  # stage 1 stands in for the failed grids
+        assert (info["judge/failed_stage1"], info["judge/failed_stage2"], info["judge/fallbacks"]) == (0, 2, 8)
+        assert all(np.isfinite(v) for k, v in info.items() if k != "candidates")
+
+
+def test_http_500_then_success_and_logprobs_rejected():
+    seen, lock = {}, threading.Lock()
+
+    def answer(body):
+        key = json.dumps(body["messages"], sort_keys=True)
+        with lock:
+            seen[key] = seen.get(key, 0) + 1
+            first = seen[key] == 1
+        if first:
+            return 500, {"error": "try again"}
+        if "logprobs" in body:
+            return 400, {"error": "logprobs not supported"}
+        return 200, completion(json.dumps({k: 4 for k in keys_asked(body)}))
+
+    with judge_server(answer) as (srv, url):
+        judge = http_judge(url, max_retries=3)
+        t0 = time.perf_counter()
+        rewards, info = reward.vlm_reward([Image.new("RGB", (32, 24), "gray")], _layers(4), 4, judge=judge)
+        assert time.perf_counter() - t0 < 5
+    assert rewards.tolist() == [4.0] * 4 and info["judge/fallbacks"] == 0
+    assert info["judge/retries"] == 5  # every query's 500 was retried once (the 400 retry is free)
+    assert sum("logprobs" in b for b in srv.posts) >= 1 and "logprobs" not in srv.posts[-1]
+
+
+def test_http_slow_server_times_out_in_bounded_time():
+    def answer(body):
+        time.sleep(5.0)
+        return 200, completion(json.dumps({k: 8 for k in keys_asked(body)}))
+
+    with judge_server(answer) as (srv, url):
+        judge = http_judge(url, timeout=0.3, max_retries=1)
+        t0 = time.perf_counter()
+        rewards, info = reward.vlm_reward([Image.new("RGB", (32, 24), "gray")], _layers(4), 4, judge=judge)
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 3.0, elapsed  # did not wait for the 5 s answers
+    assert rewards.tolist() == [5.0] * 4
+    assert info["judge/requests"] == 10 and info["judge/failed_stage1"] == 4 and info["judge/failed_stage2"] == 1
+
+
+def test_http_judge_fails_at_startup_with_a_clear_message():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"--judge_url .*cannot reach"):
+        reward.load_judge("http", model="m", url=f"http://127.0.0.1:{dead_port}/v1")
+    assert time.perf_counter() - t0 < 5
+    with judge_server(lambda b: (200, {}), models_status=401) as (_, url):
+        with pytest.raises(ValueError, match=r"HTTP 401.*MY_KEY"):
+            reward.load_judge("http", model="judge-test", url=url, api_key_env="MY_KEY")
+    with judge_server(lambda b: (200, {})) as (_, url):
+        with pytest.raises(ValueError, match=r"--judge_model nope: not served"):
+            reward.load_judge("http", model="nope", url=url)
+        assert reward.load_judge("http", url=url).name.startswith("judge-test")  # the only model served
+
+
+# ------------------------------------------------------------------------------------------- grid shuffle
+
+COLORS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 0, 255)]
+
+
+def _coloured_group():
+    """4 candidates, each with a white background layer and one big square of its own colour."""
+    layers = torch.zeros(4, 2, 4, 32, 32)
+    layers[:, 0] = 1.0
+    for k, c in enumerate(COLORS):
+        layers[k, 1, :3] = torch.tensor(c).view(3, 1, 1) / 255
+        layers[k, 1, 3, 4:28, 4:28] = 1.0
+    return [Image.new("RGB", (32, 32), (128, 128, 128))], layers
+
+
+def test_grid_shuffle_rewards_follow_candidates_not_positions():
+    quality = {0: 2, 1: 9, 2: 4, 3: 7}  # what the "seeing" judge thinks of each candidate
+
+    def answer(body):
+        keys = keys_asked(body)
+        if keys == KEYS:
+            return 200, completion(json.dumps({k: 5 for k in keys}))
+        px = np.asarray(image_sent(body), np.int32)
+        scores = {}
+        for p, label in enumerate(keys):  # one panel per horizontal band; find its colour
+            band = px[p * px.shape[0] // 4:(p + 1) * px.shape[0] // 4].reshape(-1, 3)
+            band = band[band.max(1) - band.min(1) > 150]
+            votes = np.argmin(((band[:, None, :] - np.array(COLORS)[None]) ** 2).sum(-1), 1)
+            scores[label] = quality[int(np.bincount(votes, minlength=4).argmax())] if mode[0] == "see" else 9 - p
+        return 200, completion(json.dumps(scores))
+
+    images, layers = _coloured_group()
+    mode = ["see"]
+    with judge_server(answer) as (_, url):
+        judge = http_judge(url)
+        orders = set()
+        for seed in range(4):
+            rewards, info = reward.vlm_reward(images, layers, 4, judge=judge, seed=seed)
+            orders.add("".join(c["label"] for c in info["candidates"]))
+            assert rewards.tolist() == [quality[k] for k in range(4)], (seed, info["candidates"])
+        assert len(orders) > 1  # the seeds really moved the candidates around
+        mode[0] = "position"  # a judge with pure position bias: A=9, B=8, ...
+        by_seed = []
+        for seed in range(4):
+            rewards, info = reward.vlm_reward(images, layers, 4, judge=judge, seed=seed)
+            assert rewards.tolist() == [9 - "ABCD".index(c["label"]) for c in info["candidates"]]
+            by_seed.append(rewards)
+        assert len({tuple(r.tolist()) for r in by_seed}) > 1  # the bias lands on different candidates
+
+
+# ------------------------------------------------------------------------------------------- tiny judge
+
+
+def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
+    images = [Image.new("RGB", (32, 24), "orange"), Image.new("RGB", (40, 30), "teal")]
+    layers = _layers(8)
+    rewards, info = reward.vlm_reward(images, layers, 4, judge=tiny_judge, seed=7, save_dir=tmp_path)
+    assert rewards.shape == (8,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+    expected_keys = {f"stage1/{k}" for k in KEYS} | {
+        "stage1/total", "stage1/group_std", "stage2/score", "stage2/group_std", "reward/mean", "judge/failed_stage1",
+        "judge/failed_stage2", "judge/fallbacks", "judge/requests", "judge/retries", "time/judge_s", "time/reward_s"}
+    assert expected_keys <= set(info) and all(isinstance(info[k], float) and math.isfinite(info[k])
+                                              for k in expected_keys)
+    assert info["judge/requests"] == 2  # one batched generate per stage, not one call per candidate
+    assert len(info["candidates"]) == 8
+    for b, c in enumerate(info["candidates"]):
+        assert set(c["criteria"]) == set(KEYS) and c["reward"] == pytest.approx(float(rewards[b]))
+        if not c["fallback"]:
+            assert c["reward"] == pytest.approx(c["stage2"])
+        assert 1 <= c["stage1"] <= 9 and c["stage1"] != round(c["stage1"])  # an expectation, not a digit
+    again, info2 = reward.vlm_reward(images, layers, 4, judge=tiny_judge, seed=7, combine="stage1")
+    assert info2["judge/requests"] == 1
+    assert again.tolist() == pytest.approx([c["stage1"] for c in info["candidates"]], abs=1e-5)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved.count("stage2_grid_00.png") == 1 and len([s for s in saved if s.startswith("stage1_panel")]) == 8
+    with Image.open(tmp_path / "stage2_grid_01.png") as grid:
+        assert max(grid.size) <= tiny_judge.grid_size
+
+
+def test_local_judge_loads_a_saved_folder(tiny_judge, tmp_path):
+    model, tok, ip = reward._tiny_qwen_vl(seed=0)
+    for part in (model, tok, ip):
+        part.save_pretrained(tmp_path)
+    local = reward.load_judge("local", model=str(tmp_path), device="cpu", panel_size=128)
+    images, layers = [Image.new("RGB", (32, 24), "orange")], _layers(2)
+    with one_thread():
+        r_local, _ = reward.vlm_reward(images, layers, 2, judge=local, combine="stage1")
+    r_tiny, _ = reward.vlm_reward(images, layers, 2, judge=tiny_judge, combine="stage1")
+    assert torch.allclose(r_local, r_tiny, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="--judge_model /no/such/judge"):
+        reward.load_judge("local", model="/no/such/judge")
+    # the pipeline's text encoder as judge, with a tokenizer whose chat template knows no images (-> ChatML)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    reuse = reward.load_judge("text_encoder", text_encoder=model, tokenizer=tok, panel_size=128)
+    with one_thread():
+        r_reuse, _ = reward.vlm_reward(images, layers, 2, judge=reuse, combine="stage1")
+    assert torch.allclose(r_reuse, r_tiny, atol=1e-5)
+    with pytest.raises(ValueError, match="text_encoder needs"):
+        reward.load_judge("text_encoder", text_encoder=model.model, tokenizer=tok)  # no lm_head: cannot answer
+
+
+def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path):
+    """The released model's judge family (Qwen3.5: linear + full attention, 16 px patches), tiny and random."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    _, tok, _ = reward._tiny_qwen_vl()
+    ids = {s: tok.convert_tokens_to_ids(s) for s in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+    config = Qwen3_5Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                          "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=16, num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    for part in (Qwen3_5ForConditionalGeneration(config), tok, Qwen2VLImageProcessorPil(patch_size=16)):
+        part.save_pretrained(tmp_path)
+    judge = reward.load_judge("local", model=str(tmp_path), device="cpu", panel_size=96, grid_size=96)
+    with one_thread():
+        rewards, info = reward.vlm_reward([Image.new("RGB", (32, 24), "red")], _layers(4), 4, judge=judge)
+    assert info["judge/requests"] == 2 and info["judge/fallbacks"] == 0 and torch.isfinite(rewards).all()
+    assert len({round(c["stage2"], 6) for c in info["candidates"]}) > 1  # read from logits, per candidate
+
+
+# ---------------------------------------------------------------------------------- scores and parsing
+
+
+def test_expected_score_on_crafted_logits():
+    digit_ids = [10 + d for d in range(9)]  # token 10 is "1", ..., token 18 is "9"
+    logits = torch.full((4, 32), -1e4)
+    logits[0, 16] = 0.0  # all mass on "7"
+    logits[1, digit_ids] = 0.0  # uniform over 1..9 -> 5
+    logits[2, [11, 17]] = 0.0  # "2" and "8" equally likely -> 5
+    logits[2, 0] = 50.0  # a huge non-digit logit is ignored (renormalised over the digits)
+    logits[3, [12, 13]] = torch.tensor([0.0, math.log(3.0)])  # p(3) = 1/4, p(4) = 3/4 -> 3.75
+    assert reward.expected_score(logits, digit_ids).tolist() == pytest.approx([7.0, 5.0, 5.0, 3.75])
+    top = [{"token": " 3", "logprob": math.log(0.2)}, {"token": "4", "logprob": math.log(0.6)},
+           {"token": "x", "logprob": math.log(0.15)}, {"token": "10", "logprob": -1.0}]
+    assert reward.expected_from_top_logprobs(top) == pytest.approx((3 * 0.2 + 4 * 0.6) / 0.8)
+    assert reward.expected_from_top_logprobs([{"token": "yes", "logprob": 0.0}]) is None
+
+
+GOOD = {k: v for k, v in zip(KEYS, [7, 3, 9, 1, 5])}
+
+
+@pytest.mark.parametrize("text, expected", [
+    (json.dumps(GOOD), GOOD),
+    ("```json\n" + json.dumps(GOOD) + "\n```", GOOD),
+    ("Sure! Here are my scores: " + json.dumps(GOOD) + " Hope this helps.", GOOD),
+    ('{"scores": {"Separation": 7, "ALPHA": "3", "inpainting": 9.0, "distribution": 1, "validity": 5}}', GOOD),
+    ("{'separation': 7, 'alpha': 3, 'inpainting': 9, 'distribution': 1, 'validity': 5,}", GOOD),
+    ("separation: 7\nalpha = 3\ninpainting: 9/9\ndistribution: 1\nvalidity: 5", GOOD),
+    ('{"separation": 7, "alpha": 3, "inpainting": 9, "distribution": 1}', None),  # missing field
+    ('{"separation": 7, "alpha": 3, "inpainting": 10, "distribution": 1, "validity": 5}', None),  # out of range
+    ('{"separation": 0, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+    ('{"separation": true, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+    ('{"separation": "high", "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+    ("I'm sorry, but I can't help with evaluating this image.", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_scores_table(text, expected):
+    got = reward.parse_scores(text, KEYS)
+    assert got == (None if expected is None else {k: float(v) for k, v in expected.items()})
+
+
+def test_parse_grid_labels_are_case_sensitive():
+    assert reward.parse_scores("Candidate A: 8, B: 2, C: 5", ["A", "B", "C"]) == {"A": 8.0, "B": 2.0, "C": 5.0}
+    assert reward.parse_scores("data: 8, b: 2, c: 5", ["A", "B", "C"]) is None
+
+
+# ------------------------------------------------------------------------------ programmatic rewards
+
+
+def test_programmatic_rewards_known_answers():
+    white = Image.new("RGB", (8, 8), "white")
+    layers = torch.zeros(4, 3, 4, 8, 8)  # 2 images x G=2, N=3
+    layers[:, 0, 3] = 1.0  # opaque black background everywhere
+    layers[0, 1, :, :, :] = 1.0  # candidate 0: opaque white layer 1 -> composite = white, exact
+    layers[1, 1, :3], layers[1, 1, 3] = 1.0, 0.5  # candidate 1: white at alpha 0.5 over black -> 0.5 grey
+    layers[2, 1, :3, :4], layers[2, 1, 3, :4] = 1.0, 1.0  # candidate 2: top half white
+    layers[3, 1, :, :4] = 1.0
+    layers[3, 2] = layers[3, 1]  # candidate 3: layer 2 duplicates layer 1
+    r, info = reward.REWARDS["recon"]([white, white], layers, 2, judge="ignored", seed=1)
+    assert r.tolist() == pytest.approx([0.0, -0.5, -0.5, -0.5]) and info["recon/l1"] == pytest.approx(0.375)
+    r, info = reward.REWARDS["layer_usage"]([white, white], layers, 2, judge="ignored", seed=1)
+    assert r.tolist() == pytest.approx([-1 / 3, -1 / 3, -1 / 3, -1 / 3])  # 0-2: layer 2 blank; 3: duplicate
+    assert info["layer_usage/blank"] == pytest.approx(0.75) and info["layer_usage/duplicate"] == pytest.approx(0.25)
+    layers[2, 2, :3, 4:], layers[2, 2, 3, 4:] = 0.2, 1.0  # candidate 2 fills layer 2 with other content
+    assert reward.REWARDS["layer_usage"]([white, white], layers, 2)[0][2] == 0.0
+    with pytest.raises(ValueError, match="group_size"):
+        reward.REWARDS["recon"]([white], layers, 2)
+
+
+def test_render_panel_and_grid():
+    layers = torch.zeros(2, 2, 4, 16, 16)
+    layers[:, 0, 0], layers[:, 0, 3] = 1.0, 1.0  # opaque red background; layer 1 fully transparent
+    panel = np.asarray(reward.render_candidate_panel(Image.new("RGB", (16, 16), "blue"), layers[0], tile=64))
+    assert panel.shape[1] == 2 + 3 * (64 + 2)  # pad + 3 tiles of 64 (+2 px gaps), no label column
+    y = 2 + 10 + 32  # middle of the tiles
+    assert tuple(panel[y, 2 + 32]) == (0, 0, 255) and tuple(panel[y, 2 + 66 + 32]) == (255, 0, 0)
+    checker = panel[2 + 10:2 + 10 + 64, 2 + 2 * 66:2 + 2 * 66 + 64].reshape(-1, 3)
+    assert {tuple(v) for v in np.unique(checker, axis=0)} == {(204, 204, 204), (255, 255, 255)}
+    captioned = reward.render_candidate_panel(Image.new("RGB", (16, 16)), layers[0], "A", "r=5.0\nok", tile=64)
+    assert captioned.height > panel.shape[0] and captioned.width == panel.shape[1] + 16
+    grid = reward.render_group_grid(Image.new("RGB", (16, 16)), layers, ["A", "B"], tile=64)
+    assert grid.size == (captioned.width, 2 * (panel.shape[0]) + 4)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _write_layout(root, g=4):
+    """rollout.py's layout: root/<stem>/image.png, root/<stem>/candidate_<kk>/layer_<i>.png."""
+    group = root / "poster"
+    group.mkdir(parents=True)
+    Image.new("RGB", (24, 16), (250, 250, 250)).save(group / "image.png")
+    for k in range(g):
+        (group / f"candidate_{k:02d}").mkdir()
+        for i in range(2):
+            a = np.zeros((16, 24, 4), np.uint8)
+            a[..., :3], a[..., 3] = (250, 250, 250) if k == 0 else (40 * k, 0, 0), 255 if i == 0 else 0
+            Image.fromarray(a, "RGBA").save(group / f"candidate_{k:02d}" / f"layer_{i}.png")
+
+
+def test_cli_prints_scores_and_saves_what_the_judge_saw(tmp_path, capsys):
+    _write_layout(tmp_path / "out")
+    reward.main(["--decompositions", str(tmp_path / "out"), "--judge", "tiny", "--output_dir", str(tmp_path / "v")])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    header = next(line for line in lines if line[:2] == ["group", "cand"])
+    assert header[2] == "label" and {"stage1", "stage2", "reward", "fallback", *KEYS} <= set(header)
+    rows = [line for line in lines if line and line[0] == "poster"]
+    assert [r[1] for r in rows] == ["00", "01", "02", "03"]
+    assert all(1 <= float(r[header.index("reward")]) <= 9 for r in rows)
+    with Image.open(tmp_path / "v" / "poster" / "stage2_grid_00.png") as grid:
+        assert max(grid.size) <= 128
+    reward.main(["--decompositions", str(tmp_path / "out"), "--reward", "recon"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["poster"]]
+    assert [float(r[-1]) for r in rows][0] == 0.0 and all(float(r[-1]) < -0.1 for r in rows[1:])
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"error: --decompositions .*no such folder"):
+        reward.main(["--decompositions", str(tmp_path / "missing")])
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"no <stem>/image.png"):
+        reward.main(["--decompositions", str(tmp_path / "empty"), "--reward", "recon"])
+    with pytest.raises(ValueError, match="needs judge="):
+        reward.vlm_reward([Image.new("RGB", (8, 8))], _layers(2), 2)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("criteria", "stage1", "stage2"):
+        (prompts / f"{name}.txt").write_text((reward.PROMPTS_DIR / f"{name}.txt").read_text())
+    (prompts / "stage2.txt").write_text("Score {candidates}: {answer_format}")
+    with pytest.raises(ValueError, match=r"stage2.txt: placeholders"):
+        reward.load_prompts(prompts)
+
+
+# ----------------------------------------------------------------------------- evaluate
+torch.set_num_threads(2)
+
+
+def layer(H, W, color=(0, 0, 0), alpha=0.0, box=None):
+    """(4, H, W): `color` with `alpha` inside box = (top, left, bottom, right) (everywhere when None), (0,0,0,0) else."""
+    x = torch.zeros(4, H, W)
+    t, l, b, r = box or (0, 0, H, W)
+    x[:3, t:b, l:r] = torch.tensor(color, dtype=torch.float32).view(3, 1, 1)
+    x[3, t:b, l:r] = alpha
+    return x
+
+
+WHITE = layer(10, 10, (1, 1, 1), 1.0)
+RED_SQ = layer(10, 10, (1, 0, 0), 1.0, (1, 1, 5, 5))  # 16 px
+RED_SHIFTED = layer(10, 10, (1, 0, 0), 1.0, (1, 3, 5, 7))  # same square, 2 px to the right; 8 px overlap
+GREEN_SQ = layer(10, 10, (0, 1, 0), 1.0, (5, 5, 10, 10))  # 25 px, disjoint from RED_SQ
+
+
+def test_red_square_shifted_by_hand():
+    ref = torch.stack([WHITE, RED_SQ])
+    image = ev.composite(ref)
+    m = ev.sample_metrics(ref, image, [WHITE, RED_SHIFTED])
+    # 16 px differ (8 + 8 of the symmetric difference); over white each is |(1,0,0)-(1,1,1)| = 2/3 per channel-mean
+    assert m["per_layer_l1"] == pytest.approx([0.0, 16 * (2 / 3) / 100])
+    assert m["per_layer_alpha_l1"] == pytest.approx([0.0, 16 / 100])
+    assert m["mean_l1"] == pytest.approx(16 * (2 / 3) / 100 / 2)
+    assert m["recon_l1"] == pytest.approx(16 * (2 / 3) / 100)
+    assert (m["missing_layers"], m["extra_layers"], m["resized"]) == (0, 0, False)
+    # LayerD: identity matching; red square: 8 of 16 ref pixels see transparent black, |(0,0,0)-(1,0,0)| = 1/3;
+    # soft IoU = 8 / 24
+    assert m["layerd_rgb_l1"] == pytest.approx((0 + 8 * (1 / 3) / 16) / 2)
+    assert m["layerd_alpha_iou"] == pytest.approx((1 + 8 / 24) / 2)
+    assert m["layerd_merges"] == 0
+    same = ev.sample_metrics(ref, image, [WHITE, RED_SQ])
+    assert same["mean_l1"] == 0 and same["recon_l1"] == 0 and same["layerd_alpha_iou"] == 1
+
+
+def test_transparent_vs_opaque_by_hand():
+    blue = layer(10, 10, (0, 0, 1), 1.0)
+    ref = torch.stack([WHITE, blue])
+    m = ev.sample_metrics(ref, ev.composite(ref), [WHITE, layer(10, 10)])
+    # over white: (1,1,1) against (0,0,1) -> 2/3 everywhere; alpha 0 against 1
+    assert m["per_layer_l1"] == pytest.approx([0.0, 2 / 3])
+    assert m["per_layer_alpha_l1"] == pytest.approx([0.0, 1.0])
+    assert m["recon_l1"] == pytest.approx(2 / 3)
+    assert m["layerd_rgb_l1"] == pytest.approx((0 + 1 / 3) / 2)  # transparent black against blue: 1/3
+    assert m["layerd_alpha_iou"] == pytest.approx((1 + 0) / 2)
+    # the other way round: the reference layer is empty, the prediction opaque
+    m2 = ev.sample_metrics(torch.stack([WHITE, layer(10, 10)]), WHITE, [WHITE, blue])
+    assert m2["per_layer_l1"] == pytest.approx([0.0, 2 / 3])
+    assert m2["layerd_rgb_l1"] == pytest.approx(0.0)  # no reference pixel with alpha > 0
+    assert m2["layerd_alpha_iou"] == pytest.approx(0.5)
+
+
+def test_missing_and_extra_layers_by_hand():
+    ref = torch.stack([WHITE, RED_SQ, GREEN_SQ])
+    image = ev.composite(ref)
+    m = ev.sample_metrics(ref, image, [WHITE, RED_SQ])  # the green layer is missing -> fully transparent
+    assert m["per_layer_l1"] == pytest.approx([0, 0, 25 * (2 / 3) / 100])  # white vs (0,1,0): (1,0,1) -> 2/3
+    assert m["per_layer_alpha_l1"] == pytest.approx([0, 0, 0.25])
+    assert (m["missing_layers"], m["extra_layers"]) == (1, 0)
+    assert m["recon_l1"] == pytest.approx(25 * (2 / 3) / 100)
+    # LayerD merges ref red+green (cheapest): rgb over 41 px, 25 of them transparent black vs green (1/3); IoU 16/41
+    assert m["layerd_merges"] == 1
+    assert m["layerd_rgb_l1"] == pytest.approx((0 + 25 * (1 / 3) / 41) / 2)
+    assert m["layerd_alpha_iou"] == pytest.approx((1 + 16 / 41) / 2)
+
+    blue = layer(10, 10, (0, 0, 1), 1.0)
+    m = ev.sample_metrics(ref, image, [WHITE, RED_SQ, GREEN_SQ, blue])  # an extra opaque blue layer on top
+    assert m["per_layer_l1"] == pytest.approx([0, 0, 0])  # extras are ignored per layer ...
+    assert (m["missing_layers"], m["extra_layers"]) == (0, 1)
+    assert m["recon_l1"] == pytest.approx(2 / 3)  # ... but hide everything in the reconstruction (all-blue image)
+    # LayerD merges green+blue (an opaque blue canvas) against green: rgb 2/3 on 25 px, IoU 25/100
+    assert m["layerd_merges"] == 1
+    assert m["layerd_rgb_l1"] == pytest.approx((0 + 0 + 2 / 3) / 3)
+    assert m["layerd_alpha_iou"] == pytest.approx((1 + 1 + 0.25) / 3)
+    empty = ev.sample_metrics(ref, image, [])
+    assert empty["missing_layers"] == 3 and empty["layerd_rgb_l1"] is None
+    assert empty["recon_l1"] == pytest.approx((16 * 2 / 3 + 25 * 2 / 3) / 100)
+
+
+def test_resize_is_bilinear_on_premultiplied_rgba():
+    # reference 8x8: left half opaque red, right half transparent; prediction the same at 16x16, its transparent
+    # half coloured green (invisible, but straight-alpha resizing would bleed it into the red edge)
+    ref = layer(8, 8, (1, 0, 0), 1.0, (0, 0, 8, 4))
+    pred = layer(16, 16, (0, 1, 0), 0.0)
+    pred[:, :, :8] = layer(16, 16, (1, 0, 0), 1.0)[:, :, :8]
+    out = ev.resize_rgba(pred, (8, 8))
+    # antialiased bilinear, factor 2: weights (1/8, 3/8, 3/8, 1/8) -> alpha 1, 1, 1, 7/8, 1/8, 0, 0, 0 per row
+    assert out[3, 0].tolist() == pytest.approx([1, 1, 1, 7 / 8, 1 / 8, 0, 0, 0])
+    assert torch.allclose(out[:3, :, :5], torch.tensor([1.0, 0, 0]).view(3, 1, 1).expand(3, 8, 5))  # pure red
+    m = ev.sample_metrics(ref[None], ev.composite(ref[None]), [pred])
+    # columns 3 and 4 over white: (1, 1/8, 1/8) vs red and (1, 7/8, 7/8) vs white -> 1/12 each; 16 px of 64
+    assert m["resized"] and m["per_layer_l1"] == pytest.approx([16 * (1 / 12) / 64])
+
+
+def _copy_sample(src, dst, drop_last=False, extra=False, scale=1):
+    dst.mkdir(parents=True)
+    files = sorted(src.glob("layer_*.png"))
+    for p in files[:-1] if drop_last else files:
+        im = Image.open(p)
+        im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(dst / p.name)
+    if extra:
+        Image.new("RGBA", Image.open(files[0]).size, (0, 0, 255, 255)).save(dst / f"layer_{len(files)}.png")
+
+
+def test_grouping_counts_outputs_and_json(tmp_path, capsys):
+    refs = tmp_path / "refs"
+    ev.write_references(refs, 6, seed=3, size=(40, 32), layer_counts=(2, 3, 4))
+    names = sorted(p.name for p in refs.iterdir())
+    for k, name in enumerate(names):  # run "copy": the references themselves; run "edited": k-dependent edits
+        _copy_sample(refs / name, tmp_path / "copy" / name)
+        _copy_sample(refs / name, tmp_path / "edited" / name, drop_last=k in (0, 3), extra=k == 1, scale=1 + (k == 2))
+    ev.main(["--references", str(refs), "--predictions", str(tmp_path / "copy"), "--predictions",
+             f"mine={tmp_path / 'edited'}", "--output_dir", str(tmp_path / "out")])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(res) == ["copy", "mine"] and all(list(r) == ["2", "3", "4"] for r in res.values())
+    for run in res.values():
+        for L, s in run.items():
+            assert s["n"] == 2 and len(s["per_layer_l1"]) == int(L) == len(s["per_layer_alpha_l1"])
+            assert {"mean_l1", "recon_l1", "missing_layers", "extra_layers", "layerd_rgb_l1",
+                    "layerd_alpha_iou"} <= set(s)
+            assert s["mean_l1"] == pytest.approx(np.mean(s["per_layer_l1"]))
+    assert all(s["mean_l1"] == 0 and s["recon_l1"] < 1 / 255 for s in res["copy"].values())
+    # L of sample k is (2, 3, 4)[k % 3]: drops on k=0 (L=2) and k=3 (L=2), extra on k=1 (L=3), 2x size on k=2 (L=4)
+    mine = res["mine"]
+    assert (mine["2"]["missing_layers"], mine["3"]["extra_layers"], mine["4"]["samples_resized"]) == (2, 1, 1)
+    assert mine["2"]["per_layer_l1"][0] == 0 and mine["2"]["per_layer_l1"][1] > 0
+    assert mine["3"]["per_layer_l1"] == [0, 0, 0] and mine["3"]["recon_l1"] > 0.1  # the opaque blue extra
+    assert 0 < mine["4"]["mean_l1"] < 0.05  # nearest 2x upscale, resized back
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_sample.csv")))
+    assert len(rows) == 12 and {r["run"] for r in rows} == {"copy", "mine"}
+    assert sum(int(r["missing_layers"]) for r in rows) == 2
+    for L in (2, 3, 4):
+        assert Image.open(tmp_path / "out" / f"bars_L{L}.png").width > 200
+    assert Image.open(tmp_path / "out" / "samples.png").height >= 4 * 3 * 128  # 4 samples x (ref + 2 runs)
+    table = capsys.readouterr().out
+    assert "L=2 (n=2)" in table and "Pred 3" in table and "mine" in table
+
+
+def test_synthetic_generator(tmp_path):
+    a = ev.write_references(tmp_path / "a", 6, seed=7, size=(48, 40))
+    ev.write_references(tmp_path / "b", 3, seed=7, size=(48, 40))
+    Ls = [len(list((tmp_path / "a" / p).glob("layer_*.png"))) for p in sorted(x.split("/")[-1] for x in a)]
+    assert Ls == [2, 3, 4, 2, 3, 4]  # balanced mix
+    for k in range(3):  # same seed, same sample, whatever num_samples
+        assert (tmp_path / "a" / f"synth_{k:04d}" / "image.png").read_bytes() == \
+               (tmp_path / "b" / f"synth_{k:04d}" / "image.png").read_bytes()
+    img, layers = ev.make_design(random.Random(0), 4, (48, 40))
+    stack = torch.stack([ev.pil_to_rgba(x) for x in layers])
+    assert img.mode == "RGB" and img.size == (48, 40) and stack.shape == (4, 4, 40, 48)
+    assert (stack[0, 3] == 1).all()  # opaque background
+    assert all(0 < (s[3] > 0).float().mean() < 1 for s in stack[1:])  # every foreground layer partly visible
+    recon = ev.over_white(ev.composite(stack))
+    assert (recon - ev.pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
+    other, _ = ev.make_design(random.Random(1), 4, (48, 40))
+    assert np.abs(np.asarray(img, float) - np.asarray(other, float)).mean() > 5
+    ev.main(["--make_synthetic", str(tmp_path / "imgs"), "--num_samples", "3", "--size", "48x40", "--seed", "7",
+             "--images_only"])
+    files = sorted((tmp_path / "imgs").iterdir())
+    assert [f.name for f in files] == ["synth_0000.png", "synth_0001.png", "synth_0002.png"]
+    assert files[1].read_bytes() == (tmp_path / "a" / "synth_0001" / "image.png").read_bytes()
+
+
+def _element(color, left, top, width, height, angle=0.0, opacity=1.0):
+    return {"image": Image.new("RGBA", (width, height), color + (255,)), "left": left, "top": top, "width": width,
+            "height": height, "angle": angle, "opacity": opacity}
+
+
+def test_crello_elements_to_layers():
+    els = [_element((0, 0, 255), 0, 0, 40, 30),
+           _element((255, 0, 0), 2, 2, 5, 5), _element((0, 255, 0), 10, 2, 5, 5),  # group 1
+           _element((255, 255, 0), 20, 2, 5, 5, opacity=0.5), _element((0, 0, 0), -3, 20, 6, 4),  # group 2
+           _element((255, 0, 255), 25, 15, 10, 4, angle=math.pi / 2)]  # group 3, rotated a quarter turn
+    layers = ev.elements_to_layers(els, (40, 30), max_layers=4)
+    a = [np.asarray(x)[..., 3] for x in layers]
+    assert len(layers) == 4 and all(x.size == (40, 30) for x in layers)
+    assert (a[0] == 255).all() and (np.asarray(layers[0])[..., :3] == (0, 0, 255)).all()
+    assert (a[1] > 0).sum() == 50 and a[1][2:7, 2:7].min() == 255 and a[1][2:7, 10:15].min() == 255
+    assert (a[2] > 0).sum() == 25 + 3 * 4  # the half-transparent square and the part of the black box on the canvas
+    assert a[2][2:7, 20:25].max() in (127, 128) and (a[2][20:24, 0:3] == 255).all()
+    ys, xs = np.nonzero(a[3])  # 10x4 turned upright: 4 wide, 10 tall, about the same centre (30, 17)
+    assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (4, 10)
+    assert abs(xs.mean() - 29.5) <= 0.5 and abs(ys.mean() - 16.5) <= 0.5
+    assert len(ev.elements_to_layers(els[:2], (40, 30))) == 2
+    two = ev.elements_to_layers(els, (40, 30), max_layers=2)  # all five foreground elements merged into one layer
+    assert len(two) == 2 and (np.asarray(two[1])[..., 3] > 0).sum() == 50 + 25 + 12 + 40
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--references", str(tmp_path / "nope"), "--predictions", str(tmp_path)])
+    assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
+    ev.write_references(tmp_path / "refs", 2, seed=0, size=(32, 32))
+    (tmp_path / "preds" / "synth_0000").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        ev.main(["--references", str(tmp_path / "refs"), "--predictions", str(tmp_path / "preds")])
+    assert "synth_0001" in capsys.readouterr().err
+    (tmp_path / "preds" / "synth_0001").mkdir()
+    shutil.copy(tmp_path / "refs" / "synth_0001" / "layer_0.png", tmp_path / "preds" / "synth_0001" / "layer_2.png")
+    with pytest.raises(SystemExit):
+        ev.main(["--references", str(tmp_path / "refs"), "--predictions", str(tmp_path / "preds"),
+                 "--output_dir", str(tmp_path / "out")])
+    assert "without gaps" in capsys.readouterr().err
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            ev.main(["--export_crello", str(tmp_path / "crello")])
+        assert "pip install datasets" in capsys.readouterr().err
+
+
+def test_model_mode_base_and_lora_in_each_format(tmp_path):
+    rollout = pytest.importorskip("rollout")
+    from diffusers import QwenImageLayeredPipeline
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    refs = tmp_path / "refs"
+    ev.write_references(refs, 2, seed=0, size=(64, 64), layer_counts=(2, 3))
+    # one set of LoRA weights, written by peft itself (PEFT folder) and by diffusers (pytorch_lora_weights, with
+    # lora_alpha in its metadata); lora_alpha != r, so a loader that drops alpha would give different layers
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v",
+                                                                                         "to_out.0"])
+    model = get_peft_model(rollout.build_tiny_pipeline().transformer, config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # "gaussian" only draws lora_A; B starts at 0, which would leave outputs unchanged
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(tmp_path / "peft_lora")
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+    QwenImageLayeredPipeline.save_lora_weights(tmp_path / "diffusers_lora", transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=config.to_dict())
+
+    out = tmp_path / "out"
+    ev.main(["--references", str(refs), "--pretrained_model_name_or_path", "tiny", "--base",
+             "--lora", f"diffusers={tmp_path / 'diffusers_lora' / 'pytorch_lora_weights.safetensors'}",
+             "--lora", f"peft={tmp_path / 'peft_lora'}", "--resolution", "64", "--num_inference_steps", "2",
+             "--output_dir", str(out)])
+    pred = {run: {s: np.stack([np.asarray(Image.open(out / "predictions" / run / s / f"layer_{i}.png"))
+                               for i in range(L)]) for s, L in (("synth_0000", 2), ("synth_0001", 3))}
+            for run in ("base", "diffusers", "peft")}
+    for s in ("synth_0000", "synth_0001"):
+        assert pred["base"][s].shape[1:] == (64, 64, 4)
+        assert np.abs(pred["diffusers"][s].astype(int) - pred["base"][s]).mean() > 1  # the LoRA changes layers
+        assert (pred["diffusers"][s] == pred["peft"][s]).all()  # the two formats are the same weights
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == ["base", "diffusers", "peft"] and res["diffusers"] == res["peft"] != res["base"]
+    assert res["base"]["3"]["n"] == 1 and res["base"]["3"]["missing_layers"] == 0
+    meta = json.loads((out / "predictions" / "peft" / "meta.json").read_text())
+    assert meta["sampler"] == "heun" and len(meta["seconds_per_sample"]) == 2
+    # the saved predictions re-score to the same numbers without the model
+    again = ev.evaluate(refs, {"base": out / "predictions" / "base"}, tmp_path / "again")
+    assert again["base"] == res["base"]
+
+
+def test_crello_example_fractions_and_pixels_agree():
+    els = [_element((0, 0, 255), 0, 0, 40, 30), _element((255, 0, 0), 4, 6, 8, 6, opacity=0.8)]
+    pixels = {k: [e[k] for e in els] for k in ("image", "left", "top", "width", "height", "angle", "opacity")}
+    frac = dict(pixels, left=[0, 4 / 40], top=[0, 6 / 30], width=[1, 8 / 40], height=[1, 6 / 30])
+    pixels["image"] = pixels["image"] + [None]  # an element without an image is skipped
+    for key in ("left", "top", "width", "height", "angle", "opacity"):
+        pixels[key] = pixels[key] + [0.0]
+    a, size_a = ev.crello_elements(pixels, 40, 30, longest_side=80)
+    b, size_b = ev.crello_elements(frac, 40, 30, longest_side=80)
+    assert size_a == size_b == (80, 60) and len(a) == len(b) == 2
+    la, lb = ev.elements_to_layers(a, size_a), ev.elements_to_layers(b, size_b)
+    assert all((np.asarray(x) == np.asarray(y)).all() for x, y in zip(la, lb))
+    alpha = np.asarray(la[1])[..., 3]
+    assert (alpha > 0).sum() == 16 * 12 and alpha.max() == 204  # 8x6 box scaled 2x, opacity 0.8 * 255
