@@ -358,27 +358,27 @@ def _start(pipe, images, layers, group_size, num_inference_steps, resolution, pr
     embeds = [encode_prompt(pipe, p) for p in prompts]
     if len({e.shape[1] for e, _ in embeds}) > 1:
         raise ValueError("per-image captions of different token lengths: sample those images in separate calls")
-    prompt_embeds = torch.cat([e for e, _ in embeds]).to(device, dtype).repeat_interleave(group_size, 0)
-    prompt_mask = None if embeds[0][1] is None else torch.cat([m for _, m in embeds]).to(device)
-    do_cfg = true_cfg_scale > 1
-    neg, neg_mask = encode_prompt(pipe, negative_prompt) if do_cfg else (None, None)
+    neg, neg_mask = encode_prompt(pipe, negative_prompt) if true_cfg_scale > 1 else (None, None)
+
+    def per_row(t):  # (n or 1, ...) -> (B, ...): rows i*G..i*G+G-1 belong to image i
+        return None if t is None else t.to(device).repeat_interleave(batch // t.shape[0], 0)
+
     with torch.no_grad():
         image_latents = pipe._encode_vae_image(pixels.to(device, dtype), generator=None)  # (n, 16, 1, h, w)
         latents, image_latents = pipe.prepare_latents(
-            image_latents.repeat_interleave(group_size, 0), batch, pipe.transformer.config.in_channels // 4,
-            height, width, layers, dtype, device, generator)
+            per_row(image_latents), batch, pipe.transformer.config.in_channels // 4, height, width, layers,
+            dtype, device, generator)  # noise (B, (N+1) h w, 64), condition tokens (B, h w, 64)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     mu = (image_latents.shape[1] / 256) ** 0.5  # sqrt(condition tokens / 256): 2.5 at 640 px
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0, num_inference_steps + 1)[:-1], mu=mu, device=device)
-    repeat = (lambda m: None if m is None else m.repeat_interleave(batch // m.shape[0], 0))
     traj = Trajectory(
         latents=None, log_probs=None, window=(0, 0), sigmas=scheduler.sigmas, timesteps=scheduler.timesteps,
-        image_latents=image_latents, prompt_embeds=prompt_embeds,
-        prompt_embeds_mask=None if prompt_mask is None else prompt_mask.repeat_interleave(group_size, 0),
-        negative_prompt_embeds=None if neg is None else repeat(neg.to(device, dtype)),
-        negative_prompt_embeds_mask=None if neg_mask is None else repeat(neg_mask.to(device)),
-        layers=None, images=rgb, num_layers=layers, height=height, width=width, group_size=group_size,
-        noise_level=0.0, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize, sde_type="sde")
+        image_latents=image_latents, prompt_embeds=per_row(torch.cat([e for e, _ in embeds]).to(dtype)),
+        prompt_embeds_mask=None if embeds[0][1] is None else per_row(torch.cat([m for _, m in embeds])),
+        negative_prompt_embeds=None if neg is None else per_row(neg.to(dtype)),
+        negative_prompt_embeds_mask=per_row(neg_mask), layers=None, images=rgb, num_layers=layers, height=height,
+        width=width, group_size=group_size, noise_level=0.0, true_cfg_scale=true_cfg_scale,
+        cfg_normalize=cfg_normalize, sde_type="sde")
     return traj, latents.float()
 
 

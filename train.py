@@ -236,14 +236,16 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
 
 
 def save_group_png(path, traj, rewards, advantages, candidates):
-    """One scored group: the input and each candidate's layers, with its reward, advantage and scores."""
-    labels = [chr(ord("A") + k) for k in range(len(rewards))]
+    """One scored group: the input and each candidate's layers, captioned with its reward, advantage and,
+    for the VLM reward, the stage-1 total, the stage-2 score and each criterion's score."""
     captions = []
     for k, (r, a) in enumerate(zip(rewards.tolist(), advantages.tolist())):
-        extra = candidates[k] if k < len(candidates) else {}
-        scores = " ".join(f"{n[:4]}={v:.1f}" for n, v in extra.items() if isinstance(v, (int, float)) and n != "final")
-        captions.append(f"r={r:.3f} A={a:+.2f} {scores}".strip())
+        c = candidates[k] if k < len(candidates) else {}
+        stages = [f"{n} {c[n]:.2f}" for n in ("stage1", "stage2") if isinstance(c.get(n), (int, float))]
+        criteria = [f"{n[:5]} {v:.1f}" for n, v in (c.get("criteria") or {}).items()]
+        captions.append("  ".join([f"r {r:.3f}  A {a:+.2f}", *stages, *criteria]))
     path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [chr(ord("A") + k) for k in range(len(rewards))]
     reward.render_group_grid(traj.images[0], traj.layers, labels, captions=captions).save(path)
 
 
