@@ -358,6 +358,23 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
     assert results["flipped"] < results["base"] - 0.01
 
 
+def test_train_with_http_judge(image_dir, tmp_path):
+    """The real loop against an OpenAI-compatible judge on 127.0.0.1: G + 1 requests per group, no failure,
+    and the grid's scores (which differ per label) become rewards with a spread."""
+    def answer(body):
+        keys = keys_asked(body)
+        scores = {k: 7 for k in keys} if keys == KEYS else {k: 2 + 2 * i for i, k in enumerate(keys)}
+        return 200, completion(json.dumps(scores))
+
+    with judge_server(answer) as (server, url):
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--judge", "http", "--judge_url", url,
+                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "1", *TINY])
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["judge/requests"] == 4 + 1 and record["judge/fallbacks"] == 0
+    assert record["stage1/total"] == pytest.approx(7.0) and record["reward/std"] > 1.0
+    assert (tmp_path / "samples" / "step-000001.png").is_file()
+
+
 def test_train_bad_input(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -47,6 +47,7 @@ import rollout
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
                 "txt_mlp.net.2"]
+DEFAULT_JUDGE = "Qwen/Qwen3.5-9B"  # the open judge the released LoRA was retrained with
 UNUSED_IN_LAST_BLOCK = ["attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]  # text stream output is dropped
 
 
@@ -72,8 +73,9 @@ def parse_args(argv=None):
     a("--true_cfg_scale", type=float, default=1.0, help="true CFG scale in rollouts; 1 = off (released setting)")
     a("--reward", default="vlm", help=f"reward function, one of {sorted(reward.REWARDS)}")
     a("--judge", default="local", help="VLM judge backend: local, http, tiny, text_encoder")
-    a("--judge_model", default=None, help="local: hub id/folder (default Qwen/Qwen3.5-9B); http: served model name")
+    a("--judge_model", default=None, help=f"local: hub id/folder (default {DEFAULT_JUDGE}); http: served model name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
     a("--beta", type=float, default=0.04, help="KL weight; 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
@@ -260,7 +262,10 @@ def main(argv=None):
     dtype = dtype if device == "cuda" else torch.float32
     judge = None
     if args.reward == "vlm" and args.judge != "text_encoder":  # fail fast, before the expensive model load
-        judge = reward.load_judge(args.judge, model=args.judge_model, url=args.judge_url, device=device)
+        options = {"local": {"device": device, "dtype": dtype},
+                   "http": {"api_key_env": args.judge_api_key_env}}.get(args.judge, {})
+        judge = reward.load_judge(args.judge, url=args.judge_url, **options,
+                                  model=args.judge_model or (DEFAULT_JUDGE if args.judge == "local" else None))
     torch.manual_seed(args.seed)
     pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
                                  captioning=args.prompt == "")
@@ -270,7 +275,7 @@ def main(argv=None):
         if args.true_cfg_scale > 1:
             rollout.encode_prompt(pipe, " ")
         if args.reward == "vlm" and args.judge == "text_encoder":
-            judge = reward.load_judge("text_encoder", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            judge = reward.load_judge("text_encoder", pipeline=pipe)
         else:
             pipe.text_encoder = None
             torch.cuda.empty_cache() if device == "cuda" else None
