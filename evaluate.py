@@ -21,6 +21,7 @@ white, per run). Model mode also writes output_dir/predictions/<run>/<sample>/la
 """
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -34,35 +35,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic layered designs (SynLayers: synthetic layered data as a scalable, L-balanced substitute for real layers)
-
 WORDS = ["SALE", "Summer", "Open Day", "Coffee", "Design", "Hello", "NEW", "50% OFF", "Workshop", "Music", "Travel",
          "Fresh", "Join us", "Studio", "Market", "Big News"]
 
 
-def _as_numpy_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if hasattr(rng, "getrandbits"):  # random.Random
-        return np.random.default_rng(rng.getrandbits(63))
-    raise TypeError(f"rng must be random.Random or numpy.random.Generator, got {type(rng).__name__}")
-
-
-def _smooth_field(rng, size, cells, channels) -> np.ndarray:
-    """Smooth random texture in [0, 1], (H, W, channels): a cells x cells random grid upsampled bicubically."""
-    W, H = size
-    grid = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
-    mode = "L" if channels == 1 else "RGB"
-    img = Image.fromarray(grid[..., 0] if channels == 1 else grid, mode).resize((W, H), Image.BICUBIC)
-    return np.asarray(img, dtype=np.float32).reshape(H, W, channels) / 255.0
+# ----------------------------- synthetic layered designs (SynLayers: a scalable, L-balanced substitute for real layers)
+def _smooth_field(rng, size, cells) -> np.ndarray:
+    """Smooth random RGB texture in [0, 1], (H, W, 3): a cells x cells random grid upsampled bicubically."""
+    grid = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(grid, "RGB").resize(size, Image.BICUBIC), dtype=np.float32) / 255.0
 
 
 def _solid_layer(color, mask: Image.Image) -> Image.Image:
     """One-colour RGBA layer whose alpha is `mask` (mode L): clean straight alpha, no dark fringes."""
-    layer = Image.new("RGBA", mask.size, tuple(int(c) for c in color) + (255,))
-    layer.putalpha(mask)
-    return layer
+    return Image.merge("RGBA", [Image.new("L", mask.size, int(c)) for c in color] + [mask])
 
 
 def _aa_mask(size, draw_fn, ss=2) -> Image.Image:
@@ -85,7 +71,7 @@ def _background(rng, size) -> Image.Image:
         s = ((s - s.min()) / max(s.max() - s.min(), 1e-6))[..., None]
         rgb = c0 * (1 - s) + c1 * s
     else:  # noise texture: smooth colour field plus fine grain
-        rgb = rng.random(3) * 0.7 + 0.15 + 0.25 * (_smooth_field(rng, size, int(rng.integers(3, 7)), 3) - 0.5)
+        rgb = rng.random(3) * 0.7 + 0.15 + 0.25 * (_smooth_field(rng, size, int(rng.integers(3, 7))) - 0.5)
         rgb = rgb + 0.03 * rng.standard_normal((H, W, 3))
     rgba = np.concatenate([np.clip(rgb, 0, 1), np.ones((H, W, 1))], -1)
     return Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA")
@@ -98,8 +84,8 @@ def _shapes(rng, size) -> Image.Image:
         w, h = rng.uniform(0.15, 0.45) * W, rng.uniform(0.15, 0.45) * H
         x0, y0 = rng.uniform(0, W - w), rng.uniform(0, H - h)
         kind = int(rng.integers(4))
-        def draw(d, s, kind=kind, box=(x0, y0, x0 + w, y0 + h)):
-            b = [v * s for v in box]
+        def draw(d, s):
+            b = [v * s for v in (x0, y0, x0 + w, y0 + h)]
             if kind == 0:
                 d.rectangle(b, fill=255)
             elif kind == 1:
@@ -108,9 +94,8 @@ def _shapes(rng, size) -> Image.Image:
                 d.ellipse(b, fill=255)
             else:
                 d.polygon([((b[0] + b[2]) / 2, b[1]), (b[2], b[3]), (b[0], b[3])], fill=255)
-        mask = _aa_mask(size, draw)
         alpha = 1.0 if rng.random() < 0.7 else rng.uniform(0.6, 0.9)
-        mask = mask.point(lambda v, a=alpha: round(v * a))
+        mask = _aa_mask(size, draw).point(lambda v: round(v * alpha))
         layer = Image.alpha_composite(layer, _solid_layer(rng.integers(0, 256, 3), mask))
     return layer
 
@@ -122,10 +107,9 @@ def _text(rng, size) -> Image.Image:
     for _ in range(int(rng.integers(1, 3))):
         word = WORDS[int(rng.integers(len(WORDS)))]
         font = ImageFont.load_default(size=max(6, int(H * rng.uniform(0.07, 0.15))))
-        x0, y0, x1, y1 = ImageDraw.Draw(layer).textbbox((0, 0), word, font=font)
-        x = rng.uniform(0, max(W - (x1 - x0), 1)) - x0
-        y = rng.uniform(0, max(H - (y1 - y0), 1)) - y0
         mask = Image.new("L", size, 0)
+        x0, y0, x1, y1 = ImageDraw.Draw(mask).textbbox((0, 0), word, font=font)
+        x, y = rng.uniform(0, max(W - (x1 - x0), 1)) - x0, rng.uniform(0, max(H - (y1 - y0), 1)) - y0
         ImageDraw.Draw(mask).text((x, y), word, fill=255, font=font)
         layer = Image.alpha_composite(layer, _solid_layer(color, mask))
     return layer
@@ -137,7 +121,7 @@ def _cutout(rng, size) -> Image.Image:
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     light = 0.75 + 0.25 * (xx / max(W, 1) * rng.uniform(-1, 1) + yy / max(H, 1) * rng.uniform(-1, 1))
     palette = rng.random((3, 3))  # three colours mixed by a smooth field: a muted, photo-like texture
-    weights = _smooth_field(rng, size, int(rng.integers(4, 9)), 3) ** 3
+    weights = _smooth_field(rng, size, int(rng.integers(4, 9))) ** 3
     rgb = (weights / weights.sum(-1, keepdims=True)) @ palette
     rgb = rgb * light[..., None] + 0.03 * rng.standard_normal((H, W, 3))
     cx, cy = rng.uniform(0.25, 0.75) * W, rng.uniform(0.25, 0.75) * H
@@ -162,17 +146,16 @@ def make_design(rng, num_layers: int, size=(640, 640)):
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    rng = _as_numpy_rng(rng)
+    if hasattr(rng, "getrandbits"):  # random.Random
+        rng = np.random.default_rng(rng.getrandbits(63))
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be random.Random or numpy.random.Generator, got {type(rng).__name__}")
     size = (int(size[0]), int(size[1]))
-    order = ["cutout", "shapes", "text"]
     kinds = []
     while len(kinds) < num_layers - 1:
         kinds += sorted(rng.permutation(3)[: num_layers - 1 - len(kinds)].tolist())
-    makers = {"cutout": _cutout, "shapes": _shapes, "text": _text}
-    layers = [_background(rng, size)] + [makers[order[k]](rng, size) for k in kinds]
-    stack = torch.stack([pil_to_rgba(layer) for layer in layers])  # (L, 4, H, W)
-    rgb = (over_white(composite(stack)) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(rgb, "RGB"), layers
+    layers = [_background(rng, size)] + [(_cutout, _shapes, _text)[k](rng, size) for k in kinds]
+    return to_image(composite(torch.stack([pil_to_rgba(layer) for layer in layers]))), layers
 
 
 def write_references(out_dir, num_samples: int = 12, seed: int = 0, size=(640, 640), layer_counts=(2, 3, 4),
@@ -188,19 +171,12 @@ def write_references(out_dir, num_samples: int = 12, seed: int = 0, size=(640, 6
             out.mkdir(parents=True, exist_ok=True)
             image.save(out / f"synth_{k:04d}.png")
             paths.append(str(out / f"synth_{k:04d}.png"))
-            continue
-        folder = out / f"synth_{k:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / "image.png")
-        for i, layer in enumerate(layers):
-            layer.save(folder / f"layer_{i}.png")
-        paths.append(str(folder))
+        else:
+            paths.append(save_sample(out / f"synth_{k:04d}", image, layers))
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Layers as tensors: (4, H, W) straight alpha in [0, 1]; a stack is (N, 4, H, W), layer 0 at the back.
-
+# ------------------ layers as tensors: (4, H, W) straight alpha in [0, 1]; a stack is (N, 4, H, W), layer 0 at the back
 def pil_to_rgba(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
@@ -220,6 +196,20 @@ def composite(layers: torch.Tensor) -> torch.Tensor:
 def over_white(layer: torch.Tensor) -> torch.Tensor:
     """(4, H, W) straight RGBA -> (3, H, W) RGB composited over white: rgb * a + (1 - a)."""
     return layer[:3] * layer[3:] + (1 - layer[3:])
+
+
+def to_image(layer: torch.Tensor) -> Image.Image:
+    """(4, H, W) straight RGBA -> 8-bit RGB picture over white (round(255 * over_white))."""
+    return Image.fromarray((over_white(layer) * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
+
+
+def save_sample(folder: Path, image: Image.Image, layers: list) -> str:
+    """One sample in the reference format: folder/image.png and folder/layer_<i>.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / "image.png")
+    for i, layer in enumerate(layers):
+        layer.save(folder / f"layer_{i}.png")
+    return str(folder)
 
 
 def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
@@ -257,9 +247,7 @@ def list_references(references) -> list:
     return samples
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
+# -------------------------------------------------------------------------------------------------------------- metrics
 def _layerd_pair(pred: torch.Tensor, ref: torch.Tensor):
     """LayerD-style pair metrics of two (4, H, W) layers: RGB L1 over the 3 straight colour channels of the pixels
     where ref alpha > 0 (0.0 when there are none), and soft alpha IoU = sum min(a_p, a_r) / sum max(a_p, a_r)
@@ -380,9 +368,7 @@ def summarize(rows: list) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reporting: table, JSON, CSV, bar charts, side-by-side
-
+# ---------------------------------------------------------------- reporting: table, JSON, CSV, bar charts, side-by-side
 def format_table(results: dict) -> str:
     """The paper's shape: one block per L with its n, columns Pred 0 .. Pred L-1 and mean, one row per run
     (recon and missing/extra layer counts appended)."""
@@ -421,7 +407,7 @@ def bar_chart(results: dict, L: int) -> Image.Image:
     """Grouped bars: one group per layer index (and the mean), one bar per run, L1 on the y axis."""
     runs = [r for r in results if str(L) in results[r]]
     groups = [f"Pred {i}" for i in range(L)] + ["mean"]
-    vals = [[results[r][str(L)]["per_layer_l1"][i] for i in range(L)] + [results[r][str(L)]["mean_l1"]] for r in runs]
+    vals = [results[r][str(L)]["per_layer_l1"] + [results[r][str(L)]["mean_l1"]] for r in runs]
     top = max(max(v) for v in vals) * 1.15 or 1.0
     bw, gap, left, plot_h, font = 22, 26, 60, 220, ImageFont.load_default(size=12)
     gw = bw * len(runs) + gap
@@ -429,11 +415,10 @@ def bar_chart(results: dict, L: int) -> Image.Image:
     d = ImageDraw.Draw(img)
     y0 = 20 + plot_h
     d.line([(left, 20), (left, y0), (img.width - 10, y0)], fill="black")
-    for t in range(5):
-        v = top * t / 4
+    for t in range(5):  # y ticks
         y = y0 - plot_h * t / 4
         d.line([(left - 4, y), (left, y)], fill="black")
-        d.text((4, y - 7), f"{v:.4f}", fill="black", font=font)
+        d.text((4, y - 7), f"{top * t / 4:.4f}", fill="black", font=font)
     for gi, name in enumerate(groups):
         x = left + gap / 2 + gi * gw
         for ri in range(len(runs)):
@@ -441,7 +426,7 @@ def bar_chart(results: dict, L: int) -> Image.Image:
             d.rectangle([x + ri * bw, y0 - h, x + (ri + 1) * bw - 3, y0], fill=PALETTE[ri % len(PALETTE)])
         d.text((x, y0 + 5), name, fill="black", font=font)
     d.text((left, 3), f"per-layer L1 over white, L={L} (n={results[runs[0]][str(L)]['n']})", fill="black", font=font)
-    for ri, r in enumerate(runs):
+    for ri, r in enumerate(runs):  # legend
         y = y0 + 26 + 16 * ri
         d.rectangle([left, y, left + 12, y + 12], fill=PALETTE[ri % len(PALETTE)])
         d.text((left + 18, y - 1), r, fill="black", font=font)
@@ -465,8 +450,7 @@ def side_by_side(references, runs: dict, samples: list, tile: int = 128) -> Imag
     for ri, (label, tiles) in enumerate(rows):
         d.multiline_text((4, ri * (tile + 4) + 4), label, fill="black", font=font)
         for ci, t in enumerate(tiles):
-            rgb = Image.fromarray((over_white(t) * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
-            rgb = ImageOps.contain(rgb, (tile, tile))
+            rgb = ImageOps.contain(to_image(t), (tile, tile))
             x, y = 110 + ci * (tile + 4), ri * (tile + 4)
             img.paste(rgb, (x, y))
             d.rectangle([x - 1, y - 1, x + rgb.width, y + rgb.height], outline=(170, 170, 170))
@@ -490,15 +474,13 @@ def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_sample
     first_of_L = {}
     for r in all_rows:
         first_of_L.setdefault(r["L"], r["sample"])
-    picks = list(first_of_L.values()) + [r["sample"] for r in all_rows if r["sample"] not in first_of_L.values()]
-    side_by_side(references, runs, list(dict.fromkeys(picks))[:num_examples]).save(out / "samples.png")
+    picks = dict.fromkeys(list(first_of_L.values()) + [r["sample"] for r in all_rows])  # every L shown first
+    side_by_side(references, runs, list(picks)[:num_examples]).save(out / "samples.png")
     print(format_table(results))
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model mode: predictions from Qwen-Image-Layered (+ LoRA) through rollout.py
-
+# ---------------------------------------------- model mode: predictions from Qwen-Image-Layered (+ LoRA) via rollout.py
 def predict_with_model(references, runs: dict, output_dir, pretrained_model_name_or_path: str, sampler: str = "heun",
                        num_inference_steps: int = 50, resolution: int = 640, true_cfg_scale: float = 1.0,
                        seed: int = 0, device=None, mixed_precision: str = "bf16", max_samples=None) -> dict:
@@ -546,9 +528,7 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
     return folders
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Crello exporter (optional dependency: datasets)
-
+# ---------------------------------------------------------------------- Crello exporter (optional dependency: datasets)
 def elements_to_layers(elements: list, canvas_size, max_layers: int = 4) -> list:
     """Crello elements (back to front) -> at most max_layers RGBA layers (canvas_size = (W, H) pixels).
 
@@ -560,6 +540,7 @@ def elements_to_layers(elements: list, canvas_size, max_layers: int = 4) -> list
     first (E - 1) mod K groups one larger), each group composited into one layer. So a design yields 1 + K layers.
     """
     W, H = int(canvas_size[0]), int(canvas_size[1])
+    blank = Image.new("RGBA", (W, H), (0, 0, 0, 0))
     canvases = []
     for e in elements:
         w, h = max(1, round(e["width"])), max(1, round(e["height"]))
@@ -570,22 +551,16 @@ def elements_to_layers(elements: list, canvas_size, max_layers: int = 4) -> list
             el = el.rotate(-math.degrees(e["angle"]), resample=Image.BILINEAR, expand=True)
         x0, y0 = round(cx - el.width / 2), round(cy - el.height / 2)
         src = (max(0, -x0), max(0, -y0), min(el.width, W - x0), min(el.height, H - y0))  # part inside the canvas
-        canvas = Image.new("RGBA", (W, H), (0, 0, 0, 0))
+        canvases.append(blank.copy())
         if src[2] > src[0] and src[3] > src[1]:
-            canvas.alpha_composite(el, dest=(max(0, x0), max(0, y0)), source=src)
-        canvases.append(canvas)
+            canvases[-1].alpha_composite(el, dest=(max(0, x0), max(0, y0)), source=src)
     if not canvases:
         return []
-    layers = [Image.alpha_composite(Image.new("RGBA", (W, H), (255, 255, 255, 255)), canvases[0])]
-    rest = canvases[1:]
-    K = min(max_layers - 1, len(rest))
-    start = 0
+    layers, rest = [Image.alpha_composite(Image.new("RGBA", (W, H), (255, 255, 255, 255)), canvases[0])], canvases[1:]
+    K, start = min(max_layers - 1, len(rest)), 0
     for k in range(K):
-        count = len(rest) // K + (1 if k < len(rest) % K else 0)
-        group = Image.new("RGBA", (W, H), (0, 0, 0, 0))
-        for c in rest[start:start + count]:
-            group = Image.alpha_composite(group, c)
-        layers.append(group)
+        count = len(rest) // K + (k < len(rest) % K)
+        layers.append(functools.reduce(Image.alpha_composite, rest[start:start + count], blank))
         start += count
     return layers
 
@@ -619,23 +594,14 @@ def export_crello(out_dir, split: str = "test", num_samples=None, min_layers: in
             break
         cw, ch = (int(ds.features[k].int2str(ex[k])) if hasattr(ds.features[k], "int2str") else int(ex[k])
                   for k in ("canvas_width", "canvas_height"))  # a class label in older releases
-        elements, size = crello_elements(ex, cw, ch, longest_side)
-        layers = elements_to_layers(elements, size, max_layers)
-        if not min_layers <= len(layers) <= max_layers:
-            continue
-        folder = Path(out_dir) / f"crello_{split}_{idx:05d}_{ex['id']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        rgb = (over_white(composite(torch.stack([pil_to_rgba(x) for x in layers]))) * 255).round().byte()
-        Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB").save(folder / "image.png")
-        for i, layer in enumerate(layers):
-            layer.save(folder / f"layer_{i}.png")
-        folders.append(str(folder))
+        layers = elements_to_layers(*crello_elements(ex, cw, ch, longest_side), max_layers)
+        if min_layers <= len(layers) <= max_layers:
+            image = to_image(composite(torch.stack([pil_to_rgba(x) for x in layers])))
+            folders.append(save_sample(Path(out_dir) / f"crello_{split}_{idx:05d}_{ex['id']}", image, layers))
     return folders
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
+# --------------------------------------------------------------------------------------------------------- command line
 def named(values, flag: str, default_name) -> dict:
     """[NAME=]PATH items -> {name: path}; a bare path is named by default_name(path); names must be unique."""
     out = {}
@@ -673,8 +639,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="heun", choices=["heun", "euler"], help="ODE sampler (released: heun)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps (released: 50)")
     p.add_argument("--resolution", type=int, default=640, help="model resolution bucket, 640 or 1024 (released: 640)")
-    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (released: 1.0, "
-                                                                     "off)")
+    p.add_argument("--true_cfg_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (released: 1.0, off)")
     p.add_argument("--seed", type=int, default=0, help="seed: sample k of a model run uses seed + k; also the "
                                                        "synthetic generator's seed")
     p.add_argument("--device", default=None, help="device for model mode (default: cuda when available, else cpu)")
@@ -718,8 +684,8 @@ def main(argv=None) -> None:
         if not args.references:
             raise ValueError("give --references DIR (or --make_synthetic DIR / --export_crello DIR)")
         runs = named(args.predictions, "--predictions", lambda v: Path(v.rstrip("/")).name)
-        model_runs = ({"base": None} if args.base or not (args.lora or args.predictions) else {})
-        model_runs.update({k: v for k, v in named(args.lora, "--lora", _lora_name).items()})
+        model_runs = {"base": None} if args.base or not (args.lora or args.predictions) else {}
+        model_runs.update(named(args.lora, "--lora", _lora_name))
         if set(model_runs) & set(runs):
             raise ValueError(f"run names used twice: {sorted(set(model_runs) & set(runs))}")
         if model_runs:
