@@ -57,9 +57,8 @@ LETTERS = string.ascii_uppercase
 LOW, HIGH, MID = 1, 9, 5.0  # the score scale and the score a group with no answer gets
 COMBINE = ("calibrated", "mean", "stage1")
 
+
 # ----------------------------------------------------------------------------------------------- prompts
-
-
 @dataclass
 class Prompts:
     stage1: str  # template with {num_layers} {criteria} {answer_format}
@@ -69,13 +68,11 @@ class Prompts:
 
 def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
     """Read criteria.txt, stage1.txt, stage2.txt; fail now (naming the file) rather than at step 1."""
-    d = Path(prompts_dir)
-    texts = {}
+    d, texts, criteria = Path(prompts_dir), {}, {}
     for name in ("criteria", "stage1", "stage2"):
         if not (d / f"{name}.txt").is_file():
             raise FileNotFoundError(f"--prompts_dir {d}: missing {name}.txt (copy it from {PROMPTS_DIR})")
         texts[name] = (d / f"{name}.txt").read_text(encoding="utf-8")
-    criteria = {}
     for line in texts["criteria"].splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, sep, desc = line.partition(":")
@@ -84,9 +81,8 @@ def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
             criteria[key.strip()] = desc.strip()
     if not criteria:
         raise ValueError(f"{d / 'criteria.txt'}: no criteria found (one 'key: description' per line)")
-    allowed = {"stage1": {"num_layers", "criteria", "answer_format"},
-               "stage2": {"num_candidates", "num_layers", "labels", "criteria", "answer_format"}}
-    for name, ok in allowed.items():
+    for name, ok in (("stage1", {"num_layers", "criteria", "answer_format"}),
+                     ("stage2", {"num_candidates", "num_layers", "labels", "criteria", "answer_format"})):
         fields = {f for _, f, _, _ in string.Formatter().parse(texts[name]) if f is not None}
         if fields - ok or "answer_format" not in fields:
             raise ValueError(f"{d / (name + '.txt')}: placeholders must be among {sorted(ok)} and include "
@@ -94,35 +90,21 @@ def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
     return Prompts(texts["stage1"], texts["stage2"], criteria)
 
 
-def answer_format(keys) -> str:
-    return "{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}"
+def _fill(template, prompts: Prompts, keys, **fields) -> str:
+    """A prompt template with the criteria list and the JSON answer format {"key": <1-9>, ...} filled in."""
+    return template.format(criteria="\n".join(f"- {k}: {v}" for k, v in prompts.criteria.items()),
+                           answer_format="{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}", **fields)
 
-
-def _criteria_text(prompts: Prompts) -> str:
-    return "\n".join(f"- {k}: {v}" for k, v in prompts.criteria.items())
 
 # --------------------------------------------------------------------------------------------- rendering
-
-
-def _font(size):
-    return ImageFont.load_default(size=max(8, int(size)))
-
-
-def _rgba(t: torch.Tensor) -> Image.Image:
-    """(4, H, W) or (3, H, W) float in [0, 1] -> PIL image."""
-    a = (t.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a, "RGBA" if a.shape[2] == 4 else "RGB")
-
-
-def _on_checkerboard(layer: Image.Image, size, square: int) -> Image.Image:
-    """Resize an RGBA layer (premultiplied while resampling, so hidden colours do not bleed) and composite it
-    over a grey-and-white checkerboard drawn at the output size."""
-    layer = layer.convert("RGBa").resize(size, Image.BILINEAR).convert("RGBA")
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    board = np.where(((yy // square + xx // square) % 2)[..., None] == 0, 255, 204).astype(np.uint8)
-    board = Image.fromarray(np.concatenate([board.repeat(3, 2), np.full((h, w, 1), 255, np.uint8)], 2), "RGBA")
-    return Image.alpha_composite(board, layer.convert("RGBA")).convert("RGB")
+def _on_checkerboard(layer: torch.Tensor, size, square: int) -> Image.Image:
+    """(4, H, W) in [0, 1] -> RGB tile of `size`: resized premultiplied (so hidden colours do not bleed), then
+    composited over a grey-and-white checkerboard drawn at the output size."""
+    a = (layer.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    tile = Image.fromarray(a, "RGBA").convert("RGBa").resize(size, Image.BILINEAR).convert("RGBA")
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    board = Image.fromarray(np.where((yy // square + xx // square) % 2 == 0, 255, 204).astype(np.uint8), "L")
+    return Image.alpha_composite(board.convert("RGBA"), tile).convert("RGB")
 
 
 def render_candidate_panel(image, layers_k, label=None, caption=None, tile=256) -> Image.Image:
@@ -136,18 +118,18 @@ def render_candidate_panel(image, layers_k, label=None, caption=None, tile=256) 
     lines = caption.splitlines() if caption else []
     cap_h = len(lines) * (title_h + 2) + (pad if lines else 0)
     panel = Image.new("RGB", (label_w + pad + (n + 1) * (tw + pad), pad + title_h + th + pad + cap_h), "white")
-    draw = ImageDraw.Draw(panel)
+    draw, font = ImageDraw.Draw(panel), ImageFont.load_default(size=max(8, int(title_h * 0.8)))
     tiles = [image.convert("RGB").resize((tw, th), Image.BILINEAR)]
-    tiles += [_on_checkerboard(_rgba(layers_k[i]), (tw, th), max(2, tile // 32)) for i in range(n)]
+    tiles += [_on_checkerboard(layers_k[i], (tw, th), max(2, tile // 32)) for i in range(n)]
     for i, t in enumerate(tiles):
         x = label_w + pad + i * (tw + pad)
         panel.paste(t, (x, pad + title_h))
-        draw.text((x, pad), "input" if i == 0 else f"layer {i - 1}", fill="black", font=_font(title_h * 0.8))
+        draw.text((x, pad), "input" if i == 0 else f"layer {i - 1}", fill="black", font=font)
     if label:
-        draw.text((label_w // 2, pad + title_h + th // 2), label, fill="black", font=_font(label_w * 0.9), anchor="mm")
+        draw.text((label_w // 2, pad + title_h + th // 2), label, fill="black", anchor="mm",
+                  font=ImageFont.load_default(size=max(8, int(label_w * 0.9))))
     for j, line in enumerate(lines):
-        draw.text((label_w + pad, pad + title_h + th + pad + j * (title_h + 2)), line, fill="black",
-                  font=_font(title_h * 0.8))
+        draw.text((label_w + pad, pad + title_h + th + pad + j * (title_h + 2)), line, fill="black", font=font)
     return panel
 
 
@@ -172,22 +154,11 @@ def _fit(img: Image.Image, max_side: int) -> Image.Image:
     s = max_side / max(img.size)
     return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
 
+
 # ------------------------------------------------------------------------------- parsing, expected scores
-
-
 def _key_pattern(key):
     flags = re.IGNORECASE if len(key) > 1 else 0  # single letters (grid labels) must match case
     return re.compile(r"(?<![A-Za-z0-9_])[\"']?" + re.escape(key) + r"[\"']?\s*[:=]\s*[\"']?(-?\d+(?:\.\d+)?)", flags)
-
-
-def _number(v):
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v):
-        return float(v)
-    return None
 
 
 def parse_scores(text, keys, low=LOW, high=HIGH):
@@ -199,21 +170,20 @@ def parse_scores(text, keys, low=LOW, high=HIGH):
     flat, decoder = {}, json.JSONDecoder()
     for m in re.finditer(r"\{", text):
         try:
-            obj, _ = decoder.raw_decode(text, m.start())
+            stack = [decoder.raw_decode(text, m.start())[0]]  # JSON opening with "{" is an object: a dict
         except ValueError:
             continue
-        stack = [obj] if isinstance(obj, dict) else []
         while stack:  # breadth-first: top-level keys win over nested ones
-            d = stack.pop(0)
-            for k, v in d.items():
+            for k, v in stack.pop(0).items():
                 (stack.append(v) if isinstance(v, dict) else flat.setdefault(str(k).lower(), v))
         break
     scores = {}
     for key in keys:
-        v = _number(flat.get(key.lower()))
-        if v is None:
-            m = _key_pattern(key).search(text)
-            v = float(m.group(1)) if m else None
+        v = flat.get(key.lower())  # a JSON number or numeric string; true/false are not scores
+        v = float(v) if (isinstance(v, (int, float)) and not isinstance(v, bool)
+                         or isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v)) else None
+        if v is None and (m := _key_pattern(key).search(text)):
+            v = float(m.group(1))
         if v is None or not low <= v <= high:
             return None
         scores[key] = v
@@ -233,7 +203,7 @@ def expected_from_top_logprobs(top) -> float | None:
     mass = {}
     for t in top or []:
         tok = str(t.get("token", "")).strip()
-        if len(tok) == 1 and tok.isdigit() and LOW <= int(tok) <= HIGH and isinstance(t.get("logprob"), (int, float)):
+        if len(tok) == 1 and tok in "0123456789" and LOW <= int(tok) <= HIGH and isinstance(t.get("logprob"), (int, float)):
             mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
     total = sum(mass.values())
     return sum(d * m for d, m in mass.items()) / total if total > 0 else None
@@ -256,9 +226,8 @@ def _refine_with_logprobs(scores, content, keys):
             out[key] = e
     return out
 
+
 # ------------------------------------------------------------------------------------------------ judges
-
-
 @dataclass
 class Query:
     image: Image.Image  # what the judge sees
@@ -317,31 +286,28 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
     """Score queries with a transformers VLM: one generate per batch of same-key queries, the assistant turn
     forced to the JSON skeleton {"k1": d, "k2": d, ...} (each d greedy among digits 1..9) so every score
     position is known; the score is the expected value over the digit logits there."""
-    digit_ids = []
-    for d in range(LOW, HIGH + 1):
-        ids = tokenizer.encode(str(d), add_special_tokens=False)
+    digit_ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(LOW, HIGH + 1)]
+    for d, ids in enumerate(digit_ids, LOW):
         if len(ids) != 1:
             raise ValueError(f"judge tokenizer splits '{d}' into {len(ids)} tokens; use --judge http for this model")
-        digit_ids.append(ids[0])
+    digit_ids = [ids[0] for ids in digit_ids]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
 
-    def chat_text(prompt):  # enable_thinking=False: Qwen3-style templates then open the answer directly
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def encode(prompts, images):  # enable_thinking=False: Qwen3-style templates then open the answer directly
         kw = {"add_generation_prompt": True, "tokenize": False, "enable_thinking": False}
+        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
         if processor is not None:
-            return processor.apply_chat_template(msgs, **kw)
-        try:  # the model's own template if it knows images, else plain ChatML (all Qwen-VL models speak it)
-            text = tokenizer.apply_chat_template(msgs, **kw)
-        except Exception:
-            text = ""
-        ok = isinstance(text, str) and text.count(IMAGE_PAD) == 1
-        return text if ok else tokenizer.apply_chat_template(msgs, chat_template=CHATML, **kw)
-
-    def encode(prompts, images):
-        texts = [chat_text(p) for p in prompts]
-        if processor is not None:
+            texts = [processor.apply_chat_template(c, **kw) for c in chats]
             return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+        texts = []
+        for c in chats:  # the model's own template if it places one image, else plain ChatML (all Qwen-VL speak it)
+            try:
+                text = tokenizer.apply_chat_template(c, **kw)
+            except Exception:
+                text = ""
+            ok = isinstance(text, str) and text.count(IMAGE_PAD) == 1
+            texts.append(text if ok else tokenizer.apply_chat_template(c, chat_template=CHATML, **kw))
         px = image_processor(images=images, return_tensors="pt")  # pixel_values (sum patches, D), image_grid_thw (n, 3)
         n_tokens = (px["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist()
         texts = [t.replace(IMAGE_PAD, IMAGE_PAD * k, 1) for t, k in zip(texts, n_tokens)]
@@ -361,14 +327,14 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
 
     @torch.no_grad()
     def score(queries):
-        results, stats = [None] * len(queries), {"requests": 0, "retries": 0}
-        by_keys = {}
+        results, stats, by_keys = [None] * len(queries), {"requests": 0, "retries": 0}, {}
         for i, q in enumerate(queries):
             by_keys.setdefault(tuple(q.keys), []).append(i)
         for keys, idx in by_keys.items():
             plan, score_steps = skeleton(list(keys))
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start:start + batch_size]
+                stats["requests"] += 1
                 try:
                     enc = encode([queries[i].prompt for i in chunk], [queries[i].image for i in chunk])
                     L = enc["input_ids"].shape[1]
@@ -378,13 +344,10 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: count as failed answers, go on
                     log.warning("judge batch of %d failed: %s", len(chunk), str(e).splitlines()[0][:200])
                     continue
-                finally:
-                    stats["requests"] += 1
                 texts = tokenizer.batch_decode(out.sequences[:, L:], skip_special_tokens=True)
                 expected = expected_score(torch.stack([out.logits[s] for s in score_steps], 1), digit_ids)  # (b, K)
-                for row, i in enumerate(chunk):
-                    parsed = parse_scores(texts[row], keys)  # the forced answer must parse; checks the skeleton
-                    if parsed is not None and torch.isfinite(expected[row]).all():
+                for row, i in enumerate(chunk):  # the forced answer must parse: this checks the skeleton
+                    if parse_scores(texts[row], keys) is not None and torch.isfinite(expected[row]).all():
                         results[i] = dict(zip(keys, expected[row].tolist()))
         return results, stats
 
@@ -393,10 +356,12 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
 
 def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs,
                  extra_body):
-    """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time."""
-    use_logprobs = [bool(logprobs)]  # turned off for good if the server rejects the field (HTTP 400)
+    """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time;
+    a query is tried up to 1 + max_retries times, sleeping backoff * 2^(r-1) seconds before retry r."""
+    use_logprobs = bool(logprobs)  # turned off for good if the server rejects the field (HTTP 400)
 
     def one(q):  # -> (scores | None, attempts)
+        nonlocal use_logprobs
         buf = io.BytesIO()
         q.image.save(buf, format="PNG")
         content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
@@ -404,41 +369,39 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
         attempts = 0
         while attempts <= max_retries:
             if attempts:
-                time.sleep(backoff * 2 ** (attempts - 1))  # exponential backoff: backoff, 2*backoff, 4*backoff ...
+                time.sleep(backoff * 2 ** (attempts - 1))
             attempts += 1
             body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
                     "max_tokens": max_tokens, **(extra_body or {})}
-            if use_logprobs[0]:
+            if use_logprobs:
                 body.update(logprobs=True, top_logprobs=10)
             try:
-                answer = _request(url + "/chat/completions", api_key_env, timeout, body)
-                choice = answer["choices"][0]
+                choice = _request(url + "/chat/completions", api_key_env, timeout, body)["choices"][0]
                 text = choice["message"].get("content")
                 if isinstance(text, list):  # some servers return content parts
                     text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-                scores = parse_scores(text, q.keys)
-                if scores is not None:
-                    content = (choice.get("logprobs") or {}).get("content")
-                    return _refine_with_logprobs(scores, content, q.keys), attempts
+                if (scores := parse_scores(text, q.keys)) is not None:
+                    tokens = (choice.get("logprobs") or {}).get("content")
+                    return _refine_with_logprobs(scores, tokens, q.keys), attempts
                 log.warning("judge answer unparseable (attempt %d): %r", attempts, str(text)[:120])
             except urllib.error.HTTPError as e:
                 if e.code == 400 and "logprobs" in body:  # this request asked for them (others may have too)
-                    use_logprobs[0] = False
+                    use_logprobs = False
                     log.warning("judge server rejected logprobs (HTTP 400); asking for plain answers from now on")
                     attempts -= 1  # not the answer's fault: this try is free
                     continue
                 log.warning("judge HTTP %d (attempt %d)", e.code, attempts)
                 if e.code in (401, 403, 404):
                     return None, attempts  # will not change on retry
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # URLError is one
                 log.warning("judge request failed (attempt %d): %s", attempts, f"{type(e).__name__}: {e}"[:200])
         return None, attempts
 
     def score(queries):
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(queries)))) as pool:
             out = list(pool.map(one, queries))
-        attempts = [a for _, a in out]
-        return [s for s, _ in out], {"requests": sum(attempts), "retries": sum(attempts) - len(attempts)}
+        attempts = sum(a for _, a in out)
+        return [s for s, _ in out], {"requests": attempts, "retries": attempts - len(out)}
 
     return score
 
@@ -478,13 +441,13 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, **op
                 torch.set_num_threads(n)
         return Judge("tiny", "tiny-qwen2.5-vl", one_thread, prompts, **{"panel_size": 128, "grid_size": 128, **sizes})
     if kind == "text_encoder":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         pipe = options.get("pipeline")
-        enc, tok = options.get("text_encoder", getattr(pipe, "text_encoder", None)), options.get(
-            "tokenizer", getattr(pipe, "tokenizer", None))
-        if enc is None or tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
+        enc = options.get("text_encoder", getattr(pipe, "text_encoder", None))
+        tok = options.get("tokenizer", getattr(pipe, "tokenizer", None))
+        if tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
             raise ValueError("--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
                              "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))")
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         scorer = _local_scorer(enc.eval(), tok, options.get("image_processor") or Qwen2VLImageProcessorPil(),
                                batch_size=options.get("batch_size", 16))
         return Judge("text_encoder", type(enc).__name__, scorer, prompts, **sizes)
@@ -515,13 +478,14 @@ def _load_local(model, device=None, dtype=None, batch_size=16):
     try:
         try:  # the model's own processor is the general path; it needs torchvision for Qwen-VL video parts
             processor = AutoProcessor.from_pretrained(model)
-            processor = processor if hasattr(processor, "image_processor") else None
         except Exception:
             processor = None
-        if processor is not None:
+        if hasattr(processor, "image_processor"):  # not a bare tokenizer
             processor.tokenizer.padding_side = "left"
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(model)
-        image_processor = None if processor is not None else AutoImageProcessor.from_pretrained(model, backend="pil")
+            tokenizer, image_processor = processor.tokenizer, None
+        else:
+            processor, tokenizer = None, AutoTokenizer.from_pretrained(model)
+            image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device).eval()
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--judge_model {model}: could not load it as an image-text-to-text model "
@@ -536,7 +500,7 @@ def _probe(url, model, api_key_env):
     except urllib.error.HTTPError as e:
         hint = f"set the API key in ${api_key_env} (or --api_key_env)" if e.code in (401, 403) else "fix the URL"
         raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {hint}") from None
-    except (urllib.error.URLError, OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError) as e:  # URLError and timeouts are OSErrors
         raise ValueError(f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
                          f"{getattr(e, 'reason', e)}); start it or fix the URL") from None
     if not model:
@@ -547,9 +511,8 @@ def _probe(url, model, api_key_env):
         raise ValueError(f"--judge_model {model}: not served at {url} (it serves {served[:8]})")
     return model
 
+
 # ----------------------------------------------------------------------------------------------- rewards
-
-
 def _check(images, layers, group_size):
     if layers.ndim != 5 or layers.shape[2] != 4:
         raise ValueError(f"layers must be (B, N, 4, H, W), got {tuple(layers.shape)}")
@@ -569,34 +532,30 @@ def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, com
         raise ValueError(f"combine={combine!r}: choose one of {COMBINE}")
     t0 = time.perf_counter()
     B, N, G, P = layers.shape[0], layers.shape[1], group_size, judge.prompts
-    keys = list(P.criteria)
+    keys, labels = list(P.criteria), list(LETTERS[:G])
     w = torch.tensor([float(weights.get(k, 1.0)) for k in keys] if isinstance(weights, dict) else
                      ([1.0] * len(keys) if weights is None else [float(x) for x in weights]))
     if isinstance(weights, dict) and set(weights) - set(keys) or len(w) != len(keys) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights {weights}: give non-negative weights for the criteria {keys}, not all zero")
-    labels = list(LETTERS[:G])
     if G > len(LETTERS):
         raise ValueError(f"group_size {G} > 26: the grid cannot label more than A-Z")
-    prompt1 = P.stage1.format(num_layers=N, criteria=_criteria_text(P), answer_format=answer_format(keys))
+    prompt = {"stage1": _fill(P.stage1, P, keys, num_layers=N)}
     tile = lambda size: max(48, min(256, 2 * size // (N + 1)))  # render at ~2x the size sent, then downscale
-    queries = [Query(_fit(render_candidate_panel(images[b // G], layers[b], tile=tile(judge.panel_size)),
-                          judge.panel_size), prompt1, keys)
-               for b in range(B)]
+    panels = [render_candidate_panel(images[b // G], layers[b], tile=tile(judge.panel_size)) for b in range(B)]
+    queries = [Query(_fit(panel, judge.panel_size), prompt["stage1"], keys) for panel in panels]
     gen = torch.Generator().manual_seed(int(seed))
     perms = [torch.randperm(G, generator=gen).tolist() for _ in range(len(images))]  # position p shows perm[p]
     if combine != "stage1":
-        prompt2 = P.stage2.format(num_candidates=G, num_layers=N, labels=", ".join(labels),
-                                  criteria=_criteria_text(P), answer_format=answer_format(labels))
-        queries += [Query(_fit(render_group_grid(images[i], layers[i * G:(i + 1) * G][perm], labels,
-                                                 tile=tile(judge.grid_size)), judge.grid_size), prompt2, labels)
-                    for i, perm in enumerate(perms)]
+        prompt["stage2"] = _fill(P.stage2, P, labels, num_candidates=G, num_layers=N, labels=", ".join(labels))
+        grids = [render_group_grid(images[i], layers[i * G:(i + 1) * G][perm], labels, tile=tile(judge.grid_size))
+                 for i, perm in enumerate(perms)]
+        queries += [Query(_fit(grid, judge.grid_size), prompt["stage2"], labels) for grid in grids]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         for j, q in enumerate(queries):
             q.image.save(Path(save_dir) / (f"stage1_panel_{j:02d}.png" if j < B else f"stage2_grid_{j - B:02d}.png"))
-        (Path(save_dir) / "stage1_prompt.txt").write_text(prompt1, encoding="utf-8")
-        if combine != "stage1":
-            (Path(save_dir) / "stage2_prompt.txt").write_text(prompt2, encoding="utf-8")
+        for stage, text in prompt.items():
+            (Path(save_dir) / f"{stage}_prompt.txt").write_text(text, encoding="utf-8")
     t_judge = time.perf_counter()
     answers, stats = judge.score(queries)
     t_judge = time.perf_counter() - t_judge
@@ -617,31 +576,27 @@ def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, com
             for p, cand in enumerate(perm):
                 s2[i * G + cand] = a[labels[p]]
     ok2 = ~s2.isnan()
-    if combine == "calibrated":
-        rewards, fallback = torch.where(ok2, s2, filled), ~ok2
-    elif combine == "mean":
-        rewards, fallback = torch.where(ok2, (filled + s2) / 2, filled), ~ok2 | ~ok1
-    else:
-        rewards, fallback = filled, ~ok1
+    rewards, fallback = {"calibrated": (torch.where(ok2, s2, filled), ~ok2),
+                         "mean": (torch.where(ok2, (filled + s2) / 2, filled), ~ok2 | ~ok1),
+                         "stage1": (filled, ~ok1)}[combine]
+
+    def mean(x, ok):  # mean over the scored candidates, 0 if none
+        return float(x[ok].mean()) if ok.any() else 0.0
 
     def group_std(x, ok):  # mean over groups (with every member scored) of the population std within the group
         stds = [x[i * G:(i + 1) * G].std(unbiased=False) for i in range(len(images)) if ok[i * G:(i + 1) * G].all()]
         return float(torch.stack(stds).mean()) if stds else 0.0
 
-    info = {f"stage1/{k}": float(s1[ok1, j].mean()) if ok1.any() else 0.0 for j, k in enumerate(keys)}
+    info = {f"stage1/{k}": mean(s1[:, j], ok1) for j, k in enumerate(keys)}
     info.update({
-        "stage1/total": float(total[ok1].mean()) if ok1.any() else 0.0,
-        "stage1/group_std": group_std(total, ok1),
-        "stage2/score": float(s2[ok2].mean()) if ok2.any() else 0.0,
-        "stage2/group_std": group_std(s2, ok2),
+        "stage1/total": mean(total, ok1), "stage1/group_std": group_std(total, ok1),
+        "stage2/score": mean(s2, ok2), "stage2/group_std": group_std(s2, ok2),
         "reward/mean": float(rewards.mean()),
         "judge/failed_stage1": float((~ok1).sum()),
         "judge/failed_stage2": float(sum(a is None for a in answers[B:])),
         "judge/fallbacks": float(fallback.sum()),
-        "judge/requests": float(stats["requests"]),
-        "judge/retries": float(stats["retries"]),
-        "time/judge_s": t_judge,
-        "time/reward_s": time.perf_counter() - t0,
+        "judge/requests": float(stats["requests"]), "judge/retries": float(stats["retries"]),
+        "time/judge_s": t_judge, "time/reward_s": time.perf_counter() - t0,
     })
     info["candidates"] = [{
         "criteria": {k: (float(s1[b, j]) if ok1[b] else None) for j, k in enumerate(keys)},
@@ -704,9 +659,8 @@ def opaque_background_reward(images, layers, group_size, **_):
 REWARDS = {"vlm": vlm_reward, "recon": recon_reward, "layer_usage": layer_usage_reward,
            "opaque_background": opaque_background_reward}
 
+
 # ------------------------------------------------------------------------------------------------- CLI
-
-
 def load_decompositions(root):
     """rollout.py's PNG layout -> [(stem, image, layers (G, N, 4, H, W))], one entry per <stem> folder."""
     root = Path(root)
@@ -738,23 +692,23 @@ def load_decompositions(root):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--decompositions", required=True, help="rollout.py output folder: <stem>/image.png, "
-                   "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group")
-    p.add_argument("--reward", default="vlm", choices=sorted(REWARDS), help="which reward to compute")
-    p.add_argument("--judge", default="tiny", choices=["tiny", "local", "http"], help="judge backend for --reward vlm")
-    p.add_argument("--judge_model", default=None, help="local: hub id or folder; http: served model name")
-    p.add_argument("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    p.add_argument("--judge_extra_body", default=None, help='http: JSON merged into each request, e.g. '
-                   '\'{"chat_template_kwargs": {"enable_thinking": false}}\'')
-    p.add_argument("--prompts_dir", default=str(PROMPTS_DIR), help="folder with criteria.txt, stage1.txt, stage2.txt")
-    p.add_argument("--combine", default="calibrated", choices=COMBINE, help="how stage 1 and stage 2 make the reward")
-    p.add_argument("--weights", default=None, help="criterion weights in the stage-1 total, e.g. separation=2,alpha=1 "
-                   "(others 1)")
-    p.add_argument("--panel_size", type=int, default=None, help="longest side of a stage-1 panel sent to the judge")
-    p.add_argument("--grid_size", type=int, default=None, help="longest side of a stage-2 grid sent to the judge")
-    p.add_argument("--seed", type=int, default=0, help="seeds the grid order shuffle")
-    p.add_argument("--output_dir", default=None, help="save the panels, grids and prompts the judge saw here")
+    a = p.add_argument
+    a("--decompositions", required=True, help="rollout.py output folder: <stem>/image.png, "
+      "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group")
+    a("--reward", default="vlm", choices=sorted(REWARDS), help="which reward to compute")
+    a("--judge", default="tiny", choices=["tiny", "local", "http"], help="judge backend for --reward vlm")
+    a("--judge_model", default=None, help="local: hub id or folder; http: served model name")
+    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    a("--api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    a("--judge_extra_body", default=None,
+      help='http: JSON merged into each request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'')
+    a("--prompts_dir", default=str(PROMPTS_DIR), help="folder with criteria.txt, stage1.txt, stage2.txt")
+    a("--combine", default="calibrated", choices=COMBINE, help="how stage 1 and stage 2 make the reward")
+    a("--weights", default=None, help="criterion weights in the stage-1 total, e.g. separation=2,alpha=1 (others 1)")
+    a("--panel_size", type=int, default=None, help="longest side of a stage-1 panel sent to the judge")
+    a("--grid_size", type=int, default=None, help="longest side of a stage-2 grid sent to the judge")
+    a("--seed", type=int, default=0, help="seeds the grid order shuffle")
+    a("--output_dir", default=None, help="save the panels, grids and prompts the judge saw here")
     return p.parse_args(argv)
 
 
@@ -778,22 +732,18 @@ def main(argv=None):
         for stem, image, layers in tqdm(groups, desc="groups", disable=len(groups) < 2):
             save = str(Path(args.output_dir) / stem) if args.output_dir else None
             rewards, info = REWARDS[args.reward]([image], layers, layers.shape[0], save_dir=save, **kwargs)
-            for k in range(layers.shape[0]):
-                c = info.get("candidates", [{}] * len(rewards))[k]
+            for k, r in enumerate(rewards.tolist()):
                 row = {"group": stem, "cand": f"{k:02d}"}
-                if c:
+                if c := info.get("candidates", [None] * len(rewards))[k]:  # vlm: per-candidate scores
                     row.update({"label": c["label"], **c["criteria"], "stage1": c["stage1"], "stage2": c["stage2"]})
-                row.update({"reward": float(rewards[k]), **({"fallback": c["fallback"]} if c else {})})
-                rows.append(row)
-            scalars = {k: v for k, v in info.items() if k != "candidates"}
-            tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in scalars.items()))
+                rows.append({**row, "reward": r, **({"fallback": c["fallback"]} if c else {})})
+            tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in info.items() if k != "candidates"))
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
     cols = list(rows[0])
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     width = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
-    print("  ".join(c.rjust(width[c]) for c in cols))
-    for r in rows:
+    for r in [dict(zip(cols, cols))] + rows:
         print("  ".join(fmt(r.get(c)).rjust(width[c]) for c in cols))
     if args.output_dir:
         print(f"what the judge saw: {args.output_dir}/<stem>/stage1_panel_*.png, stage2_grid_*.png, *_prompt.txt")

@@ -747,6 +747,9 @@ def test_expected_score_on_crafted_logits():
            {"token": "x", "logprob": math.log(0.15)}, {"token": "10", "logprob": -1.0}]
     assert reward.expected_from_top_logprobs(top) == pytest.approx((3 * 0.2 + 4 * 0.6) / 0.8)
     assert reward.expected_from_top_logprobs([{"token": "yes", "logprob": 0.0}]) is None
+    # unicode digits that are not ASCII ("²", "٣") are ignored, not crashed on
+    top = [{"token": "²", "logprob": 0.0}, {"token": "٣", "logprob": 0.0}, {"token": " 4", "logprob": math.log(0.5)}]
+    assert reward.expected_from_top_logprobs(top) == 4.0
 
 
 GOOD = {k: v for k, v in zip(KEYS, [7, 3, 9, 1, 5])}
