@@ -497,7 +497,7 @@ def parse_args(argv=None):
     p.add_argument("--noise_level", type=float, default=1.2, help="SDE noise level a (0 = deterministic Euler)")
     p.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("START", "END"),
                    help="only steps START..END-1 are SDE (default all)")
-    p.add_argument("--resolution", type=int, default=640, help="condition bucket: 640 or 1024 (tiny: any multiple of 32)")
+    p.add_argument("--resolution", type=int, default=640, help="640 or 1024 (tiny: any multiple of 32)")
     p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")

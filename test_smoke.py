@@ -18,10 +18,13 @@ import time
 
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 import numpy as np
 import pytest
 import torch
 
+import bench
 import evaluate as ev
 import grpo
 import reward
@@ -288,6 +291,28 @@ def test_update_follows_advantages(pipe):
         new = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
     delta = (new - traj.log_probs).sum(1)
     assert torch.corrcoef(torch.stack([delta, advantages]))[0, 1] > 0.9
+
+
+def test_bf16_model_with_fp32_lora():
+    """On a bf16 model, lora_precision runs the fp32 LoRA in bf16 under autocast: the same policy as peft's
+    fp32 path up to bf16 rounding, ratio 1 on re-scoring, and fp32 gradients on every LoRA weight."""
+    torch.manual_seed(0)
+    pipe = rollout.load_pipeline("tiny", torch_dtype=torch.bfloat16)
+    params = train.add_lora(pipe.transformer, 4, 8)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)  # lora_B starts at 0: make the adapter matter
+    kw = dict(layers=2, group_size=2, num_inference_steps=3, noise_level=1.0, resolution=64, sde_window=(0, 2))
+    with train.lora_precision(pipe.transformer):
+        traj = rollout.sample(pipe, [design()], generator=torch.Generator().manual_seed(0), **kw)
+        log_prob, _, _ = rollout.step_log_prob(pipe.transformer, traj, 1)
+        (-log_prob.mean()).backward()
+        v_autocast = rollout.predict_velocity(pipe.transformer, traj, traj.latents[:, 0], traj.timesteps[0]).float()
+    torch.testing.assert_close(log_prob.detach(), traj.log_probs[:, 1], rtol=0, atol=1e-5)
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with torch.no_grad():  # peft's default: inputs upcast to the fp32 LoRA weights
+        v_peft = rollout.predict_velocity(pipe.transformer, traj, traj.latents[:, 0], traj.timesteps[0]).float()
+    assert (v_autocast - v_peft).abs().max() < 0.05 * v_peft.abs().max()
 
 
 def test_saved_lora_reproduces_the_trained_policy(run):
@@ -1138,3 +1163,74 @@ def test_crello_example_fractions_and_pixels_agree():
     assert all((np.asarray(x) == np.asarray(y)).all() for x, y in zip(la, lb))
     alpha = np.asarray(la[1])[..., 3]
     assert (alpha > 0).sum() == 16 * 12 and alpha.max() == 204  # 8x6 box scaled 2x, opacity 0.8 * 255
+
+
+# ----------------------------------------------------------------------------- bench
+def test_bench_cpu_toy_table(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    res = bench.main(["--device", "cpu", "--size", "toy", "--resolution", "32", "--layers", "1", "--group_size", "2",
+                      "--train_batch_size", "1", "--num_inference_steps", "3", "--warmup", "0", "--repeats", "1",
+                      "--json", str(path)])
+    rows = res["rows"]
+    assert list(rows) == ["rollout_ours", "rollout_diffusers", "decode", "train_no_kl", "train_kl", "rollout_lora"]
+    for key, row in rows.items():
+        assert math.isfinite(row["seconds"]) and row["seconds"] > 0, key
+        assert row["alloc_gib"] is None and row["measured"]["seconds"] == row["seconds"]  # CPU; 2 of 2 blocks
+        if key != "decode":
+            assert row["flop"] > 0 and math.isfinite(row["tflops"]) and row["tflops"] > 0, key
+    assert res["tokens"] == {"noise": 2 * 2 * 2, "condition": 2 * 2, "text": 11}
+    # the KL row adds the reference forward, the LoRA row adds the adapters' matmuls
+    assert rows["train_kl"]["flop"] > rows["train_no_kl"]["flop"] > rows["rollout_ours"]["flop"] / 2
+    assert rows["rollout_lora"]["flop"] > rows["rollout_ours"]["flop"] == rows["rollout_diffusers"]["flop"]
+    ratios = res["ratios"]
+    assert ratios["rollout ours / diffusers"] == pytest.approx(rows["rollout_ours"]["seconds"]
+                                                               / rows["rollout_diffusers"]["seconds"])
+    assert ratios["train with KL / without KL"] == pytest.approx(rows["train_kl"]["seconds"]
+                                                                 / rows["train_no_kl"]["seconds"])
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert res["train_step_estimate"]["seconds"] > rows["decode"]["seconds"]
+    printed = capsys.readouterr().out
+    assert "ratio rollout ours / diffusers" in printed and "train micro-step, beta 0.04" in printed
+    assert json.loads(path.read_text())["rows"]["train_kl"]["flop"] == rows["train_kl"]["flop"]
+    with pytest.raises(SystemExit):  # a micro-batch larger than the group is refused
+        bench.parse_args(["--device", "cpu", "--group_size", "2", "--train_batch_size", "3"])
+
+
+def test_bench_flop_formula_matches_torch_count():
+    """The docstring's FLOP formula equals torch.utils.flop_counter's count (math attention backend, so attention
+    is counted as matmuls) on the tiny model: forward with and without LoRA, and a training micro-step (forward,
+    checkpoint recompute, backward)."""
+    torch.manual_seed(0)
+    transformer = rollout.build_tiny_pipeline().transformer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: threads only add OpenMP spin-waits on a busy CI machine
+    cfg, batch, layers, h, n_txt, rank = transformer.config, 2, 2, 4, 5, 4
+    n_noise = (layers + 1) * h * h
+    kwargs = dict(hidden_states=torch.randn(batch, n_noise + h * h, cfg.in_channels),
+                  timestep=torch.full((batch,), 0.5),
+                  encoder_hidden_states=torch.randn(batch, n_txt, cfg.joint_attention_dim),
+                  img_shapes=[[(1, h, h)] * (layers + 1) + [(1, h, h)]] * batch,
+                  additional_t_cond=torch.zeros(batch, dtype=torch.long), return_dict=False)
+
+    def count(grad=False):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+            out = transformer(**kwargs)[0]
+            if grad:
+                out.square().mean().backward()
+        return counter.get_total_flops()
+
+    def formula(r):
+        return bench.transformer_flops(cfg, n_noise + h * h, n_txt, cfg.num_layers, r)
+
+    try:
+        plain = count()
+        train.add_lora(transformer, rank, 2 * rank)
+        with_lora = count()
+        transformer.enable_gradient_checkpointing()
+        transformer.train()
+        training = count(grad=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert plain == batch * formula(0)["forward"]
+    assert with_lora == batch * formula(rank)["forward"]
+    assert training == batch * formula(rank)["train"]

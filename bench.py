@@ -1,0 +1,403 @@
+"""Speed and memory of Stable-Layers' hot paths: a rollout step, a VAE decode, a training micro-step.
+
+Random weights, no download: the transformer is built from the public Qwen-Image-Layered configuration (60
+blocks, 20.4B parameters, 38 GiB bf16) directly on the GPU in bf16, or K of its blocks at full width
+(--num_blocks K) with the figures scaled to 60. On a CPU the default is rollout.build_tiny_pipeline (seconds).
+Everything timed is the project's own code: rollout.predict_velocity + rollout.sde_step_with_logprob (a
+rollout step), rollout.decode_layers, train.policy_update (rollout.step_log_prob + grpo.policy_loss, + the
+KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on train.add_lora's
+LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transformer + scheduler.step).
+
+    python bench.py                                                 # CPU, toy size, ~10 s
+    python bench.py --device cuda --json outputs/bench-gpu.json     # one H100/H200: full size, all 60 blocks
+    python bench.py --device cuda --judge_gib 18                    # ... with 18 GiB held for a judge
+    python bench.py --device cuda --num_blocks 8                    # a smaller GPU: 8 blocks, scaled to 60
+
+FLOP (2 per multiply-add) per sample; K blocks, hidden D = heads * head_dim, N = N_img + N_txt tokens (noise +
+condition + text), r = LoRA rank. One forward F = L + A + R + O:
+    L = K 24 D^2 N       q, k, v, out (4 D^2) + MLP D->4D->D (8 D^2); each token through its own stream's weights
+    A = K 4 N^2 D        Q K^T and A V over the joint sequence
+    R = 2 r (18 K D N - 14 D N_txt)   LoRA, r (in + out) per adapted linear (none on the last block's text path)
+    O = 2 D (64 + 64) N_img + 2 D J N_txt + 24 K D^2 + 2 (256 D + D^2) + 4 D^2    in/out projections (J = 3584),
+                         and per sample: modulation, time MLP, output norm
+  rollout step of G candidates: G F (R = 0 without LoRA); the sampler's elementwise arithmetic is not counted.
+  training micro-step of B candidates: B [F + (L + A + R + 24 K D^2) + backward]: forward, recompute of the
+    checkpointed blocks, and backward = L + 2A + 2R + 2 D 64 N_img - 6 D (D + r) N - 18 D^2 N_txt. Not "2 x
+    forward": the base weights are frozen, so their weight-gradient matmuls never run (input gradients only,
+    1 x L); attention and LoRA take 2 x; block 0's q, k, v need no input gradient (their input comes from frozen
+    layers) and the last block's text output path gets none. With the KL add B (F - R): the reference forward.
+  Full size, 640 px, 4 layers, N = 8000 + 1600 + 11 = 9611: F = 1.99e14 (L 66%, A 34%; + R 2% with LoRA r 64),
+  a training micro-step 6.80e14 per sample, 8.79e14 with the KL. test_bench.py checks this against
+  torch.utils.flop_counter on the tiny model.
+Scaling from K built blocks to 60: FLOP and time x FLOP(60) / FLOP(K) (about 60 / K); peak memory + (60 - K) x
+the bytes one block keeps resident in that row: its weights (bf16 + LoRA fp32), AdamW's two moments of its
+LoRA (once the first update has run), and while training its LoRA gradients plus its input saved by gradient
+checkpointing, B N D 2 bytes. Transient activations (one block at a time) are not scaled.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                       QwenImageTransformer2DModel)
+from tqdm.auto import tqdm
+
+import rollout
+import train
+
+FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56), use_layer3d_rope=True,
+                   use_additional_t_cond=True, zero_cond_t=False, guidance_embeds=False)  # Qwen/Qwen-Image-Layered
+FULL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+                input_channels=4)
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312)]  # bf16 dense
+STEP = 1  # the schedule step that is timed (the cost does not depend on it)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Time and peak memory of a rollout step, a decode and a training "
+                                "micro-step of Stable-Layers, on random weights; prints a table.")
+    a = p.add_argument
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    a("--size", choices=["toy", "full"], default=None, help="tiny pipeline or the real configuration "
+      "(default: full on cuda, toy on cpu)")
+    a("--num_blocks", type=int, default=None, help="full size: build K of the 60 blocks, scale the figures to 60 "
+      "(K >= 2: a lone block is also the last one, which has 3 fewer LoRA modules)")
+    a("--mixed_precision", choices=["no", "bf16"], default=None, help="model dtype (default: bf16 on cuda, no on cpu)")
+    a("--resolution", type=int, default=None, help="condition side in px (default: 640 full, 64 toy)")
+    a("--layers", type=int, default=4, help="RGBA layers N: (N+1) (res/16)^2 noise tokens")
+    a("--text_tokens", type=int, default=11, help="prompt tokens after the template drop (the fixed prompt has 11)")
+    a("--group_size", type=int, default=None, help="G, candidates per rollout step (default: 8 full, 4 toy)")
+    a("--train_batch_size", type=int, default=2, help="candidates per training forward/backward (train.py's flag)")
+    a("--rank", type=int, default=64, help="LoRA rank r")
+    a("--lora_alpha", type=int, default=128, help="LoRA alpha")
+    a("--noise_level", type=float, default=1.2, help="SDE noise level a")
+    a("--beta", type=float, default=0.04, help="KL weight of the with-KL training row")
+    a("--num_inference_steps", type=int, default=10, help="T: the schedule, and the train-step estimate")
+    a("--sde_window", type=int, default=2, help="trained steps per rollout, for the train-step estimate")
+    a("--no_decode", action="store_true", help="skip the VAE decode row")
+    a("--judge_gib", type=float, default=0.0, help="hold this many GiB on the GPU all along, as a judge on the same "
+      "GPU would (Qwen3.5-9B bf16: 18); out of memory then answers 'does not fit'")
+    a("--warmup", type=int, default=2, help="untimed calls before the timed ones")
+    a("--repeats", type=int, default=3, help="timed calls; the median is reported")
+    a("--peak_tflops", type=float, default=None, help="device bf16 dense peak (default: from the device name)")
+    a("--threads", type=int, default=None, help="CPU threads (default 1 at toy size: its kernels are too small to "
+      "gain and OpenMP spin-waits wreck timings on a busy machine; else torch's default)")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.size = args.size or ("full" if cuda else "toy")
+    args.resolution = args.resolution or (640 if args.size == "full" else 64)
+    args.group_size = args.group_size or (8 if args.size == "full" else 4)
+    args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
+    checks = [(not cuda or torch.cuda.is_available(), "--device cuda: no GPU is visible"),
+              (args.resolution > 0 and args.resolution % 32 == 0, "--resolution must be a positive multiple of 32"),
+              (args.layers >= 1 and args.text_tokens >= 1, "--layers and --text_tokens must be >= 1"),
+              (1 <= args.train_batch_size <= args.group_size, "--train_batch_size must be in 1..--group_size"),
+              (args.num_blocks is None or (args.size == "full" and 1 <= args.num_blocks <= 60),
+               "--num_blocks needs --size full and a value in 1..60"),
+              (args.num_inference_steps >= 3, "--num_inference_steps must be >= 3"),
+              (args.judge_gib == 0 or cuda, "--judge_gib needs --device cuda"),
+              (args.warmup >= 0 and args.repeats >= 1, "--warmup must be >= 0 and --repeats >= 1")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    return args
+
+
+# ----------------------------------------------------------------------------- building
+@contextmanager
+def default_device_dtype(device, dtype):
+    """Parameters are created directly on `device` in `dtype` (never 76 GiB of fp32 in CPU RAM)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_pipeline(args, device, dtype):
+    """(pipeline with no text encoder, blocks built, blocks of the model measured)."""
+    torch.manual_seed(args.seed)
+    if args.size == "toy":
+        pipe = rollout.build_tiny_pipeline(args.seed)
+        pipe.text_encoder = None  # prompt embeddings are random below; the encoder is not part of a step
+        if device != "cpu" or dtype != torch.float32:
+            pipe.to(device, dtype)
+        return pipe, len(pipe.transformer.transformer_blocks), len(pipe.transformer.transformer_blocks)
+    blocks = args.num_blocks or FULL_CONFIG["num_layers"]
+    with default_device_dtype(device, dtype):
+        transformer = QwenImageTransformer2DModel(**{**FULL_CONFIG, "num_layers": blocks})
+        vae = AutoencoderKLQwenImage(**FULL_VAE)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5,
+                                                max_shift=0.9, max_image_seq_len=8192)
+    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, processor=None,
+                                    transformer=transformer), blocks, FULL_CONFIG["num_layers"]
+
+
+def set_schedule(scheduler, args, device):
+    """rollout._start's schedule: T linear sigmas shifted with mu = sqrt(S_c / 256) = resolution / 256."""
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0, args.num_inference_steps + 1)[:-1], mu=args.resolution / 256,
+                            device=device)
+    return scheduler
+
+
+def make_trajectory(pipe, args, device, dtype):
+    """A rollout.Trajectory laid out as rollout._start makes it, with random condition latents and prompt
+    embeddings (the text encoder and the VAE encoder run once per image, not per step). Returns (traj, x_t)."""
+    cfg, G, h = pipe.transformer.config, args.group_size, args.resolution // 16
+    scheduler = set_schedule(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), args, device)
+    g = torch.Generator(device).manual_seed(args.seed)
+    traj = rollout.Trajectory(
+        latents=None, log_probs=None, window=(STEP, STEP + 1), sigmas=scheduler.sigmas, timesteps=scheduler.timesteps,
+        image_latents=torch.randn(G, h * h, cfg.in_channels, generator=g, device=device).to(dtype),  # (G, S_c, 64)
+        prompt_embeds=torch.randn(G, args.text_tokens, cfg.joint_attention_dim, generator=g, device=device).to(dtype),
+        prompt_embeds_mask=None, negative_prompt_embeds=None, negative_prompt_embeds_mask=None, layers=None, images=[],
+        num_layers=args.layers, height=args.resolution, width=args.resolution, group_size=G,
+        noise_level=args.noise_level, true_cfg_scale=1.0, cfg_normalize=False, sde_type="sde")
+    return traj, torch.randn(G, (args.layers + 1) * h * h, cfg.in_channels, generator=g, device=device)  # (G, S, 64)
+
+
+# ----------------------------------------------------------------------------- counting
+def transformer_flops(cfg, n_img, n_txt, blocks, rank=0):
+    """Per-sample FLOP, formulas (L, A, R, O) in the module docstring: dict(forward, train, train_kl)."""
+    D, N = cfg.num_attention_heads * cfg.attention_head_dim, n_img + n_txt
+    c_out = cfg.patch_size ** 2 * cfg.out_channels
+    lin, attn = blocks * 24 * D * D * N, blocks * 4 * N * N * D  # L, A
+    lora = 2 * rank * (18 * blocks * D * N - 14 * D * n_txt) if rank else 0  # R
+    other = (2 * D * (cfg.in_channels + c_out) * n_img + 2 * D * cfg.joint_attention_dim * n_txt  # O
+             + 24 * blocks * D * D + 2 * (256 * D + D * D) + 4 * D * D)
+    forward = lin + attn + lora + other
+    backward = lin + 2 * attn + 2 * lora + 2 * D * c_out * n_img - 6 * D * (D + rank) * N - 18 * D * D * n_txt
+    train_ = forward + (lin + attn + lora + 24 * blocks * D * D) + backward
+    return {"forward": forward, "train": train_, "train_kl": train_ + forward - lora}
+
+
+def block_bytes(transformer):
+    """(parameter bytes, trainable (LoRA) parameter bytes) of block 0."""
+    params = list(transformer.transformer_blocks[0].parameters())
+    return (sum(p.numel() * p.element_size() for p in params),
+            sum(p.numel() * p.element_size() for p in params if p.requires_grad))
+
+
+def measure(fn, device, warmup, repeats, setup=None):
+    """Median wall seconds of fn() over `repeats` calls after `warmup` calls (setup() untimed before each), and
+    on CUDA the peak GiB allocated and reserved by torch during the timed calls (all resident memory included)."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        setup and setup()
+        fn()
+    if cuda:
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        setup and setup()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    gib = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [None] * 2
+    return statistics.median(times), *gib
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def run(args):
+    """Build, time every row, and return the results (what --json writes)."""
+    device, dtype = args.device, {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
+    if args.threads or (device == "cpu" and args.size == "toy"):
+        torch.set_num_threads(args.threads or 1)
+    judge = torch.empty(int(args.judge_gib * 2**30), dtype=torch.uint8, device=device) if args.judge_gib else None
+    pipe, blocks, total_blocks = build_pipeline(args, device, dtype)
+    transformer, cfg = pipe.transformer, pipe.transformer.config
+    traj, x = make_trajectory(pipe, args, device, dtype)
+    G, B, h, D = args.group_size, args.train_batch_size, args.resolution // 16, transformer.inner_dim
+    n_noise, n_txt = (args.layers + 1) * h * h, args.text_tokens
+    n_img = n_noise + h * h
+
+    def flops(k, kind, rank=0):
+        return transformer_flops(cfg, n_img, n_txt, k, rank)[kind]
+
+    t, sigma, sigma_next = traj.timesteps[STEP], traj.sigmas[STEP], traj.sigmas[STEP + 1]
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in name), None)
+    rows, out = {}, {}
+    bar = tqdm(total=6 - args.no_decode, desc="bench")
+
+    def record(key, label, batch, fn, flop_of, resident_bytes, setup=None):
+        """Time one row; flop_of(k) is its FLOP with k blocks; resident_bytes is what one block keeps resident."""
+        bar.set_postfix_str(key)
+        try:
+            seconds, alloc, reserved = measure(fn, device, args.warmup, args.repeats, setup)
+        except torch.cuda.OutOfMemoryError:  # the answer to "does it fit": a row of the table, not a crash
+            torch.cuda.empty_cache()
+            rows[key] = dict(label=label, batch=batch, oom=True)
+            return bar.update()
+        flop = flop_of(blocks) if flop_of else None
+        factor = flop_of(total_blocks) / flop if flop_of else 1.0  # ~ total_blocks / blocks
+        extra = (total_blocks - blocks) * resident_bytes / 2**30
+        tflops = flop / seconds / 1e12 if flop else None
+        rows[key] = dict(label=label, batch=batch, seconds=seconds * factor, flop=flop and flop * factor, tflops=tflops,
+                         pct_peak=100 * tflops / peak_tflops if tflops and peak_tflops else None,
+                         alloc_gib=alloc and alloc + extra, reserved_gib=reserved and reserved + extra,
+                         measured=dict(seconds=seconds, flop=flop, alloc_gib=alloc, reserved_gib=reserved),
+                         resident_bytes_per_block=resident_bytes)
+        bar.update()
+
+    # 1-2. one rollout step of G candidates: ours, then diffusers' loop body (transformer + scheduler.step)
+    weights, _ = block_bytes(transformer)
+    generator = torch.Generator(device).manual_seed(args.seed)
+
+    @torch.no_grad()
+    def ours():
+        v = rollout.predict_velocity(transformer, traj, x, t)  # (G, S, 64)
+        out["step"] = rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level, generator=generator)
+
+    record("rollout_ours", "rollout step, ours (predict_velocity+SDE)", G, ours, lambda k: G * flops(k, "forward"),
+           weights, setup=transformer.eval)
+    scheduler, x_low, is_rgb = pipe.scheduler, x.to(dtype), torch.zeros(G, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def diffusers_step():  # QwenImageLayeredPipeline.__call__'s loop body with CFG off; latents in the model dtype
+        with transformer.cache_context("cond"):
+            v = transformer(hidden_states=torch.cat([x_low, traj.image_latents], dim=1), guidance=None,
+                            timestep=t.expand(G).to(dtype) / 1000, encoder_hidden_states_mask=None,
+                            encoder_hidden_states=traj.prompt_embeds,
+                            img_shapes=traj.img_shapes(G), attention_kwargs={}, additional_t_cond=is_rgb,
+                            return_dict=False)[0][:, :n_noise]
+        scheduler.step(v, t, x_low, return_dict=False)
+
+    record("rollout_diffusers", "rollout step, diffusers (transformer+Euler)", G, diffusers_step,
+           lambda k: G * flops(k, "forward"), weights,
+           setup=lambda: set_schedule(scheduler, args, device).set_begin_index(STEP))
+    if "step" not in out:
+        raise RuntimeError("out of GPU memory in the first rollout step; try --num_blocks, --group_size, --judge_gib")
+    # 3. decode the G x N layers (VAE frames in chunks of 8)
+    if not args.no_decode:
+        final = out["step"][0]
+        record("decode", f"decode G x {args.layers} layers (decode_layers)", G * args.layers,
+               lambda: rollout.decode_layers(pipe, final, args.resolution, args.resolution, args.layers), None, weights)
+    # 4-5. one training micro-step, as train.py runs it: B candidates, one trained timestep
+    prev_sample, log_prob = out.pop("step")[:2]
+    tt = dataclasses.replace(traj, latents=torch.stack([x, prev_sample], 1)[:B], log_probs=log_prob[:B, None],
+                             image_latents=traj.image_latents[:B], prompt_embeds=traj.prompt_embeds[:B], group_size=B)
+    params = train.add_lora(transformer, args.rank, args.lora_alpha)
+    transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=1e-4)  # lr 0: the whole update runs, weights stay
+    advantages = torch.randn(B, generator=torch.Generator().manual_seed(args.seed))
+    weights, lora = block_bytes(transformer)
+    saved_input = B * (n_img + n_txt) * D * torch.finfo(dtype).bits // 8  # kept per block by gradient checkpointing
+
+    def train_step(beta):
+        targs = SimpleNamespace(train_batch_size=B, num_inner_epochs=1, clip_range=1e-4, beta=beta, max_grad_norm=1.0)
+
+        def fn():
+            transformer.train()
+            with train.lora_precision(transformer):  # as train.py runs it
+                stats = train.policy_update(transformer, [tt], advantages, targs, params, optimizer)
+            if stats["train/skipped_updates"]:
+                raise RuntimeError("non-finite loss on these random weights, no backward ran; try another --seed")
+        return fn
+
+    for key, beta, kind in [("train_no_kl", 0.0, "train"), ("train_kl", args.beta, "train_kl")]:
+        record(key, f"train micro-step, beta {beta:g}" + (" (+ref forward)" if beta else ""), B, train_step(beta),
+               lambda k, kind=kind: B * flops(k, kind, args.rank), weights + 3 * lora + saved_input)
+    # 6. the rollout step again with the LoRA on: what train.py's rollouts run
+    def ours_lora():
+        with train.lora_precision(transformer):  # as train.py's rollouts run
+            ours()
+
+    record("rollout_lora", f"rollout step, ours, LoRA r {args.rank} on", G, ours_lora,
+           lambda k: G * flops(k, "forward", args.rank), weights + 2 * lora, setup=transformer.eval)
+    bar.close()
+    del judge
+
+    s = {k: v["measured"]["seconds"] for k, v in rows.items() if "oom" not in v}
+
+    def ratio(a, b):
+        return s[a] / s[b] if a in s and b in s else None
+
+    micro_steps, train_key = math.ceil(G / B) * args.sde_window, "train_kl" if args.beta > 0 else "train_no_kl"
+    estimate = (args.num_inference_steps * rows["rollout_lora"]["seconds"] + rows.get("decode", {}).get("seconds", 0)
+                + micro_steps * rows[train_key]["seconds"]) if {"rollout_lora", train_key} <= set(s) else None
+    return dict(device=name, dtype=str(dtype).removeprefix("torch."), size=args.size, blocks_built=blocks,
+                blocks_full=total_blocks, hidden=D, resolution=args.resolution, layers=args.layers,
+                tokens=dict(noise=n_noise, condition=h * h, text=n_txt), group_size=G, train_batch_size=B,
+                rank=args.rank, judge_gib=args.judge_gib, peak_tflops=peak_tflops, warmup=args.warmup,
+                repeats=args.repeats, threads=torch.get_num_threads(), rows=rows,
+                ratios={"rollout ours / diffusers": ratio("rollout_ours", "rollout_diffusers"),
+                        "rollout LoRA on / off": ratio("rollout_lora", "rollout_ours"),
+                        "train with KL / without KL": ratio("train_kl", "train_no_kl")},
+                train_step_estimate=dict(seconds=estimate, rollout_steps=args.num_inference_steps,
+                                         micro_steps=micro_steps))
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(res):
+    """The results as a plain-text table."""
+    tok, built, full = res["tokens"], res["blocks_built"], res["blocks_full"]
+    lines = [f"device {res['device']} ({res['threads']} CPU threads) | {res['dtype']} | {res['size']} size, hidden "
+             f"{res['hidden']} | bf16 dense peak {fmt(res['peak_tflops'], 'g')} TFLOP/s | judge stand-in "
+             f"{res['judge_gib']:g} GiB",
+             f"{res['resolution']} px, {res['layers']} layers: {tok['noise']} noise + {tok['condition']} condition + "
+             f"{tok['text']} text tokens | G {res['group_size']}, train_batch_size {res['train_batch_size']}, LoRA r "
+             f"{res['rank']}, gradient checkpointing | median of {res['repeats']} after {res['warmup']} warm-up",
+             f"{built} of {full} blocks built" + ("" if built == full else f"; figures scaled to {full}: time x FLOP("
+                                                   f"{full})/FLOP({built}), memory + {full - built} x one block's "
+                                                   "resident bytes (measured ones in --json)"),
+             "", f"{'measurement':<44}{'batch':>6}{'time s':>9}{'FLOP':>10}{'TFLOP/s':>9}{'% peak':>8}"
+                 f"{'alloc GiB':>10}{'resv GiB':>9}", "-" * 105]
+    for r in res["rows"].values():
+        if r.get("oom"):
+            lines.append(f"{r['label']:<44}{r['batch']:>6}   out of GPU memory")
+            continue
+        lines.append(f"{r['label']:<44}{r['batch']:>6}{r['seconds']:>9.3g}{fmt(r['flop'], '.3g'):>10}"
+                     f"{fmt(r['tflops'], '.3g'):>9}{fmt(r['pct_peak'], '.1f'):>8}{fmt(r['alloc_gib'], '.2f'):>10}"
+                     f"{fmt(r['reserved_gib'], '.2f'):>9}")
+    lines += [""] + [f"ratio {k}: {fmt(v, '.3f')}" for k, v in res["ratios"].items()]
+    e = res["train_step_estimate"]
+    lines.append(f"one train.py step, 1 image, judge excluded: {e['rollout_steps']} rollout steps (LoRA)"
+                 f"{' + decode' if 'decode' in res['rows'] else ''} + {e['micro_steps']} micro-steps = "
+                 f"{fmt(e['seconds'], '.4g')} s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        res = run(args)
+    finally:
+        torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
+    print(format_table(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
