@@ -170,23 +170,24 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def load_images(folder):
-    """All readable images under `folder` (recursive, sorted) as (paths, RGB images). Unreadable files are
-    skipped with a warning naming them; a folder with none stops with a clear message."""
+def find_images(folder):
+    """Paths of all readable images under `folder` (recursive, sorted). Each is decoded once to check it, not
+    kept: callers open an image when they need it. Unreadable files are skipped with a warning naming them;
+    a folder with none stops with a clear message."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SystemExit(f"--images {folder}: no such folder")
-    paths, images = [], []
+    paths = []
     for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
         try:
-            images.append(open_image(p))
+            open_image(p)
             paths.append(p)
         except ValueError as e:
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 warnings.warn(f"skipping {e}", stacklevel=2)
-    if not images:
+    if not paths:
         raise SystemExit(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return paths, images
+    return paths
 
 
 def condition_size(image, resolution, multiple=32):
@@ -508,15 +509,15 @@ def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    paths, images = load_images(args.images)
+    paths = find_images(args.images)
     pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device == "cuda" else None,
                          device=device)
     if args.lora:
         load_lora(pipe, args.lora)
     generator = torch.Generator(device).manual_seed(args.seed)
     out = Path(args.output_dir)
-    for path, image in tqdm(list(zip(paths, images)), desc="images"):
-        traj = sample(pipe, [image], layers=args.layers, group_size=args.group_size, generator=generator,
+    for path in tqdm(paths, desc="images"):
+        traj = sample(pipe, [open_image(path)], layers=args.layers, group_size=args.group_size, generator=generator,
                       num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
                       sde_window=args.sde_window, resolution=args.resolution, true_cfg_scale=args.true_cfg_scale)
         folder = out / path.relative_to(args.images).with_suffix("")

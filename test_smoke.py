@@ -151,7 +151,7 @@ def test_rollout_bad_input(pipe, tmp_path):
     with pytest.raises(ValueError, match="empty list"):
         rollout.sample(pipe, [], layers=2, resolution=64)
     with pytest.raises(SystemExit, match="no readable image"):
-        rollout.load_images(tmp_path)
+        rollout.find_images(tmp_path)
     with pytest.raises(ValueError, match="different sizes"):
         rollout.sample(pipe, [design((48, 32)), design((32, 48))], layers=2, resolution=96)
 
@@ -170,7 +170,8 @@ def test_any_image_mode(tmp_path):
     exif = rot.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     rot.save(tmp_path / "rotated.jpg", exif=exif)
-    paths, images = rollout.load_images(tmp_path)
+    paths = rollout.find_images(tmp_path)
+    images = [rollout.open_image(p) for p in paths]
     got = {p.stem: im for p, im in zip(paths, images)}
     assert all(im.mode == "RGB" for im in images)
     assert got["grey16"].getpixel((0, 0)) == (255, 255, 255)
@@ -339,10 +340,12 @@ def test_saved_lora_reproduces_the_trained_policy(run):
 
 
 def test_resume_gives_the_same_run(image_dir, tmp_path):
+    """Killed between checkpoints, resumed from the last one: same weights and the same log as one straight run."""
     common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--checkpointing_steps", "2",
               "--sample_every", "0", "--learning_rate", "1e-2", *TINY]
     train.main([*common, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "4"])
-    train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
+    train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "3"])
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-3")  # killed after step 3 was logged, before its checkpoint
     train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "4",
                 "--resume_from_checkpoint", "latest"])
     a = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")

@@ -196,6 +196,7 @@ def load_checkpoint(path, output_dir, transformer, optimizer):
     if path == "latest":
         found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if not found:
+            print(f"no checkpoint in {output_dir}: starting at step 0")
             return 0
         path = found[-1]
     path = Path(path)
@@ -210,6 +211,11 @@ def load_checkpoint(path, output_dir, transformer, optimizer):
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    metrics = output_dir / "metrics.jsonl"  # steps logged after this checkpoint will be run (and logged) again
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(metrics.with_suffix(".tmp"), metrics)
     print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
@@ -273,7 +279,7 @@ def save_group_png(path, traj, rewards, advantages, candidates):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    paths, images = rollout.load_images(args.images)
+    paths = rollout.find_images(args.images)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -306,14 +312,14 @@ def main(argv=None):
     start = load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
         if args.resume_from_checkpoint else 0
     reward_fn = reward.REWARDS[args.reward]
-    print(f"{len(images)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, device {device}")
+    print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, device {device}")
 
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train")
     with open(output_dir / "metrics.jsonl", "a") as log:
         for step in bar:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            indices, layers, window, seed = step_plan(args, step, len(images))
+            indices, layers, window, seed = step_plan(args, step, len(paths))
             generator = torch.Generator(device).manual_seed(seed)
 
             t0 = time.perf_counter()
@@ -321,7 +327,8 @@ def main(argv=None):
             trajectories = []
             for i in indices:
                 with lora_precision(transformer):
-                    traj = rollout.sample(pipe, [images[i]], layers=layers, group_size=args.group_size, prompt=prompt,
+                    traj = rollout.sample(pipe, [rollout.open_image(paths[i])], layers=layers, prompt=prompt,
+                                          group_size=args.group_size,
                                           num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
                                           sde_window=window, sde_type=args.sde_type, resolution=args.resolution,
                                           true_cfg_scale=args.true_cfg_scale, generator=generator)
