@@ -294,6 +294,20 @@ def test_update_follows_advantages(pipe):
     assert torch.corrcoef(torch.stack([delta, advantages]))[0, 1] > 0.9
 
 
+def test_non_finite_loss_skips_the_update():
+    torch.manual_seed(0)
+    pipe = rollout.load_pipeline("tiny")
+    params = train.add_lora(pipe.transformer, 4, 8)
+    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "2"])
+    traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=3, noise_level=1.0,
+                          resolution=64, sde_window=(0, 1), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in params]
+    stats = train.policy_update(pipe.transformer, [traj], torch.tensor([1.0, float("nan"), -1.0, 0.0]), args, params,
+                                torch.optim.AdamW(params, lr=1e-2))
+    assert stats["train/skipped_updates"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, params)) and all(p.grad is None for p in params)
+
+
 def test_bf16_model_with_fp32_lora():
     """On a bf16 model, lora_precision runs the fp32 LoRA in bf16 under autocast: the same policy as peft's
     fp32 path up to bf16 rounding, ratio 1 on re-scoring, and fp32 gradients on every LoRA weight."""
