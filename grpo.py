@@ -1,7 +1,8 @@
 """Flow-GRPO's objective, term by term: group-relative advantages, the clipped policy loss, the KL penalty.
 
-Pure torch (no diffusers). Equations from Flow-GRPO (Liu et al., arXiv:2505.05470v4): Eq. 4 (advantages),
-Eq. 3/8 (clipped objective with the KL term); the per-step Gaussian log-probs come from rollout.py.
+Pure torch (no diffusers). Equations from Flow-GRPO (Liu et al., arXiv:2505.05470), section "GRPO on flow
+matching": the group-normalised advantage and the clipped objective with the KL term; the per-step Gaussian
+log-probs come from rollout.py.
 The objective is maximised; each function returns a loss to minimise (loss = -objective).
 """
 
@@ -9,7 +10,7 @@ import torch
 
 
 def group_advantages(rewards, group_size, global_std=False, eps=1e-4, adv_clip_max=5.0):
-    """Group-relative advantages (Flow-GRPO Eq. 4).
+    """Group-relative advantages (Flow-GRPO's group-normalised advantage).
 
         A_i = clip((r_i - mean_g(r)) / (std + eps), -adv_clip_max, adv_clip_max)
 
@@ -29,7 +30,7 @@ def group_advantages(rewards, group_size, global_std=False, eps=1e-4, adv_clip_m
 
 
 def policy_loss(log_prob, old_log_prob, advantages, clip_range):
-    """The clipped surrogate (PPO/GRPO), for one trained timestep (Flow-GRPO Eq. 8 without the KL):
+    """The clipped surrogate (PPO/GRPO), for one trained timestep (Flow-GRPO's objective without the KL):
 
         ratio = exp(log_prob - old_log_prob)
         loss  = MEAN over the batch of max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range))

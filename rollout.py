@@ -2,9 +2,9 @@
 
 Qwen-Image-Layered turns one RGB image into N RGBA layers by denoising N+1 latent frames (frame 0 the
 composite, frames 1..N the layers, back to front) conditioned on the VAE latents of the input image.
-This file samples that process with the Flow-GRPO SDE step (Liu et al., "Flow-GRPO", arXiv:2505.05470v4,
-Sec. 4.1, Eq. 9-10), records what the GRPO update needs, decodes the layers, and re-scores stored
-transitions under the current policy.
+This file samples that process with the Flow-GRPO SDE step (Liu et al., "Flow-GRPO", arXiv:2505.05470,
+section "ODE to SDE": the Euler-Maruyama step of the reverse SDE and its Gaussian policy), records what
+the GRPO update needs, decodes the layers, and re-scores stored transitions under the current policy.
 
     # the sampler alone on the tiny random model (CPU, seconds): PNGs under outputs/rollout/
     python rollout.py --images examples --pretrained_model_name_or_path tiny --resolution 64
@@ -246,13 +246,14 @@ def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, pre
                           sde_type="sde"):
     """One reverse step x_t -> x_{t-1} of Flow-GRPO and the log-density of the sample (all float32).
 
-    Flow-GRPO (arXiv:2505.05470v4, Sec. 4.1, Eq. 9-10), with dt = sigma_next - sigma < 0, a = noise_level:
+    Flow-GRPO (arXiv:2505.05470, "ODE to SDE"), with dt = sigma_next - sigma < 0, a = noise_level:
         std_dev_t   = a * sqrt(sigma / (1 - sigma'))      sigma' = sigma, or sigma_next where sigma == 1
         prev_mean   = x * (1 + std_dev_t^2 / (2 sigma) * dt) + v * (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) * dt
         prev_sample = prev_mean + std_dev_t * sqrt(-dt) * eps,   eps ~ N(0, I)
         log_prob    = MEAN over all non-batch dims of log N(prev_sample; prev_mean, (std_dev_t sqrt(-dt))^2)
     a = 0 is the plain Euler step x + v dt; its log_prob (a Dirac) is returned as 0.
-    sde_type="cps" is the coefficients-preserving variant (Wang et al., arXiv:2509.05952v2, Eq. 12):
+    sde_type="cps" is the coefficients-preserving variant (CPS, "Coefficients-Preserving Sampling for RL with
+    Flow Matching", Wang et al. 2025; the form used by upstream Flow-GRPO's code):
         s = sigma_next sin(a pi / 2), x0 = x - sigma v, x1 = x + (1 - sigma) v,
         prev_mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - s^2) x1, prev_sample = prev_mean + s eps,
         log_prob = -MEAN (prev_sample - prev_mean)^2   (unscaled, as upstream; std_dev_t returned = s)

@@ -16,7 +16,7 @@ group-relative advantages (grpo.group_advantages); then for each inner epoch: fo
 of every group, re-score it with gradients (rollout.step_log_prob), loss = policy_loss + beta * KL to the same
 transformer with the LoRA disabled, accumulate; clip the gradient norm; one optimizer step.
 
-Departures from Flow-GRPO (arXiv:2505.05470v4) and its Qwen-Image recipe, all deliberate:
+Departures from Flow-GRPO (arXiv:2505.05470) and its Qwen-Image recipe, all deliberate:
 - one GPU, no FSDP; group_size 8 by default (upstream 16-24) to keep a step at a few minutes;
 - CFG off during rollouts and training (the released Stable-Layers setting; CFG during RL collapses upstream);
 - the "Fast" window: only --sde_window consecutive steps (default 2), drawn per step from the first half of
@@ -222,7 +222,7 @@ def load_checkpoint(path, output_dir, transformer, optimizer):
 
 # ----------------------------------------------------------------------------- one step
 def policy_update(transformer, trajectories, advantages, args, params, optimizer):
-    """One optimizer step per inner epoch over all stored transitions (GRPO, Flow-GRPO Eq. 8):
+    """One optimizer step per inner epoch over all stored transitions (Flow-GRPO's objective):
     loss = MEAN over (candidate, trained step j) of [clipped policy loss + beta * KL(policy || reference)]."""
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "diag/clipfrac": 0.0, "diag/approx_kl": 0.0, "diag/ratio_mean": 0.0,
              "train/grad_norm": 0.0, "train/skipped_updates": 0}
