@@ -264,7 +264,8 @@ def run(image_dir, tmp_path_factory):
 
 
 def test_train_outputs_and_first_ratio(run):
-    out, _ = run
+    out, pipe = run
+    assert pipe.text_encoder is None and rollout.DEFAULT_PROMPT in pipe._prompt_cache  # encoded once, then freed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ["reward/mean", "reward/std", "recon/l1", "loss/policy", "loss/kl", "diag/clipfrac", "diag/approx_kl",
