@@ -278,14 +278,21 @@ def test_train_outputs_and_first_ratio(run):
     assert Image.open(out / "samples" / "step-000002.png").size[0] > 64
 
 
-def test_update_follows_advantages(pipe):
-    """After one update, the log-prob of each stored transition moves with its advantage."""
+def tiny_policy(rank, train_batch_size, sde_window):
+    """A fresh tiny pipeline with a LoRA, train.py's args, and one group of 4 rollouts (T = 4, a = 1.2)."""
     torch.manual_seed(0)
     pipe = rollout.load_pipeline("tiny")
-    params = train.add_lora(pipe.transformer, 8, 16)
-    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "4"])
+    params = train.add_lora(pipe.transformer, rank, 2 * rank)
+    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0",
+                             "--train_batch_size", str(train_batch_size)])
     traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=4, noise_level=1.2,
-                          resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(0))
+                          resolution=64, sde_window=sde_window, generator=torch.Generator().manual_seed(0))
+    return pipe, params, args, traj
+
+
+def test_update_follows_advantages():
+    """After one update, the log-prob of each stored transition moves with its advantage."""
+    pipe, params, args, traj = tiny_policy(8, 4, (0, 2))
     advantages = torch.tensor([1.5, -0.5, 0.5, -1.5])
     stats = train.policy_update(pipe.transformer, [traj], advantages, args, params, torch.optim.AdamW(params, lr=1e-2))
     assert stats["diag/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["train/skipped_updates"] == 0
@@ -296,12 +303,7 @@ def test_update_follows_advantages(pipe):
 
 
 def test_non_finite_loss_skips_the_update():
-    torch.manual_seed(0)
-    pipe = rollout.load_pipeline("tiny")
-    params = train.add_lora(pipe.transformer, 4, 8)
-    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "2"])
-    traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=3, noise_level=1.0,
-                          resolution=64, sde_window=(0, 1), generator=torch.Generator().manual_seed(0))
+    pipe, params, args, traj = tiny_policy(4, 2, (0, 1))
     before = [p.detach().clone() for p in params]
     stats = train.policy_update(pipe.transformer, [traj], torch.tensor([1.0, float("nan"), -1.0, 0.0]), args, params,
                                 torch.optim.AdamW(params, lr=1e-2))
