@@ -108,22 +108,30 @@ def load_lora(pipe, path):
     """Load a LoRA into pipe.transformer: a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder
     holding one) or a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the released
     Stable-Layers format)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import LoraConfig
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
-        state = load_file(path / "adapter_model.safetensors")
-        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
         pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
-        incompatible = set_peft_model_state_dict(pipe.transformer, state)
-        if getattr(incompatible, "unexpected_keys", None):
-            raise ValueError(f"--lora {path}: keys that match no module: {incompatible.unexpected_keys[:3]}")
+        load_peft_weights(pipe.transformer, path)
     elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(path))
     else:
         raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
                                 "nor a PEFT adapter folder (adapter_config.json)")
+
+
+def load_peft_weights(transformer, folder):
+    """Copy a PEFT adapter folder's weights into the transformer's already-added adapter (PeftModel saves
+    its keys with a base_model.model. prefix). Raises ValueError if a key matches no LoRA module."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(Path(folder) / "adapter_model.safetensors")
+    incompatible = set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v
+                                                           for k, v in state.items()})
+    if getattr(incompatible, "unexpected_keys", None):
+        raise ValueError(f"--lora {folder}: keys that match no module: {incompatible.unexpected_keys[:3]}")
 
 
 def save_lora(transformer, folder, base_model=DEFAULT_MODEL):

@@ -171,6 +171,11 @@ def step_plan(args, step, num_images):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def checkpoints(output_dir):
+    """output_dir's checkpoint-{step} folders, oldest first (temporary .checkpoint-*.tmp ones excluded)."""
+    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def save_checkpoint(output_dir, step, transformer, optimizer, args, limit):
     """output_dir/checkpoint-{step}/: the LoRA in both formats + training_state.pt (optimizer, step, RNG
     states, args). Written under a temporary name and renamed, so a kill never leaves a broken one."""
@@ -183,18 +188,15 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit):
                tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
+    found = checkpoints(output_dir)
+    for old in found[: max(0, len(found) - limit)]:
         shutil.rmtree(old)
     return final
 
 
 def load_checkpoint(path, output_dir, transformer, optimizer):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     if path == "latest":
-        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        found = checkpoints(output_dir)
         if not found:
             print(f"no checkpoint in {output_dir}: starting at step 0")
             return 0
@@ -202,8 +204,7 @@ def load_checkpoint(path, output_dir, transformer, optimizer):
     path = Path(path)
     if not (path / "training_state.pt").is_file():
         raise SystemExit(f"--resume_from_checkpoint {path}: no training_state.pt there")
-    lora = load_file(path / "peft" / "adapter_model.safetensors")
-    set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v for k, v in lora.items()})
+    rollout.load_peft_weights(transformer, path / "peft")
     state = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
