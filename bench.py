@@ -2,7 +2,7 @@
 
 Random weights, no download: the transformer is built from the public Qwen-Image-Layered configuration (60
 blocks, 20.4B parameters, 38 GiB bf16) directly on the GPU in bf16, or K of its blocks at full width
-(--num_blocks K) with the figures scaled to 60. On a CPU the default is rollout.build_tiny_pipeline (seconds).
+(--num_blocks K) with the figures scaled to 60. On a CPU the default is tiny.tiny_pipeline (seconds).
 Everything timed is the project's own code: rollout.predict_velocity + rollout.sde_step_with_logprob (a
 rollout step), rollout.decode_layers, train.policy_update (rollout.step_log_prob + grpo.policy_loss, + the
 KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on train.add_lora's
@@ -53,6 +53,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
 from tqdm.auto import tqdm
 
 import rollout
+import tiny
 import train
 
 FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -133,7 +134,7 @@ def build_pipeline(args, device, dtype):
     """(pipeline with no text encoder, blocks built, blocks of the model measured)."""
     torch.manual_seed(args.seed)
     if args.size == "toy":
-        pipe = rollout.build_tiny_pipeline(args.seed)
+        pipe = tiny.tiny_pipeline(args.seed)
         pipe.text_encoder = None  # prompt embeddings are random below; the encoder is not part of a step
         if device != "cpu" or dtype != torch.float32:
             pipe.to(device, dtype)

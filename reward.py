@@ -252,36 +252,6 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'
 IMAGE_PAD = "<|image_pad|>"
 
 
-def _tiny_qwen_vl(seed=0):
-    """A randomly initialised Qwen2.5-VL (43K parameters) and a byte-level tokenizer, built in code."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    shifted = iter(range(256, 512))  # GPT-2 byte-level alphabet: non-printable bytes move above 255
-    vocab = {(chr(b) if b in printable else chr(next(shifted))): b for b in range(256)}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD,
-                "<|video_pad|>"]
-    vocab.update({s: 256 + i for i, s in enumerate(specials)})
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
-    tok.add_tokens(specials, special_tokens=True)
-    tok.chat_template = CHATML
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[1], window_size=56),
-        image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return model, tok, Qwen2VLImageProcessorPil()
-
-
 def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_size=16):
     """Score queries with a transformers VLM: one generate per batch of same-key queries, the assistant turn
     forced to the JSON skeleton {"k1": d, "k2": d, ...} (each d greedy among digits 1..9) so every score
@@ -430,7 +400,9 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, **op
     prompts = load_prompts(options.pop("prompts_dir", None) or PROMPTS_DIR)
     sizes = {k: int(v) for k in ("panel_size", "grid_size") if (v := options.pop(k, None)) is not None}
     if kind == "tiny":
-        scorer = _local_scorer(*_tiny_qwen_vl(options.get("seed", 0)), batch_size=options.get("batch_size", 16))
+        import tiny  # offline toy models, only for tests and dry runs
+
+        scorer = _local_scorer(*tiny.tiny_judge(options.get("seed", 0)), batch_size=options.get("batch_size", 16))
 
         def one_thread(queries):  # ops this small run several times faster on one CPU thread than on two
             n = torch.get_num_threads()

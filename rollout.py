@@ -30,12 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from diffusers import (
-    AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
-    QwenImageLayeredPipeline,
-    QwenImageTransformer2DModel,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -45,49 +40,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 # ----------------------------------------------------------------------------- loading
-def build_tiny_pipeline(seed=0):
-    """A seeded, randomly initialised Qwen-Image-Layered pipeline at toy sizes (no download).
-
-    Real architecture flags (layer-3D RoPE, the additional time condition, an RGBA VAE with z_dim 16, the
-    linear dynamic time shift); ~92K transformer parameters. See ../shared/NOTES.md section 4.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()) + specials)}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
-    ids = {s: vocab[s] for s in specials}
-    torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(vocab), bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
-        vocab_size=len(vocab), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_layer3d_rope=True, use_additional_t_cond=True)
-    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True], input_channels=4,
-                                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear",
-                                                base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
-    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                                    tokenizer=tokenizer, processor=None, transformer=transformer)
-
-
 def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False):
     """A QwenImageLayeredPipeline from a hub id or local folder, or the tiny random one for "tiny".
 
     The captioning processor is skipped unless `captioning` (it needs torchvision; only auto-captions use it).
     """
     if pretrained_model_name_or_path == "tiny":
-        pipe = build_tiny_pipeline()
+        import tiny  # offline toy models, only for tests and dry runs
+
+        pipe = tiny.tiny_pipeline()
         if torch_dtype not in (None, torch.float32):
             pipe.to(dtype=torch_dtype)
     else:

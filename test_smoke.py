@@ -29,6 +29,7 @@ import evaluate as ev
 import grpo
 import reward
 import rollout
+import tiny
 import train
 
 torch.set_num_threads(2)
@@ -727,7 +728,7 @@ def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
 
 
 def test_local_judge_loads_a_saved_folder(tiny_judge, tmp_path):
-    model, tok, ip = reward._tiny_qwen_vl(seed=0)
+    model, tok, ip = tiny.tiny_judge(seed=0)
     for part in (model, tok, ip):
         part.save_pretrained(tmp_path)
     local = reward.load_judge("local", model=str(tmp_path), device="cpu", panel_size=128)
@@ -752,7 +753,7 @@ def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path):
     """The released model's judge family (Qwen3.5: linear + full attention, 16 px patches), tiny and random."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    _, tok, _ = reward._tiny_qwen_vl()
+    _, tok, _ = tiny.tiny_judge()
     ids = {s: tok.convert_tokens_to_ids(s) for s in
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
     config = Qwen3_5Config(
@@ -1138,7 +1139,7 @@ def test_model_mode_base_and_lora_in_each_format(tmp_path):
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v",
                                                                                          "to_out.0"])
-    model = get_peft_model(rollout.build_tiny_pipeline().transformer, config)
+    model = get_peft_model(tiny.tiny_pipeline().transformer, config)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # "gaussian" only draws lora_A; B starts at 0, which would leave outputs unchanged
             torch.nn.init.normal_(p, std=0.5)
@@ -1221,7 +1222,7 @@ def test_bench_flop_formula_matches_torch_count():
     is counted as matmuls) on the tiny model: forward with and without LoRA, and a training micro-step (forward,
     checkpoint recompute, backward)."""
     torch.manual_seed(0)
-    transformer = rollout.build_tiny_pipeline().transformer
+    transformer = tiny.tiny_pipeline().transformer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny kernels: threads only add OpenMP spin-waits on a busy CI machine
     cfg, batch, layers, h, n_txt, rank = transformer.config, 2, 2, 4, 5, 4
