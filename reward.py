@@ -29,32 +29,27 @@ Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it bar
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
 import argparse
-import base64
-import io
 import json
 import logging
 import math
-import os
 import re
 import string
 import sys
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-log = logging.getLogger("reward")
+import judges
+from judges import HIGH, LOW, Judge, Query
+
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 LETTERS = string.ascii_uppercase
-LOW, HIGH, MID = 1, 9, 5.0  # the score scale and the score a group with no answer gets
+MID = 5.0  # the score a group with no answer gets (mid-scale of LOW..HIGH)
 COMBINE = ("calibrated", "mean", "stage1")
 
 
@@ -155,333 +150,10 @@ def _fit(img: Image.Image, max_side: int) -> Image.Image:
     return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
 
 
-# ------------------------------------------------------------------------------- parsing, expected scores
-def _key_pattern(key):
-    flags = re.IGNORECASE if len(key) > 1 else 0  # single letters (grid labels) must match case
-    return re.compile(r"(?<![A-Za-z0-9_])[\"']?" + re.escape(key) + r"[\"']?\s*[:=]\s*[\"']?(-?\d+(?:\.\d+)?)", flags)
-
-
-def parse_scores(text, keys, low=LOW, high=HIGH):
-    """Lenient parse of a judge answer: the first JSON object in the text (nested dicts searched, keys
-    case-insensitive), else `key: 7` / `"key" = 7` patterns. Returns {key: float} or None when any key is
-    missing, not a number or outside [low, high] (refusals and prose give None)."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    flat, decoder = {}, json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            stack = [decoder.raw_decode(text, m.start())[0]]  # JSON opening with "{" is an object: a dict
-        except ValueError:
-            continue
-        while stack:  # breadth-first: top-level keys win over nested ones
-            for k, v in stack.pop(0).items():
-                (stack.append(v) if isinstance(v, dict) else flat.setdefault(str(k).lower(), v))
-        break
-    scores = {}
-    for key in keys:
-        v = flat.get(key.lower())  # a JSON number or numeric string; true/false are not scores
-        v = float(v) if (isinstance(v, (int, float)) and not isinstance(v, bool)
-                         or isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v)) else None
-        if v is None and (m := _key_pattern(key).search(text)):
-            v = float(m.group(1))
-        if v is None or not low <= v <= high:
-            return None
-        scores[key] = v
-    return scores
-
-
-def expected_score(logits: torch.Tensor, digit_ids) -> torch.Tensor:
-    """E[s] = sum_{d=1..9} p(d) * d with p = softmax(logits[..., digit_ids]), i.e. the model's distribution
-    renormalised over the digit tokens 1..9 (digit_ids[j] is the token of digit j+1). (..., V) -> (...)."""
-    p = torch.softmax(logits[..., list(digit_ids)].float(), dim=-1)
-    return (p * torch.arange(LOW, LOW + len(digit_ids), dtype=torch.float32, device=p.device)).sum(-1)
-
-
-def expected_from_top_logprobs(top) -> float | None:
-    """Same expectation from an OpenAI `top_logprobs` list [{token, logprob}]: the mass of the entries
-    that are one digit 1..9 (spaces stripped; " 7" and "7" add up), renormalised. None if no digit."""
-    mass = {}
-    for t in top or []:
-        tok = str(t.get("token", "")).strip()
-        if len(tok) == 1 and tok in "0123456789" and LOW <= int(tok) <= HIGH and isinstance(t.get("logprob"), (int, float)):
-            mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
-    total = sum(mass.values())
-    return sum(d * m for d, m in mass.items()) / total if total > 0 else None
-
-
-def _refine_with_logprobs(scores, content, keys):
-    """Replace each parsed integer by the top-logprob expectation at the token that wrote it, if found."""
-    if not content:
-        return scores
-    toks = [str(c.get("token", "")) for c in content]
-    text, starts = "".join(toks), np.cumsum([0] + [len(t) for t in toks])
-    out = dict(scores)
-    for key in keys:
-        m = _key_pattern(key).search(text)
-        if not m or len(m.group(1)) != 1:
-            continue
-        j = int(np.searchsorted(starts, m.start(1), side="right") - 1)
-        e = expected_from_top_logprobs(content[j].get("top_logprobs")) if toks[j].strip() == m.group(1) else None
-        if e is not None and round(scores[key]) == int(m.group(1)):
-            out[key] = e
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ judges
-@dataclass
-class Query:
-    image: Image.Image  # what the judge sees
-    prompt: str
-    keys: list  # the JSON fields the answer must hold (criteria, or grid letters)
-
-
-@dataclass
-class Judge:
-    kind: str  # tiny | local | text_encoder | http
-    name: str  # model id or URL, for logs (never the API key)
-    score: Callable  # list[Query] -> (list[dict[key, float] | None], {"requests": int, "retries": int})
-    prompts: Prompts
-    panel_size: int = 1024  # longest side (px) of a stage-1 panel as sent to the judge
-    grid_size: int = 1024  # longest side (px) of a stage-2 grid as sent to the judge
-
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-          "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-          "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-IMAGE_PAD = "<|image_pad|>"
-
-
-def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_size=16):
-    """Score queries with a transformers VLM: one generate per batch of same-key queries, the assistant turn
-    forced to the JSON skeleton {"k1": d, "k2": d, ...} (each d greedy among digits 1..9) so every score
-    position is known; the score is the expected value over the digit logits there."""
-    digit_ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(LOW, HIGH + 1)]
-    for d, ids in enumerate(digit_ids, LOW):
-        if len(ids) != 1:
-            raise ValueError(f"judge tokenizer splits '{d}' into {len(ids)} tokens; use --judge http for this model")
-    digit_ids = [ids[0] for ids in digit_ids]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-
-    def encode(prompts, images):  # enable_thinking=False: Qwen3-style templates then open the answer directly
-        kw = {"add_generation_prompt": True, "tokenize": False, "enable_thinking": False}
-        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
-        if processor is not None:
-            texts = [processor.apply_chat_template(c, **kw) for c in chats]
-            return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
-        texts = []
-        for c in chats:  # the model's own template if it places one image, else plain ChatML (all Qwen-VL speak it)
-            try:
-                text = tokenizer.apply_chat_template(c, **kw)
-            except Exception:
-                text = ""
-            ok = isinstance(text, str) and text.count(IMAGE_PAD) == 1
-            texts.append(text if ok else tokenizer.apply_chat_template(c, chat_template=CHATML, **kw))
-        px = image_processor(images=images, return_tensors="pt")  # pixel_values (sum patches, D), image_grid_thw (n, 3)
-        n_tokens = (px["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist()
-        texts = [t.replace(IMAGE_PAD, IMAGE_PAD * k, 1) for t, k in zip(texts, n_tokens)]
-        enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
-        enc["mm_token_type_ids"] = (enc["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).int()
-        enc.update(px)
-        return enc.to(device)
-
-    def skeleton(keys):  # allowed tokens per generated step, and the steps that hold a score digit
-        plan, score_steps, pieces = [], [], [f'{{"{keys[0]}": '] + [f', "{k}": ' for k in keys[1:]] + ["}"]
-        for i, piece in enumerate(pieces):
-            plan += [[t] for t in tokenizer.encode(piece, add_special_tokens=False)]
-            if i < len(keys):
-                score_steps.append(len(plan))
-                plan.append(digit_ids)
-        return plan, score_steps
-
-    @torch.no_grad()
-    def score(queries):
-        results, stats, by_keys = [None] * len(queries), {"requests": 0, "retries": 0}, {}
-        for i, q in enumerate(queries):
-            by_keys.setdefault(tuple(q.keys), []).append(i)
-        for keys, idx in by_keys.items():
-            plan, score_steps = skeleton(list(keys))
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                stats["requests"] += 1
-                try:
-                    enc = encode([queries[i].prompt for i in chunk], [queries[i].image for i in chunk])
-                    L = enc["input_ids"].shape[1]
-                    out = model.generate(**enc, max_new_tokens=len(plan), do_sample=False, pad_token_id=pad_id,
-                                         prefix_allowed_tokens_fn=lambda b, ids: plan[min(len(ids) - L, len(plan) - 1)],
-                                         output_logits=True, return_dict_in_generate=True)
-                except (RuntimeError, ValueError) as e:  # e.g. out of memory: count as failed answers, go on
-                    log.warning("judge batch of %d failed: %s", len(chunk), str(e).splitlines()[0][:200])
-                    continue
-                texts = tokenizer.batch_decode(out.sequences[:, L:], skip_special_tokens=True)
-                expected = expected_score(torch.stack([out.logits[s] for s in score_steps], 1), digit_ids)  # (b, K)
-                for row, i in enumerate(chunk):  # the forced answer must parse: this checks the skeleton
-                    if parse_scores(texts[row], keys) is not None and torch.isfinite(expected[row]).all():
-                        results[i] = dict(zip(keys, expected[row].tolist()))
-        return results, stats
-
-    return score
-
-
-def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs,
-                 extra_body):
-    """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time;
-    a query is tried up to 1 + max_retries times, sleeping backoff * 2^(r-1) seconds before retry r."""
-    use_logprobs = bool(logprobs)  # turned off for good if the server rejects the field (HTTP 400)
-
-    def one(q):  # -> (scores | None, attempts)
-        nonlocal use_logprobs
-        buf = io.BytesIO()
-        q.image.save(buf, format="PNG")
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
-            buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]
-        attempts = 0
-        while attempts <= max_retries:
-            if attempts:
-                time.sleep(backoff * 2 ** (attempts - 1))
-            attempts += 1
-            body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                    "max_tokens": max_tokens, **(extra_body or {})}
-            if use_logprobs:
-                body.update(logprobs=True, top_logprobs=10)
-            try:
-                choice = _request(url + "/chat/completions", api_key_env, timeout, body)["choices"][0]
-                text = choice["message"].get("content")
-                if isinstance(text, list):  # some servers return content parts
-                    text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-                if (scores := parse_scores(text, q.keys)) is not None:
-                    tokens = (choice.get("logprobs") or {}).get("content")
-                    return _refine_with_logprobs(scores, tokens, q.keys), attempts
-                log.warning("judge answer unparseable (attempt %d): %r", attempts, str(text)[:120])
-            except urllib.error.HTTPError as e:
-                if e.code == 400 and "logprobs" in body:  # this request asked for them (others may have too)
-                    use_logprobs = False
-                    log.warning("judge server rejected logprobs (HTTP 400); asking for plain answers from now on")
-                    attempts -= 1  # not the answer's fault: this try is free
-                    continue
-                log.warning("judge HTTP %d (attempt %d)", e.code, attempts)
-                if e.code in (401, 403, 404):
-                    return None, attempts  # will not change on retry
-            except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # URLError is one
-                log.warning("judge request failed (attempt %d): %s", attempts, f"{type(e).__name__}: {e}"[:200])
-        return None, attempts
-
-    def score(queries):
-        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(queries)))) as pool:
-            out = list(pool.map(one, queries))
-        attempts = sum(a for _, a in out)
-        return [s for s, _ in out], {"requests": attempts, "retries": attempts - len(out)}
-
-    return score
-
-
-def _request(url, api_key_env, timeout, body=None):
-    """GET (body None) or POST JSON; the key is read here, at send time, and goes only into the header."""
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(api_key_env):
-        headers["Authorization"] = "Bearer " + os.environ[api_key_env]
-    data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def load_judge(kind: str, model: str | None = None, url: str | None = None, **options) -> Judge:
-    """Build a judge and check it works now, before any expensive work.
-    kind "tiny": random tiny Qwen2.5-VL (options: seed, panel_size, grid_size; default 128 px images).
-    kind "local": model = hub id or folder of a transformers image-text-to-text model (options: device, dtype,
-        batch_size). Qwen-VL models work without torchvision; other families need their AutoProcessor.
-    kind "text_encoder": reuse a loaded Qwen2_5_VLForConditionalGeneration, e.g. the diffusion pipeline's own
-        (options: pipeline, or text_encoder and tokenizer): zero extra GPU memory.
-    kind "http": url = OpenAI-compatible base URL (ending in /v1 or similar), model = served model name
-        (options: api_key_env="OPENAI_API_KEY", timeout=60, max_retries=3, backoff=1.0, concurrency=16,
-        max_tokens=512, logprobs=True, extra_body=None, probe=True).
-    Common options: prompts_dir, panel_size, grid_size."""
-    prompts = load_prompts(options.pop("prompts_dir", None) or PROMPTS_DIR)
-    sizes = {k: int(v) for k in ("panel_size", "grid_size") if (v := options.pop(k, None)) is not None}
-    if kind == "tiny":
-        import tiny  # offline toy models, only for tests and dry runs
-
-        scorer = _local_scorer(*tiny.tiny_judge(options.get("seed", 0)), batch_size=options.get("batch_size", 16))
-
-        def one_thread(queries):  # ops this small run several times faster on one CPU thread than on two
-            n = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return scorer(queries)
-            finally:
-                torch.set_num_threads(n)
-        return Judge("tiny", "tiny-qwen2.5-vl", one_thread, prompts, **{"panel_size": 128, "grid_size": 128, **sizes})
-    if kind == "text_encoder":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        pipe = options.get("pipeline")
-        enc = options.get("text_encoder", getattr(pipe, "text_encoder", None))
-        tok = options.get("tokenizer", getattr(pipe, "tokenizer", None))
-        if tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
-            raise ValueError("--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
-                             "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))")
-        scorer = _local_scorer(enc.eval(), tok, options.get("image_processor") or Qwen2VLImageProcessorPil(),
-                               batch_size=options.get("batch_size", 16))
-        return Judge("text_encoder", type(enc).__name__, scorer, prompts, **sizes)
-    if kind == "local":
-        return Judge("local", str(model), _load_local(model, **options), prompts, **sizes)
-    if kind == "http":
-        if not url:
-            raise ValueError("--judge http needs --judge_url (e.g. http://localhost:8000/v1)")
-        url, o = url.rstrip("/"), {"api_key_env": "OPENAI_API_KEY", "timeout": 60.0, "max_retries": 3,
-                                   "backoff": 1.0, "concurrency": 16, "max_tokens": 512, "logprobs": True,
-                                   "extra_body": None, "probe": True, **options}
-        if o.pop("probe"):
-            model = _probe(url, model, o["api_key_env"])
-        if not model:
-            raise ValueError("--judge http needs --judge_model (the model name the server serves)")
-        return Judge("http", f"{model} @ {url}", _http_scorer(url, model, **o), prompts, **sizes)
-    raise ValueError(f"--judge {kind!r}: choose one of tiny, local, text_encoder, http")
-
-
-def _load_local(model, device=None, dtype=None, batch_size=16):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    if not model:
-        raise ValueError("--judge local needs --judge_model (a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder)")
-    if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise FileNotFoundError(f"--judge_model {model}: no such folder (give a local model folder or a hub id)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    try:
-        try:  # the model's own processor is the general path; it needs torchvision for Qwen-VL video parts
-            processor = AutoProcessor.from_pretrained(model)
-        except Exception:
-            processor = None
-        if hasattr(processor, "image_processor"):  # not a bare tokenizer
-            processor.tokenizer.padding_side = "left"
-            tokenizer, image_processor = processor.tokenizer, None
-        else:
-            processor, tokenizer = None, AutoTokenizer.from_pretrained(model)
-            image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
-        vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--judge_model {model}: could not load it as an image-text-to-text model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return _local_scorer(vlm, tokenizer, image_processor, processor, batch_size)
-
-
-def _probe(url, model, api_key_env):
-    """GET {url}/models with a short timeout; returns the model name to use (the only one served if None)."""
-    try:
-        served = [m.get("id") for m in _request(url + "/models", api_key_env, 10.0).get("data", [])]
-    except urllib.error.HTTPError as e:
-        hint = f"set the API key in ${api_key_env} (or --api_key_env)" if e.code in (401, 403) else "fix the URL"
-        raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {hint}") from None
-    except (OSError, ValueError, AttributeError) as e:  # URLError and timeouts are OSErrors
-        raise ValueError(f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
-                         f"{getattr(e, 'reason', e)}); start it or fix the URL") from None
-    if not model:
-        if len(served) != 1:
-            raise ValueError(f"--judge_model is required: {url} serves {len(served)} models {served[:8]}")
-        return served[0]
-    if served and model not in served and f"models/{model}" not in served:
-        raise ValueError(f"--judge_model {model}: not served at {url} (it serves {served[:8]})")
-    return model
+def load_judge(kind: str, model: str | None = None, url: str | None = None, prompts_dir=None, **options) -> Judge:
+    """A judge backend (judges.load_judge: tiny, local, text_encoder, http; it checks the judge works now) that
+    carries the prompts of prompts_dir (default prompts/), read and checked now rather than at step 1."""
+    return judges.load_judge(kind, model, url, prompts=load_prompts(prompts_dir or PROMPTS_DIR), **options)
 
 
 # ----------------------------------------------------------------------------------------------- rewards

@@ -21,22 +21,22 @@ import argparse
 import hashlib
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
 
+from data import find_images, open_image, to_rgb
+
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_PROMPT = "a clean, well composed image"  # the released Stable-Layers LoRA's fixed prompt
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -113,52 +113,7 @@ def save_lora(transformer, folder, base_model=DEFAULT_MODEL):
               folder / "peft" / "adapter_model.safetensors")
 
 
-# ----------------------------------------------------------------------------- images
-def open_image(path):
-    """Any image file as an RGB PIL image: EXIF rotation applied, alpha flattened over white, 16-bit and
-    float greys scaled to 8 bit, palette/CMYK converted. Raises ValueError naming the file if unreadable."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    return to_rgb(im)
-
-
-def to_rgb(im):
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-    return im.convert("RGB")
-
-
-def find_images(folder):
-    """Paths of all readable images under `folder` (recursive, sorted). Each is decoded once to check it, not
-    kept: callers open an image when they need it. Unreadable files are skipped with a warning naming them;
-    a folder with none stops with a clear message."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SystemExit(f"--images {folder}: no such folder")
-    paths = []
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        try:
-            open_image(p)
-            paths.append(p)
-        except ValueError as e:
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                warnings.warn(f"skipping {e}", stacklevel=2)
-    if not paths:
-        raise SystemExit(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return paths
-
-
+# ----------------------------------------------------------------------------- condition images
 def condition_size(image, resolution, multiple=32):
     """(width, height) of the condition image: about resolution^2 pixels, aspect kept, sides multiples of 32
     (diffusers' calculate_dimensions)."""
@@ -174,7 +129,7 @@ def prepare_images(pipe, images, resolution):
     if not images:
         raise ValueError("images: empty list; give at least one image")
     if not all(isinstance(im, Image.Image) for im in images):
-        raise ValueError("images: every item must be a PIL.Image (use rollout.open_image for files)")
+        raise ValueError("images: every item must be a PIL.Image (use data.open_image for files)")
     sizes = {condition_size(im, resolution) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"images resolve to different sizes {sorted(sizes)} at resolution {resolution}; "

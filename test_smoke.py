@@ -25,8 +25,10 @@ import pytest
 import torch
 
 import bench
+import data
 import evaluate as ev
 import grpo
+import judges
 import reward
 import rollout
 import tiny
@@ -148,11 +150,11 @@ def test_heun_beats_euler_at_equal_steps(pipe):
 def test_rollout_bad_input(pipe, tmp_path):
     (tmp_path / "notes.png").write_text("this is not a png")
     with pytest.raises(ValueError, match="notes.png: not a readable image"):
-        rollout.open_image(tmp_path / "notes.png")
+        data.open_image(tmp_path / "notes.png")
     with pytest.raises(ValueError, match="empty list"):
         rollout.sample(pipe, [], layers=2, resolution=64)
     with pytest.raises(SystemExit, match="no readable image"):
-        rollout.find_images(tmp_path)
+        data.find_images(tmp_path)
     with pytest.raises(ValueError, match="different sizes"):
         rollout.sample(pipe, [design((48, 32)), design((32, 48))], layers=2, resolution=96)
 
@@ -171,8 +173,8 @@ def test_any_image_mode(tmp_path):
     exif = rot.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     rot.save(tmp_path / "rotated.jpg", exif=exif)
-    paths = rollout.find_images(tmp_path)
-    images = [rollout.open_image(p) for p in paths]
+    paths = data.find_images(tmp_path)
+    images = [data.open_image(p) for p in paths]
     got = {p.stem: im for p, im in zip(paths, images)}
     assert all(im.mode == "RGB" for im in images)
     assert got["grey16"].getpixel((0, 0)) == (255, 255, 255)
@@ -788,14 +790,14 @@ def test_expected_score_on_crafted_logits():
     logits[2, [11, 17]] = 0.0  # "2" and "8" equally likely -> 5
     logits[2, 0] = 50.0  # a huge non-digit logit is ignored (renormalised over the digits)
     logits[3, [12, 13]] = torch.tensor([0.0, math.log(3.0)])  # p(3) = 1/4, p(4) = 3/4 -> 3.75
-    assert reward.expected_score(logits, digit_ids).tolist() == pytest.approx([7.0, 5.0, 5.0, 3.75])
+    assert judges.expected_score(logits, digit_ids).tolist() == pytest.approx([7.0, 5.0, 5.0, 3.75])
     top = [{"token": " 3", "logprob": math.log(0.2)}, {"token": "4", "logprob": math.log(0.6)},
            {"token": "x", "logprob": math.log(0.15)}, {"token": "10", "logprob": -1.0}]
-    assert reward.expected_from_top_logprobs(top) == pytest.approx((3 * 0.2 + 4 * 0.6) / 0.8)
-    assert reward.expected_from_top_logprobs([{"token": "yes", "logprob": 0.0}]) is None
+    assert judges.expected_from_top_logprobs(top) == pytest.approx((3 * 0.2 + 4 * 0.6) / 0.8)
+    assert judges.expected_from_top_logprobs([{"token": "yes", "logprob": 0.0}]) is None
     # unicode digits that are not ASCII ("²", "٣") are ignored, not crashed on
     top = [{"token": "²", "logprob": 0.0}, {"token": "٣", "logprob": 0.0}, {"token": " 4", "logprob": math.log(0.5)}]
-    assert reward.expected_from_top_logprobs(top) == 4.0
+    assert judges.expected_from_top_logprobs(top) == 4.0
 
 
 GOOD = {k: v for k, v in zip(KEYS, [7, 3, 9, 1, 5])}
@@ -818,13 +820,13 @@ GOOD = {k: v for k, v in zip(KEYS, [7, 3, 9, 1, 5])}
     (None, None),
 ])
 def test_parse_scores_table(text, expected):
-    got = reward.parse_scores(text, KEYS)
+    got = judges.parse_scores(text, KEYS)
     assert got == (None if expected is None else {k: float(v) for k, v in expected.items()})
 
 
 def test_parse_grid_labels_are_case_sensitive():
-    assert reward.parse_scores("Candidate A: 8, B: 2, C: 5", ["A", "B", "C"]) == {"A": 8.0, "B": 2.0, "C": 5.0}
-    assert reward.parse_scores("data: 8, b: 2, c: 5", ["A", "B", "C"]) is None
+    assert judges.parse_scores("Candidate A: 8, B: 2, C: 5", ["A", "B", "C"]) == {"A": 8.0, "B": 2.0, "C": 5.0}
+    assert judges.parse_scores("data: 8, b: 2, c: 5", ["A", "B", "C"]) is None
 
 
 # ------------------------------------------------------------------------------ programmatic rewards
@@ -1023,7 +1025,7 @@ def _copy_sample(src, dst, drop_last=False, extra=False, scale=1):
 
 def test_grouping_counts_outputs_and_json(tmp_path, capsys):
     refs = tmp_path / "refs"
-    ev.write_references(refs, 6, seed=3, size=(40, 32), layer_counts=(2, 3, 4))
+    data.write_references(refs, 6, seed=3, size=(40, 32), layer_counts=(2, 3, 4))
     names = sorted(p.name for p in refs.iterdir())
     for k, name in enumerate(names):  # run "copy": the references themselves; run "edited": k-dependent edits
         _copy_sample(refs / name, tmp_path / "copy" / name)
@@ -1056,24 +1058,24 @@ def test_grouping_counts_outputs_and_json(tmp_path, capsys):
 
 
 def test_synthetic_generator(tmp_path):
-    a = ev.write_references(tmp_path / "a", 6, seed=7, size=(48, 40))
-    ev.write_references(tmp_path / "b", 3, seed=7, size=(48, 40))
+    a = data.write_references(tmp_path / "a", 6, seed=7, size=(48, 40))
+    data.write_references(tmp_path / "b", 3, seed=7, size=(48, 40))
     Ls = [len(list((tmp_path / "a" / p).glob("layer_*.png"))) for p in sorted(x.split("/")[-1] for x in a)]
     assert Ls == [2, 3, 4, 2, 3, 4]  # balanced mix
     for k in range(3):  # same seed, same sample, whatever num_samples
         assert (tmp_path / "a" / f"synth_{k:04d}" / "image.png").read_bytes() == \
                (tmp_path / "b" / f"synth_{k:04d}" / "image.png").read_bytes()
-    img, layers = ev.make_design(random.Random(0), 4, (48, 40))
-    stack = torch.stack([ev.pil_to_rgba(x) for x in layers])
+    img, layers = data.make_design(random.Random(0), 4, (48, 40))
+    stack = torch.stack([data.pil_to_rgba(x) for x in layers])
     assert img.mode == "RGB" and img.size == (48, 40) and stack.shape == (4, 4, 40, 48)
     assert (stack[0, 3] == 1).all()  # opaque background
     assert all(0 < (s[3] > 0).float().mean() < 1 for s in stack[1:])  # every foreground layer partly visible
-    recon = ev.over_white(ev.composite(stack))
-    assert (recon - ev.pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
-    other, _ = ev.make_design(random.Random(1), 4, (48, 40))
+    recon = data.over_white(data.composite(stack))
+    assert (recon - data.pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
+    other, _ = data.make_design(random.Random(1), 4, (48, 40))
     assert np.abs(np.asarray(img, float) - np.asarray(other, float)).mean() > 5
-    ev.main(["--make_synthetic", str(tmp_path / "imgs"), "--num_samples", "3", "--size", "48x40", "--seed", "7",
-             "--images_only"])
+    data.main(["synthetic", str(tmp_path / "imgs"), "--num_samples", "3", "--size", "48x40", "--seed", "7",
+               "--images_only"])
     files = sorted((tmp_path / "imgs").iterdir())
     assert [f.name for f in files] == ["synth_0000.png", "synth_0001.png", "synth_0002.png"]
     assert files[1].read_bytes() == (tmp_path / "a" / "synth_0001" / "image.png").read_bytes()
@@ -1089,7 +1091,7 @@ def test_crello_elements_to_layers():
            _element((255, 0, 0), 2, 2, 5, 5), _element((0, 255, 0), 10, 2, 5, 5),  # group 1
            _element((255, 255, 0), 20, 2, 5, 5, opacity=0.5), _element((0, 0, 0), -3, 20, 6, 4),  # group 2
            _element((255, 0, 255), 25, 15, 10, 4, angle=math.pi / 2)]  # group 3, rotated a quarter turn
-    layers = ev.elements_to_layers(els, (40, 30), max_layers=4)
+    layers = data.elements_to_layers(els, (40, 30), max_layers=4)
     a = [np.asarray(x)[..., 3] for x in layers]
     assert len(layers) == 4 and all(x.size == (40, 30) for x in layers)
     assert (a[0] == 255).all() and (np.asarray(layers[0])[..., :3] == (0, 0, 255)).all()
@@ -1099,8 +1101,8 @@ def test_crello_elements_to_layers():
     ys, xs = np.nonzero(a[3])  # 10x4 turned upright: 4 wide, 10 tall, about the same centre (30, 17)
     assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (4, 10)
     assert abs(xs.mean() - 29.5) <= 0.5 and abs(ys.mean() - 16.5) <= 0.5
-    assert len(ev.elements_to_layers(els[:2], (40, 30))) == 2
-    two = ev.elements_to_layers(els, (40, 30), max_layers=2)  # all five foreground elements merged into one layer
+    assert len(data.elements_to_layers(els[:2], (40, 30))) == 2
+    two = data.elements_to_layers(els, (40, 30), max_layers=2)  # all five foreground elements merged into one layer
     assert len(two) == 2 and (np.asarray(two[1])[..., 3] > 0).sum() == 50 + 25 + 12 + 40
 
 
@@ -1108,7 +1110,7 @@ def test_evaluate_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--references", str(tmp_path / "nope"), "--predictions", str(tmp_path)])
     assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
-    ev.write_references(tmp_path / "refs", 2, seed=0, size=(32, 32))
+    data.write_references(tmp_path / "refs", 2, seed=0, size=(32, 32))
     (tmp_path / "preds" / "synth_0000").mkdir(parents=True)
     with pytest.raises(SystemExit):
         ev.main(["--references", str(tmp_path / "refs"), "--predictions", str(tmp_path / "preds")])
@@ -1123,7 +1125,7 @@ def test_evaluate_bad_input(tmp_path, capsys):
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(SystemExit):
-            ev.main(["--export_crello", str(tmp_path / "crello")])
+            data.main(["crello", str(tmp_path / "crello")])
         assert "pip install datasets" in capsys.readouterr().err
 
 
@@ -1133,7 +1135,7 @@ def test_model_mode_base_and_lora_in_each_format(tmp_path):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     refs = tmp_path / "refs"
-    ev.write_references(refs, 2, seed=0, size=(64, 64), layer_counts=(2, 3))
+    data.write_references(refs, 2, seed=0, size=(64, 64), layer_counts=(2, 3))
     # one set of LoRA weights, written by peft itself (PEFT folder) and by diffusers (pytorch_lora_weights, with
     # lora_alpha in its metadata); lora_alpha != r, so a loader that drops alpha would give different layers
     torch.manual_seed(0)
@@ -1177,10 +1179,10 @@ def test_crello_example_fractions_and_pixels_agree():
     pixels["image"] = pixels["image"] + [None]  # an element without an image is skipped
     for key in ("left", "top", "width", "height", "angle", "opacity"):
         pixels[key] = pixels[key] + [0.0]
-    a, size_a = ev.crello_elements(pixels, 40, 30, longest_side=80)
-    b, size_b = ev.crello_elements(frac, 40, 30, longest_side=80)
+    a, size_a = data.crello_elements(pixels, 40, 30, longest_side=80)
+    b, size_b = data.crello_elements(frac, 40, 30, longest_side=80)
     assert size_a == size_b == (80, 60) and len(a) == len(b) == 2
-    la, lb = ev.elements_to_layers(a, size_a), ev.elements_to_layers(b, size_b)
+    la, lb = data.elements_to_layers(a, size_a), data.elements_to_layers(b, size_b)
     assert all((np.asarray(x) == np.asarray(y)).all() for x, y in zip(la, lb))
     alpha = np.asarray(la[1])[..., 3]
     assert (alpha > 0).sum() == 16 * 12 and alpha.max() == 204  # 8x6 box scaled 2x, opacity 0.8 * 255

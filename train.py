@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import data
 import grpo
 import reward
 import rollout
@@ -280,7 +281,7 @@ def save_group_png(path, traj, rewards, advantages, candidates):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    paths = rollout.find_images(args.images)
+    paths = data.find_images(args.images)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -329,7 +330,7 @@ def main(argv=None):
             trajectories = []
             for i in indices:
                 with lora_precision(transformer):
-                    traj = rollout.sample(pipe, [rollout.open_image(paths[i])], layers=layers, prompt=prompt,
+                    traj = rollout.sample(pipe, [data.open_image(paths[i])], layers=layers, prompt=prompt,
                                           group_size=args.group_size,
                                           num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
                                           sde_window=window, sde_type=args.sde_type, resolution=args.resolution,
