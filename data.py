@@ -55,10 +55,10 @@ def to_rgb(im):
 def find_images(folder):
     """Paths of all readable images under `folder` (recursive, sorted). Each is decoded once to check it, not
     kept: callers open an image when they need it. Unreadable files are skipped with a warning naming them;
-    a folder with none stops with a clear message."""
+    a missing folder or one with no image raises (FileNotFoundError, ValueError) with a message for the user."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SystemExit(f"--images {folder}: no such folder")
+        raise FileNotFoundError(f"--images {folder}: no such folder")
     paths = []
     for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
         try:
@@ -68,7 +68,7 @@ def find_images(folder):
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 warnings.warn(f"skipping {e}", stacklevel=2)
     if not paths:
-        raise SystemExit(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths
 
 

@@ -278,7 +278,8 @@ def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_sample
 # ---------------------------------------------- model mode: predictions from Qwen-Image-Layered (+ LoRA) via rollout.py
 def predict_with_model(references, runs: dict, output_dir, pretrained_model_name_or_path: str, sampler: str = "heun",
                        num_inference_steps: int = 50, resolution: int = 640, true_cfg_scale: float = 1.0,
-                       seed: int = 0, device=None, mixed_precision: str = "bf16", max_samples=None) -> dict:
+                       seed: int = 0, device=None, mixed_precision: str = "bf16", max_samples=None,
+                       sizing: str = "longest") -> dict:
     """Decompose every reference image with layers = its L, once per run {name: LoRA path or None (base)}.
 
     Writes output_dir/predictions/<run>/<sample>/layer_<i>.png (+ image.png, the input) and <run>/meta.json
@@ -309,15 +310,15 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             image = Image.open(folder / "image.png").convert("RGB")
             start = time.perf_counter()
             layers = rollout.decompose(pipe, [image], layers=L, sampler=sampler,
-                                       num_inference_steps=num_inference_steps, resolution=resolution,
+                                       num_inference_steps=num_inference_steps, resolution=resolution, sizing=sizing,
                                        true_cfg_scale=true_cfg_scale, generator=torch.Generator().manual_seed(seed + k))
             layers = layers.float().cpu()  # (1, L, 4, H, W); the copy waits for the GPU, so the time is complete
             seconds.append(time.perf_counter() - start)
             rollout.save_layers(layers[0], root / folder.name)
             image.save(root / folder.name / "image.png")
         meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": lora, "sampler": sampler,
-                "num_inference_steps": num_inference_steps, "resolution": resolution, "true_cfg_scale": true_cfg_scale,
-                "seed": seed, "device": device, "mixed_precision": mixed_precision, "seconds_per_sample": seconds}
+                "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
+                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision, "seconds_per_sample": seconds}
         (root / "meta.json").write_text(json.dumps(meta, indent=2))
         folders[name] = str(root)
     return folders
@@ -355,7 +356,9 @@ def parse_args(argv=None):
                                                        "--predictions are given)")
     p.add_argument("--sampler", default="heun", choices=["heun", "euler"], help="ODE sampler (released: heun)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps (released: 50)")
-    p.add_argument("--resolution", type=int, default=640, help="model resolution bucket, 640 or 1024 (released: 640)")
+    p.add_argument("--resolution", type=int, default=640, help="longest side in px, 640 or 1024 (released: 640)")
+    p.add_argument("--sizing", choices=["longest", "area"], default="longest",
+                   help="condition size rule: longest side (released inference) or diffusers' area rule")
     p.add_argument("--true_cfg_scale", type=float, default=1.0,
                    help="classifier-free guidance scale (released: 1.0, off)")
     p.add_argument("--seed", type=int, default=0, help="seed: sample k of a model run uses seed + k")
@@ -384,7 +387,7 @@ def main(argv=None) -> None:
             runs.update(predict_with_model(args.references, model_runs, args.output_dir,
                                            args.pretrained_model_name_or_path, args.sampler, args.num_inference_steps,
                                            args.resolution, args.true_cfg_scale, args.seed, args.device,
-                                           args.mixed_precision, args.max_samples))
+                                           args.mixed_precision, args.max_samples, args.sizing))
         evaluate(args.references, runs, args.output_dir, not args.no_layerd, args.max_samples, args.num_examples)
         print(f"results in {args.output_dir}")
     except (ValueError, FileNotFoundError, ImportError) as err:

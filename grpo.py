@@ -2,8 +2,10 @@
 
 Pure torch (no diffusers). Equations from Flow-GRPO (Liu et al., arXiv:2505.05470), section "GRPO on flow
 matching": the group-normalised advantage and the clipped objective with the KL term; the per-step Gaussian
-log-probs come from rollout.py.
-The objective is maximised; each function returns a loss to minimise (loss = -objective).
+log-probs come from rollout.py. gaussian_mean_kl, the KL's per-sample term, is also the whole objective of
+distill.py (DiffusionOPD). The objective is maximised; each function returns a loss to minimise (loss = -objective).
+
+    python -c "import grpo, torch; print(grpo.group_advantages(torch.tensor([1., 2., 3., 6., 5., 5., 5., 5.]), 4))"
 """
 
 import torch
@@ -15,8 +17,9 @@ def group_advantages(rewards, group_size, global_std=False, eps=1e-4, adv_clip_m
         A_i = clip((r_i - mean_g(r)) / (std + eps), -adv_clip_max, adv_clip_max)
 
     Consecutive blocks of `group_size` rewards form a group g (the G candidates of one image). mean_g is the
-    group mean; std is the population std (ddof 0, as upstream's np.std) of the group, or of the whole batch
-    when global_std. A group of equal rewards gives zeros (std = 0, numerator 0), never NaN.
+    group mean; std is the population std (ddof 0, as upstream's np.std) of the group, or, when global_std
+    (upstream's Qwen-Image recipe), of all B rewards of the optimizer step: a group whose rewards barely
+    differ then gets small advantages instead of +-1. A group of equal rewards gives zeros, never NaN.
     rewards: (B,) with B a multiple of group_size. Returns float32 (B,).
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
@@ -54,6 +57,22 @@ def policy_loss(log_prob, old_log_prob, advantages, clip_range):
     return loss, stats
 
 
+def gaussian_mean_kl(student_mean, teacher_mean, var):
+    """Per-sample KL between two Gaussian reverse steps of equal variance: the policy's and the reference's
+    (kl_loss), or a student's and a teacher's (DiffusionOPD's closed-form per-step KL, distill.py). For equal
+    variances it is plain mean matching:
+
+        KL(N(mu_s, var) || N(mu_k, var)) = (mu_s - mu_k)^2 / (2 var)       per element
+        kl_b = MEAN over all non-batch dims of the per-element KL           (a mean, like rollout's log_prob)
+        var  = std_dev_t^2 * |dt|   (sde_type "sde": Flow-GRPO's step std_dev_t * sqrt(-dt), exact, |dt| kept)
+        var  = std_dev_t^2          (sde_type "cps": there std_dev_t is already the step's std)
+
+    student_mean, teacher_mean: (B, ...); var: broadcastable, e.g. (B, 1, 1). Returns (B,).
+    """
+    per_element = (student_mean - teacher_mean) ** 2 / (2 * var)
+    return per_element.mean(dim=tuple(range(1, per_element.ndim)))
+
+
 def kl_loss(prev_mean, ref_prev_mean, std_dev_t, dt=None):
     """KL between the policy's and the reference's Gaussian reverse steps (same variance, different means).
 
@@ -67,5 +86,4 @@ def kl_loss(prev_mean, ref_prev_mean, std_dev_t, dt=None):
     prev_mean, ref_prev_mean: (B, ...); std_dev_t: broadcastable, e.g. (B, 1, 1). Returns a scalar.
     """
     var = std_dev_t**2 if dt is None else std_dev_t**2 * torch.as_tensor(dt).abs()
-    per_element = (prev_mean - ref_prev_mean) ** 2 / (2 * var)
-    return per_element.mean(dim=tuple(range(1, per_element.ndim))).mean()
+    return gaussian_mean_kl(prev_mean, ref_prev_mean, var).mean()

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -204,8 +205,10 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
 def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs,
                  extra_body):
     """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time;
-    a query is tried up to 1 + max_retries times, sleeping backoff * 2^(r-1) seconds before retry r."""
+    a query is tried up to 1 + max_retries times, sleeping backoff * 2^(r-1) seconds before retry r. The bound
+    holds across concurrent score() calls (train.py judges several groups at once): one semaphore per judge."""
     use_logprobs = bool(logprobs)  # turned off for good if the server rejects the field (HTTP 400)
+    in_flight = threading.BoundedSemaphore(max(1, concurrency))
 
     def one(q):  # -> (scores | None, attempts)
         nonlocal use_logprobs
@@ -244,9 +247,13 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                 log.warning("judge request failed (attempt %d): %s", attempts, f"{type(e).__name__}: {e}"[:200])
         return None, attempts
 
+    def bounded(q):
+        with in_flight:
+            return one(q)
+
     def score(queries):
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(queries)))) as pool:
-            out = list(pool.map(one, queries))
+            out = list(pool.map(bounded, queries))
         attempts = sum(a for _, a in out)
         return [s for s, _ in out], {"requests": attempts, "retries": attempts - len(out)}
 
@@ -338,7 +345,24 @@ def _load_local(model, device=None, dtype=None, batch_size=16):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--judge_model {model}: could not load it as an image-text-to-text model "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    warn_slow_kernels(vlm.config, device)
     return _local_scorer(vlm, tokenizer, image_processor, processor, batch_size)
+
+
+def warn_slow_kernels(config, device):
+    """Qwen3.5's linear-attention layers run on slow reference kernels unless flash-linear-attention and
+    causal-conv1d are installed: say so once, in one line, when they are missing on CUDA."""
+    import importlib.util
+
+    text = getattr(config, "text_config", config)
+    hybrid = "linear_attention" in (getattr(text, "layer_types", None) or []) or \
+        str(getattr(config, "model_type", "")).startswith("qwen3_5")
+    missing = [pkg for pkg, mod in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
+               if importlib.util.find_spec(mod) is None]
+    if hybrid and missing and str(device).startswith("cuda"):
+        log.warning("judge %s: linear-attention layers will run on slow reference kernels; pip install %s",
+                    getattr(config, "model_type", "?"), " ".join(missing))
+    return hybrid and bool(missing)
 
 
 def _probe(url, model, api_key_env):

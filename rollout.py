@@ -57,8 +57,8 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
             pipe = QwenImageLayeredPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype,
                                                             **extra)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
-                             f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.")
+            raise ValueError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
+                             f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.") from None
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -82,15 +82,16 @@ def load_lora(pipe, path):
                                 "nor a PEFT adapter folder (adapter_config.json)")
 
 
-def load_peft_weights(transformer, folder):
-    """Copy a PEFT adapter folder's weights into the transformer's already-added adapter (PeftModel saves
-    its keys with a base_model.model. prefix). Raises ValueError if a key matches no LoRA module."""
+def load_peft_weights(transformer, folder, adapter_name="default"):
+    """Copy a PEFT adapter folder's weights into the transformer's already-added adapter `adapter_name`
+    (PeftModel saves its keys with a base_model.model. prefix). Raises ValueError if a key matches no LoRA
+    module."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(Path(folder) / "adapter_model.safetensors")
     incompatible = set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v
-                                                           for k, v in state.items()})
+                                                           for k, v in state.items()}, adapter_name=adapter_name)
     if getattr(incompatible, "unexpected_keys", None):
         raise ValueError(f"--lora {folder}: keys that match no module: {incompatible.unexpected_keys[:3]}")
 
@@ -114,23 +115,34 @@ def save_lora(transformer, folder, base_model=DEFAULT_MODEL):
 
 
 # ----------------------------------------------------------------------------- condition images
-def condition_size(image, resolution, multiple=32):
-    """(width, height) of the condition image: about resolution^2 pixels, aspect kept, sides multiples of 32
-    (diffusers' calculate_dimensions)."""
-    if resolution % multiple:
-        raise ValueError(f"--resolution {resolution}: must be a multiple of {multiple} (the model uses 640 or 1024)")
-    return calculate_dimensions(resolution * resolution, image.size[0] / image.size[1])
+def condition_size(image, resolution, sizing="longest"):
+    """(width, height) of the condition image, aspect kept.
+    sizing "longest" (the released Stable-Layers inference; default): the longest side becomes `resolution`, the
+        other is scaled to match, both rounded DOWN to multiples of 16 (a 4:3 input at 640 -> 640x480, 16:9 ->
+        640x352);
+    sizing "area" (diffusers' QwenImageLayeredPipeline.__call__, calculate_dimensions): about resolution^2 pixels,
+        sides multiples of 32 (4:3 -> 736x544, 16:9 -> 864x480: 1.84x the tokens and another shift mu)."""
+    if sizing == "area":
+        if resolution % 32:
+            raise ValueError(f"--resolution {resolution}: must be a multiple of 32 with --sizing area")
+        return calculate_dimensions(resolution * resolution, image.size[0] / image.size[1])
+    if sizing != "longest":
+        raise ValueError(f"--sizing {sizing!r}: use 'longest' (released inference) or 'area' (diffusers)")
+    if resolution % 16 or resolution < 16:
+        raise ValueError(f"--resolution {resolution}: must be a multiple of 16 (the model uses 640 or 1024)")
+    scale = resolution / max(image.size)
+    return tuple(max(16, int(side * scale) // 16 * 16) for side in image.size)
 
 
-def prepare_images(pipe, images, resolution):
-    """Resize like diffusers and turn RGB into RGBA with alpha 1. Returns (pixels (n, 4, 1, H, W) in [-1, 1],
+def prepare_images(pipe, images, resolution, sizing="longest"):
+    """Resize (condition_size) and turn RGB into RGBA with alpha 1. Returns (pixels (n, 4, 1, H, W) in [-1, 1],
     resized RGB images, H, W). All images of one call must land on the same size (Layer-3D RoPE reads the
     first sample's shape only)."""
     if not images:
         raise ValueError("images: empty list; give at least one image")
     if not all(isinstance(im, Image.Image) for im in images):
         raise ValueError("images: every item must be a PIL.Image (use data.open_image for files)")
-    sizes = {condition_size(im, resolution) for im in images}
+    sizes = {condition_size(im, resolution, sizing) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"images resolve to different sizes {sorted(sizes)} at resolution {resolution}; "
                          "sample them in separate calls")
@@ -272,12 +284,12 @@ def predict_velocity(transformer, traj, latents, t, rows=slice(None)):
 
 
 def _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
-           negative_prompt, cfg_normalize, generator):
+           negative_prompt, cfg_normalize, generator, sizing="longest"):
     """Everything before the denoising loop, as diffusers does it: condition latents, prompt embeddings,
     initial noise (B, (N+1) * h * w, 64) and the shifted schedule. Returns (trajectory skeleton, latents)."""
     if layers < 1:
         raise ValueError(f"layers={layers}: need at least 1")
-    pixels, rgb, height, width = prepare_images(pipe, images, resolution)
+    pixels, rgb, height, width = prepare_images(pipe, images, resolution, sizing)
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     batch = len(images) * group_size
     prompts = [caption(pipe, im) for im in rgb] if prompt is None else [prompt] * len(rgb)
@@ -310,20 +322,25 @@ def _start(pipe, images, layers, group_size, num_inference_steps, resolution, pr
 
 @torch.no_grad()
 def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_level=1.2, resolution=640,
-           prompt=DEFAULT_PROMPT, true_cfg_scale=1.0, negative_prompt=" ", cfg_normalize=False, sde_window=None,
-           sde_type="sde", generator=None, decode=True, progress=False):
+           prompt=DEFAULT_PROMPT, true_cfg_scale=1.0, negative_prompt=" ", cfg_normalize=True, sde_window=None,
+           sde_type="sde", generator=None, decode=True, progress=False, sizing="longest"):
     """Sample group_size candidate decompositions of each image with the Flow-GRPO SDE sampler.
 
-    Steps sde_window = (start, end) (default: all T steps) take sde_step_with_logprob and store their states
-    and log-probs; the others are Euler (ODE) steps. Each image is repeated group_size times with
-    independent initial noise (rows i*G..i*G+G-1 are image i's group). prompt=None auto-captions each image.
+    Steps sde_window = (start, end) (default: every step but the last, 0..T-2, as upstream) take
+    sde_step_with_logprob and store their states and log-probs; the others are Euler (ODE) steps. The last step
+    (sigma_next = 0) is never an SDE step: its CPS std is 0 (log-prob and KL undefined) and upstream never
+    trains it. Each image is repeated group_size times with independent initial noise (rows i*G..i*G+G-1 are
+    image i's group). prompt=None auto-captions each image. cfg_normalize (used when true_cfg_scale > 1)
+    rescales the guided velocity to the conditional one's norm per token, as upstream's Qwen-Image trainer.
     Returns a Trajectory with layers (B, layers, 4, H, W) in [0, 1] if decode.
     """
     traj, x = _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
-                     negative_prompt, cfg_normalize, generator)
-    start, end = sde_window or (0, num_inference_steps)
-    if not 0 <= start < end <= num_inference_steps:
-        raise ValueError(f"sde_window {sde_window}: need 0 <= start < end <= num_inference_steps={num_inference_steps}")
+                     negative_prompt, cfg_normalize, generator, sizing)
+    last = num_inference_steps if noise_level == 0 else num_inference_steps - 1  # ODE windows may hold the last
+    start, end = sde_window or (0, last)
+    if not 0 <= start < end <= last:
+        raise ValueError(f"sde_window {sde_window}: need 0 <= start < end <= {last} (num_inference_steps - 1: the "
+                         "last step, to sigma 0, is never an SDE step)")
     traj.window, traj.noise_level, traj.sde_type = (start, end), float(noise_level), sde_type
     states, log_probs = [], []
     for i in tqdm(range(num_inference_steps), desc="denoise", leave=False, disable=not progress):
@@ -347,7 +364,7 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
 
 @torch.no_grad()
 def decompose(pipe, images, *, layers, sampler="heun", num_inference_steps=50, resolution=640, true_cfg_scale=1.0,
-              generator=None, prompt=DEFAULT_PROMPT, progress=False):
+              generator=None, prompt=DEFAULT_PROMPT, progress=False, sizing="longest"):
     """Deterministic decomposition for evaluation: (B, layers, 4, H, W) in [0, 1].
 
     sampler="heun" is the released model's setting (2nd-order Heun on the same shifted schedule:
@@ -357,11 +374,11 @@ def decompose(pipe, images, *, layers, sampler="heun", num_inference_steps=50, r
     if sampler == "euler":
         return sample(pipe, images, layers=layers, num_inference_steps=num_inference_steps, noise_level=0.0,
                       resolution=resolution, prompt=prompt, true_cfg_scale=true_cfg_scale, generator=generator,
-                      sde_window=(0, 1), progress=progress).layers
+                      sde_window=(0, 1), progress=progress, sizing=sizing).layers
     if sampler != "heun":
         raise ValueError(f"--sampler {sampler!r}: use 'heun' or 'euler'")
     traj, x = _start(pipe, images, layers, 1, num_inference_steps, resolution, prompt, true_cfg_scale, " ",
-                     False, generator)
+                     True, generator, sizing)
     sig, ts = traj.sigmas, traj.timesteps
     for i in tqdm(range(num_inference_steps), desc="heun", leave=False, disable=not progress):
         dt = sig[i + 1] - sig[i]
@@ -422,9 +439,14 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=10, help="denoising steps T")
     p.add_argument("--noise_level", type=float, default=1.2, help="SDE noise level a (0 = deterministic Euler)")
     p.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("START", "END"),
-                   help="only steps START..END-1 are SDE (default all)")
-    p.add_argument("--resolution", type=int, default=640, help="640 or 1024 (tiny: any multiple of 32)")
+                   help="only steps START..END-1 are SDE (default 0..T-2: every step but the last)")
+    p.add_argument("--resolution", type=int, default=640, help="longest side in px: 640 (released) or 1024")
+    p.add_argument("--sizing", choices=["longest", "area"], default="longest",
+                   help="condition size: longest side = resolution, multiples of 16 (released inference), or "
+                        "diffusers' area rule (about resolution^2 px, multiples of 32)")
     p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
+    p.add_argument("--cfg_normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")
     return p.parse_args(argv)
@@ -444,7 +466,8 @@ def main(argv=None):
     for path in tqdm(paths, desc="images"):
         traj = sample(pipe, [open_image(path)], layers=args.layers, group_size=args.group_size, generator=generator,
                       num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
-                      sde_window=args.sde_window, resolution=args.resolution, true_cfg_scale=args.true_cfg_scale)
+                      sde_window=args.sde_window, resolution=args.resolution, true_cfg_scale=args.true_cfg_scale,
+                      cfg_normalize=args.cfg_normalize, sizing=args.sizing)
         folder = out / path.relative_to(args.images).with_suffix("")
         folder.mkdir(parents=True, exist_ok=True)
         traj.images[0].save(folder / "image.png")
@@ -456,5 +479,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line (anything else keeps its traceback)
         sys.exit(f"error: {e}")
