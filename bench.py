@@ -12,6 +12,9 @@ LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transforme
     python bench.py --device cuda --json outputs/bench-gpu.json     # one H100/H200: full size, all 60 blocks
     python bench.py --device cuda --judge_gib 18                    # ... with 18 GiB held for a judge
     python bench.py --device cuda --num_blocks 8                    # a smaller GPU: 8 blocks, scaled to 60
+    python bench.py --ratio --mixed_precision bf16 --group_size 8   # on-policy ratio - 1: batch G vs micro-batches
+    python bench.py --overlap 0.8                                   # judge latency hidden behind rollouts?
+    python bench.py --scaling                                       # images/s of train.py, 1 vs 2 gloo ranks (CPU)
 
 FLOP (2 per multiply-add) per sample; K blocks, hidden D = heads * head_dim, N = N_img + N_txt tokens (noise +
 condition + text), r = LoRA rank. One forward F = L + A + R + O:
@@ -52,6 +55,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
                        QwenImageTransformer2DModel)
 from tqdm.auto import tqdm
 
+import data
 import rollout
 import tiny
 import train
@@ -96,6 +100,12 @@ def parse_args(argv=None):
       "gain and OpenMP spin-waits wreck timings on a busy machine; else torch's default)")
     a("--seed", type=int, default=0, help="random seed")
     a("--json", default=None, help="also write the numbers to this JSON file")
+    a("--overlap", type=float, default=None, metavar="D", help="instead of the table: train.py's step time on the tiny "
+      "model, 4 images per step, with a loopback HTTP judge answering after D seconds, serial vs overlapped")
+    a("--scaling", action="store_true", help="instead of the table: images/s of train.py on the tiny model as 1 "
+      "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio")
+    a("--ratio", action="store_true", help="instead of the table: the on-policy ratio's distance from 1 when the "
+      "rollout runs batch G and re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("full" if cuda else "toy")
@@ -382,8 +392,127 @@ def format_table(res):
     return "\n".join(lines)
 
 
+def onpolicy_ratio(args):
+    """One SDE step of G rows at batch G (as a rollout), re-scored in micro-batches of --train_batch_size (as the
+    update): ratio = exp(log_prob_new - log_prob_old) per row, with LoRA B weights drawn N(0, 0.02) so the adapter
+    is active. Fully on-policy, so any distance from 1 is the batch shape's rounding in --mixed_precision."""
+    device, dtype = args.device, {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
+    pipe, blocks, _ = build_pipeline(args, device, dtype)
+    transformer = pipe.transformer
+    params = train.add_lora(transformer, args.rank, args.lora_alpha)
+    traj, x = make_trajectory(pipe, args, device, dtype)
+    g = torch.Generator(device).manual_seed(args.seed)
+    with torch.no_grad(), train.lora_precision(transformer):
+        for p in params:
+            p.normal_(0, 0.02, generator=g)
+        v = rollout.predict_velocity(transformer, traj, x, traj.timesteps[STEP])  # (G, S, 64) at batch G
+        prev, old, _, _ = rollout.sde_step_with_logprob(v, x, traj.sigmas[STEP], traj.sigmas[STEP + 1],
+                                                        args.noise_level, generator=g)
+        traj.latents, traj.log_probs = torch.stack([x, prev], 1), old[:, None]
+        new = torch.cat([rollout.step_log_prob(transformer, traj, 0, rows)[0]
+                         for rows in torch.arange(args.group_size).split(args.train_batch_size)])
+    ratio = torch.exp(new - old).double()
+    return {"blocks": blocks, "dtype": args.mixed_precision, "resolution": args.resolution, "group_size": args.group_size,
+            "train_batch_size": args.train_batch_size, "ratio_mean_minus_1": (ratio.mean() - 1).item(),
+            "ratio_max_abs_minus_1": (ratio - 1).abs().max().item()}
+
+
+def scaling(args, steps=6, images_per_step=4):
+    """train.py on the tiny model, --images_per_step 4, as 1 process and as 2 gloo ranks (OMP_NUM_THREADS=1 each):
+    images per second from the steps' wall time (time/step_s in metrics.jsonl, the first step left out)."""
+    import os
+    import subprocess
+    import tempfile
+
+    out, env = {}, {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data.write_references(tmp + "/images", 4, seed=args.seed, size=(64, 48), images_only=True)
+        flags = ["train.py", "--images", tmp + "/images", "--pretrained_model_name_or_path", "tiny", "--resolution",
+                 "64", "--layers", "2", "--group_size", "4", "--num_inference_steps", "4", "--rank", "4",
+                 "--lora_alpha", "8", "--mixed_precision", "no", "--reward", "recon", "--report_to", "none",
+                 "--sample_every", "0", "--images_per_step", str(images_per_step), "--max_train_steps", str(steps)]
+        for ranks in (1, 2):
+            launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                          "--nproc_per_node", str(ranks)]
+            subprocess.run([*launch, *flags, "--output_dir", f"{tmp}/r{ranks}"], env=env, check=True,
+                           capture_output=True)
+            rows = [json.loads(line) for line in Path(f"{tmp}/r{ranks}/metrics.jsonl").read_text().splitlines()]
+            out[f"images_per_s_{ranks}"] = images_per_step * (len(rows) - 1) / sum(r["time/step_s"] for r in rows[1:])
+    out["ratio_2_over_1"] = out["images_per_s_2"] / out["images_per_s_1"]
+    return out
+
+
+def overlap(args, delay, steps=4):
+    """train.py on the tiny model (G 4, 4 images per step) against a real OpenAI-compatible judge on 127.0.0.1 that
+    answers every request after `delay` seconds: median step time and time the GPU loop waited for the judge, with
+    the judging of each group serial (after its rollout, in the main thread) and overlapped (in threads while the
+    next groups roll out). The first step (warm-up) is left out."""
+    import re
+    import tempfile
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def reply(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.reply({"data": [{"id": "judge"}]})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            keys = re.findall(r'"(\w+)": <1-9>', request["messages"][0]["content"][1]["text"])
+            time.sleep(delay)
+            text = json.dumps({k: 1 + (len(k) + i) % 9 for i, k in enumerate(keys)})
+            self.reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, out = f"http://127.0.0.1:{server.server_address[1]}/v1", {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data.write_references(tmp + "/images", 4, seed=args.seed, size=(64, 48), images_only=True)
+            for mode in ("no-judge_overlap", "judge_overlap"):
+                train.main(["--images", tmp + "/images", "--pretrained_model_name_or_path", "tiny", "--resolution",
+                            "64", "--layers", "2", "--group_size", "4", "--num_inference_steps", "4", "--rank", "4",
+                            "--lora_alpha", "8", "--mixed_precision", "no", "--judge_url", url, "--judge_model",
+                            "judge", "--report_to", "none", "--sample_every", "0", "--images_per_step", "4",
+                            "--max_train_steps", str(steps), "--output_dir", f"{tmp}/{mode}", f"--{mode}"])
+                rows = [json.loads(line) for line in Path(f"{tmp}/{mode}/metrics.jsonl").read_text().splitlines()][1:]
+                name = "overlapped" if mode == "judge_overlap" else "serial"
+                out[f"{name}_step_s"] = statistics.median(r["time/step_s"] for r in rows)
+                out[f"{name}_judge_wait_s"] = statistics.median(r["time/judge_wait_s"] for r in rows)
+                out[f"{name}_rollout_s"] = statistics.median(r["time/rollout_s"] for r in rows)
+    finally:
+        server.shutdown()
+        server.server_close()
+    out["delay_s"] = delay
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.overlap is not None:
+        res = overlap(args, args.overlap)
+        print(", ".join(f"{k} {v:.3g}" for k, v in res.items()))
+        return res
+    if args.scaling:
+        res = scaling(args)
+        print(", ".join(f"{k} {v:.3g}" for k, v in res.items()))
+        return res
+    if args.ratio:
+        res = onpolicy_ratio(args)
+        print(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+        return res
     threads = torch.get_num_threads()
     try:
         res = run(args)

@@ -1,12 +1,14 @@
 """Smoke tests: CPU, offline, tiny randomly initialised real models. Run: python -m pytest -q test_smoke.py"""
 
 from contextlib import contextmanager
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import base64
 import csv
 import io
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -31,10 +33,11 @@ import grpo
 import judges
 import reward
 import rollout
+import runs
 import tiny
 import train
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +60,15 @@ def design(size=(48, 32), seed=0):
 # ----------------------------------------------------------------------------- rollout
 @pytest.mark.parametrize("layers,cfg", [(2, 1.0), (3, 4.0)])
 def test_sampler_matches_diffusers_call(pipe, layers, cfg):
-    """noise_level=0 is diffusers' own Euler loop: same layers as __call__ (640 px bucket, non-square)."""
+    """noise_level=0 is diffusers' own Euler loop: same layers as __call__ (640 px bucket, non-square, diffusers'
+    area sizing; with CFG, its per-token norm rescale)."""
     image = design()
     ref = pipe(image.convert("RGBA"), rollout.DEFAULT_PROMPT, negative_prompt=" " if cfg > 1 else None,
-               true_cfg_scale=cfg, layers=layers, num_inference_steps=2, resolution=640, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images[0]  # (layers, 4, H, W)
+               true_cfg_scale=cfg, cfg_normalize=cfg > 1, layers=layers, num_inference_steps=2, resolution=640,
+               output_type="pt", generator=torch.Generator().manual_seed(0)).images[0]  # (layers, 4, H, W)
     traj = rollout.sample(pipe, [image], layers=layers, num_inference_steps=2, noise_level=0.0, resolution=640,
-                          true_cfg_scale=cfg, generator=torch.Generator().manual_seed(0))
+                          true_cfg_scale=cfg, cfg_normalize=cfg > 1, generator=torch.Generator().manual_seed(0),
+                          sizing="area")
     assert ref.shape == (layers, 4, 512, 768) and traj.layers.shape == (1, layers, 4, 512, 768)
     assert (traj.layers[0] - ref).abs().max().item() < 1e-5
 
@@ -118,7 +123,7 @@ def test_layers_shape_range_dtype(pipe, layers):
     traj = rollout.sample(pipe, [design(seed=layers)], layers=layers, group_size=2, num_inference_steps=3,
                           noise_level=1.0, resolution=96, generator=torch.Generator().manual_seed(0))
     x = traj.layers
-    assert x.shape == (2, layers, 4, 64, 128) and x.dtype == torch.float32  # 48x32 -> about 96^2, sides % 32
+    assert x.shape == (2, layers, 4, 64, 96) and x.dtype == torch.float32  # 48x32 -> longest side 96, sides % 16
     assert 0.0 <= x.min().item() and x.max().item() <= 1.0
     assert (x[0] - x[1]).abs().max().item() > 1e-3, "group members must get independent noise"
     again = rollout.sample(pipe, [design(seed=layers)], layers=layers, group_size=2, num_inference_steps=3,
@@ -153,10 +158,26 @@ def test_rollout_bad_input(pipe, tmp_path):
         data.open_image(tmp_path / "notes.png")
     with pytest.raises(ValueError, match="empty list"):
         rollout.sample(pipe, [], layers=2, resolution=64)
-    with pytest.raises(SystemExit, match="no readable image"):
+    with pytest.raises(ValueError, match="no readable image"):
         data.find_images(tmp_path)
     with pytest.raises(ValueError, match="different sizes"):
         rollout.sample(pipe, [design((48, 32)), design((32, 48))], layers=2, resolution=96)
+    with pytest.raises(ValueError, match="never an SDE step"):
+        rollout.sample(pipe, [design()], layers=2, resolution=64, num_inference_steps=3, sde_window=(1, 3))
+
+
+@pytest.mark.parametrize("aspect, longest, area", [
+    ((1, 1), (640, 640), (640, 640)), ((4, 3), (640, 480), (736, 544)), ((16, 9), (640, 352), (864, 480)),
+    ((3, 4), (480, 640), (544, 736)), ((9, 16), (352, 640), (480, 864)), ((3, 2), (640, 426 // 16 * 16), None),
+    ((21, 9), (640, 272), None)])
+def test_condition_sizing_released_rule_and_area_rule(aspect, longest, area):
+    """The released inference scales the longest side to --resolution (multiples of 16, rounded down); diffusers'
+    area rule (kept as --sizing area, used by the parity test) gives other sizes for every non-square input."""
+    image = Image.new("RGB", (aspect[0] * 120, aspect[1] * 120))
+    assert rollout.condition_size(image, 640) == longest
+    if area:
+        assert rollout.condition_size(image, 640, sizing="area") == area
+    assert (rollout.condition_size(image, 640, "area") != longest) == (aspect != (1, 1))
 
 
 def test_any_image_mode(tmp_path):
@@ -240,7 +261,8 @@ def test_kl_loss():
 
 # ----------------------------------------------------------------------------- train
 TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--group_size", "4", "--num_inference_steps",
-        "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--train_batch_size", "4"]
+        "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--train_batch_size", "4",
+        "--images_per_step", "1", "--report_to", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +284,7 @@ def run(image_dir, tmp_path_factory):
     with pytest.warns(UserWarning, match="broken.png"):
         pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2", "3",
                            "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
-                           "--sample_every", "1", "--images_per_step", "2", *TINY])
+                           "--sample_every", "1", *TINY, "--images_per_step", "2"])
     return out, pipe
 
 
@@ -359,6 +381,37 @@ def test_saved_lora_reproduces_the_trained_policy(run):
             torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), expected, rtol=0, atol=1e-6)
 
 
+def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_path, capsys):
+    """--init_lora: the step-0 policy is base + that LoRA (velocity equal to loading it for inference), the KL of
+    the first step is 0 (the reference is that starting policy, not the bare base), and the result still loads on
+    the bare base model; a folder that holds no LoRA of this model exits 2."""
+    start, _ = run
+    out = tmp_path / "grpo"
+    pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2",
+                       "--init_lora", str(start), "--beta", "0.04", "--max_train_steps", "1", "--sample_every", "0",
+                       "--learning_rate", "1e-2", *TINY])
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["loss/kl"] == 0.0 and abs(record["diag/ratio_mean"] - 1) < 1e-5
+    probe = rollout.sample(pipe, [design()], layers=2, num_inference_steps=2, noise_level=0, resolution=64,
+                           generator=torch.Generator().manual_seed(0), decode=False)
+    x, t = probe.latents[:, 0], probe.timesteps[0]
+    with torch.no_grad(), train.reference_policy(pipe.transformer):
+        reference = rollout.predict_velocity(pipe.transformer, probe, x, t)
+    started, trained = rollout.load_pipeline("tiny"), rollout.load_pipeline("tiny")
+    rollout.load_lora(started, start / "peft")
+    trained.load_lora_weights(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(reference, rollout.predict_velocity(started.transformer, probe, x, t), rtol=0,
+                                   atol=1e-6)
+        after = rollout.predict_velocity(pipe.transformer, probe, x, t)
+        torch.testing.assert_close(rollout.predict_velocity(trained.transformer, probe, x, t), after, rtol=0, atol=1e-6)
+        assert (after - reference).abs().max() > 1e-5  # one update moved the policy away from its start
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "bad"), "--reward", "recon",
+                    "--init_lora", str(image_dir), *TINY])
+    assert e.value.code == 2 and "--init_lora" in capsys.readouterr().err
+
+
 def test_resume_gives_the_same_run(image_dir, tmp_path):
     """Killed between checkpoints, resumed from the last one: same weights and the same log as one straight run."""
     common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--checkpointing_steps", "2",
@@ -399,28 +452,44 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
     for name in ("opaque_background", "flipped"):
         train.main(["--images", str(tmp_path / "images"), "--output_dir", str(tmp_path / name), "--reward", name,
                     "--layers", "2", "--max_train_steps", "20", "--checkpointing_steps", "100", "--sample_every", "0",
-                    "--beta", "0", "--learning_rate", "3e-2", *TINY])
+                    "--beta", "0", "--learning_rate", "3e-2", *TINY, "--group_size", "8"])
         results[name] = evaluate(tmp_path / name / "peft")
     print("learning test (mean background alpha, fixed seeds):", results)
     assert results["opaque_background"] > results["base"] + 0.01
     assert results["flipped"] < results["base"] - 0.01
 
 
-def test_train_with_http_judge(image_dir, tmp_path):
-    """The real loop against an OpenAI-compatible judge on 127.0.0.1: G + 1 requests per group, no failure,
-    and the grid's scores (which differ per label) become rewards with a spread."""
+def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
+    """The real loop against an OpenAI-compatible judge on 127.0.0.1, chosen by --judge_url alone: G + 1 requests
+    per group, no failure, the grid's scores (which differ per label) become rewards with a spread; the model card
+    names the base model and carries no secret from the environment."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-in-env-42")
+
     def answer(body):
         keys = keys_asked(body)
         scores = {k: 7 for k in keys} if keys == KEYS else {k: 2 + 2 * i for i, k in enumerate(keys)}
         return 200, completion(json.dumps(scores))
 
     with judge_server(answer) as (server, url):
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--judge", "http", "--judge_url", url,
-                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "1", *TINY])
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--judge_url", url,
+                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "1",
+                    *TINY])
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["judge/requests"] == 4 + 1 and record["judge/fallbacks"] == 0
     assert record["stage1/total"] == pytest.approx(7.0) and record["reward/std"] > 1.0
     assert (tmp_path / "samples" / "step-000001.png").is_file()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "tiny" and card.data.library_name == "diffusers"
+    assert {"lora", "stable-layers", "flow-grpo", "qwen-image-layered"} <= set(card.data.tags)
+    text = (tmp_path / "README.md").read_text()
+    assert "load_lora_weights" in text and "PeftModel.from_pretrained" in text and "samples/step-000001.png" in text
+    assert "sk-secret-in-env-42" not in text and url in text
+    assert ModelCard.load(tmp_path / "checkpoint-1" / "README.md").data.base_model == "tiny"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--images", ".", "--judge", "local", "--judge_url", url])
+    assert e.value.code == 2
 
 
 def test_train_bad_input(tmp_path):
@@ -434,6 +503,281 @@ def test_train_bad_input(tmp_path):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--images", str(empty), *argv])
         assert e.value.code == 2
+
+
+def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
+    """An HTTP judge on loopback with delays and failures (the first answer for some pictures is HTTP 500): each
+    group judged in a thread while the next is rolled out gives the same LoRA and the same metrics as judging
+    after each rollout in the main thread."""
+    import hashlib
+
+    seen, lock = set(), threading.Lock()
+
+    def answer(body):
+        time.sleep(0.05)
+        digest = hashlib.sha1(image_sent(body).tobytes()).digest()
+        with lock:
+            first = digest not in seen
+            seen.add(digest)
+        if first and digest[0] % 4 == 0:
+            return 500, {"error": "overloaded"}
+        keys = keys_asked(body)
+        return 200, completion(json.dumps({k: 1 + (digest[i] % 9) for i, k in enumerate(keys)}))
+
+    out = {}
+    with judge_server(answer) as (server, url):
+        for mode in ("--judge_overlap", "--no-judge_overlap"):
+            seen.clear()
+            out[mode] = tmp_path / mode.strip("-")
+            train.main(["--images", str(image_dir), "--output_dir", str(out[mode]), "--judge_url", url,
+                        "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "2", "--sample_every", "0",
+                        *TINY, "--images_per_step", "2", mode])
+    rows = {m: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
+                for line in (o / "metrics.jsonl").read_text().splitlines()] for m, o in out.items()}
+    assert rows["--judge_overlap"] == rows["--no-judge_overlap"]
+    assert sum(r["judge/retries"] for r in rows["--judge_overlap"]) > 0 and rows["--judge_overlap"][0]["reward/std"] > 0
+    a, b = (_lora(o) for o in out.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_errors_bad_input_one_line_bugs_keep_their_traceback(image_dir, tmp_path, monkeypatch, capsys):
+    """Bad input (a missing folder, --sde_window = T, --images_per_step not a multiple of the ranks) is one line
+    and exit 2; an exception raised by a (forked) reward inside the loop reaches the top with its traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(tmp_path / "nope"), "--reward", "recon", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no such folder" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--images", ".", "--num_inference_steps", "4", "--sde_window", "4"])
+    assert e.value.code == 2 and "last step" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch in my reward")
+
+    monkeypatch.setitem(reward.REWARDS, "broken", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch in my reward"):
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "out"), "--reward", "broken", *TINY])
+
+
+def test_out_of_memory_gives_one_actionable_line(image_dir, tmp_path, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "policy_update", oom)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert e.value.code == 2 and err.startswith("error: CUDA out of memory")
+    assert "during the update" in err and "--train_batch_size 1" in err and "--resume_from_checkpoint" in err
+
+
+def test_cps_with_the_kl_trains_every_step_and_window_0_stops_before_the_last(image_dir, tmp_path):
+    """CPS has std 0 on the last step (sigma_next = 0): the window never holds it, so the KL stays finite and no
+    update is skipped; --sde_window 0 trains steps 0..T-2."""
+    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
+                "--sde_type", "cps", "--noise_level", "0.7", "--beta", "0.04", "--sde_window", "0", "--clip_range",
+                "1e-5", "--max_train_steps", "2", "--sample_every", "0", *TINY])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["window"] for r in records] == [[0, 3], [0, 3]]  # T = 4: steps 0, 1, 2
+    assert all(r["train/skipped_updates"] == 0 and math.isfinite(r["loss/kl"]) for r in records)
+    assert records[1]["loss/kl"] > 0  # after one update the policy has left the reference
+
+
+def test_advantages_use_upstream_global_std_over_the_step():
+    """Two images, the second with near-equal rewards: upstream centres per image and divides by the std of all
+    the step's rewards, which keeps the near-tie small; the per-group std blows it up to +-1."""
+    r = np.array([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.001], dtype=np.float32)
+    groups = r.reshape(2, 4)
+    upstream = ((groups - groups.mean(1, keepdims=True)) / (r.std() + 1e-4)).reshape(-1)  # np.std: ddof 0
+    ours = grpo.group_advantages(torch.tensor(r), 4, global_std=True)
+    np.testing.assert_allclose(ours.numpy(), np.clip(upstream, -5, 5), rtol=0, atol=1e-6)
+    assert ours[4:].abs().max() < 1e-3
+    per_group = grpo.group_advantages(torch.tensor(r), 4, global_std=False)
+    assert per_group[7].item() == pytest.approx(0.75 * 0.001 / (np.std(r[4:]) + 1e-4), rel=1e-3)
+    assert per_group[4:].abs().max() > 1.0
+    assert train.parse_args(["--images", "."]).adv_std == "global" == train.UPSTREAM["adv_std"]
+
+
+def test_departures_table_is_the_defaults():
+    """The departures table in train.py's docstring is the truth: every flag with an upstream value either keeps
+    it as its default or has a row whose `upstream` and `here` columns are upstream's value and the default; the
+    README shows the same table."""
+    table = [line for line in train.__doc__.splitlines() if line.startswith("|")]  # header, |---|, rows
+    rows = {cells[0].strip("`"): cells[1:3] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                          for line in table[2:])}
+    args = train.parse_args(["--images", "."])
+    for flag, upstream in train.UPSTREAM.items():
+        default = getattr(args, flag)
+        if default == upstream:
+            assert f"--{flag}" not in rows, f"--{flag} keeps upstream's {upstream} but has a row"
+        else:
+            assert rows.get(f"--{flag}") == [str(upstream), str(default)], f"--{flag}: {default} vs {upstream}"
+    assert all(name in {f"--{f}" for f in train.UPSTREAM} for name in rows if name.startswith("--"))
+    readme = Path(__file__).with_name("README.md").read_text()
+    assert "\n".join(table) in readme
+
+
+def _tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+def test_report_to_tensorboard_matches_metrics_jsonl(image_dir, tmp_path):
+    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
+                "--max_train_steps", "2", "--sample_every", "2", *TINY, "--report_to", "tensorboard"])
+    scalars, images = _tensorboard_scalars(tmp_path / "logs")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ["reward/mean", "loss/policy", "diag/ratio_mean", "recon/l1", "time/train_s"]:
+        assert scalars[key] == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in records], key
+    assert images == ["samples/group"]
+
+
+def _wandb_history(run_file):
+    """The history rows of an offline wandb run file: a LevelDB-style log (7-byte header, 32 KiB blocks of records
+    with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST) of wandb Record protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, rows, pos, part = Path(run_file).read_bytes(), [], 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # block trailer: padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        part += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one whole record
+            record = pb.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+        elif kind == 0:
+            break
+    return rows
+
+
+def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
+                "--max_train_steps", "2", "--sample_every", "1", *TINY, "--report_to", "wandb"])
+    history = _wandb_history(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {row["_step"]: row for row in history}
+    for r in records:
+        for key in ["reward/mean", "loss/policy", "recon/l1"]:
+            assert logged[r["step"]][key] == pytest.approx(r[key], rel=1e-9), key
+        assert logged[r["step"]]["samples/group/_type"] == "image-file"
+
+
+def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
+    """A second run on a busy folder exits non-zero within seconds with one line; the first logs exactly one row
+    per step; a run killed with SIGKILL leaves no stale lock (the OS drops it), so the next run resumes."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "train.py", "--images", str(image_dir), "--output_dir", str(out), "--reward", "recon",
+            "--layers", "2", "--max_train_steps", "40", "--sample_every", "0", "--checkpointing_steps", "1", *TINY]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        t = time.time()
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and time.time() - t < 30
+        assert "is in use by pid" in second.stderr and "Traceback" not in second.stderr
+        first.kill()  # SIGKILL in the middle of the run
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    done = len(runs.checkpoints(out))
+    resumed = subprocess.run([*argv[:-len(TINY) - 2], "--max_train_steps", str(done + 1), *TINY,
+                              "--resume_from_checkpoint", "latest"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-500:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, done + 2))
+    state = torch.load(out / f"checkpoint-{done + 1}" / "training_state.pt", weights_only=True)
+    assert state["step"] == done + 1 and "rng" not in state
+
+
+def _torchrun(nproc, argv, timeout=240, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(_free_port()), "train.py", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _lora(folder):
+    return load_file(Path(folder) / "peft" / "adapter_model.safetensors")
+
+
+def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(image_dir, tmp_path):
+    """gloo on CPU: 2 ranks x 1 image per step train the LoRA of 1 process x 2 images; a 2-rank run stopped at
+    step 2 resumes to 4 on 2 ranks and on 1 rank, both equal to 4 uninterrupted steps; only rank 0 writes."""
+    common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--sample_every", "2",
+              "--checkpointing_steps", "1", "--checkpoints_total_limit", "10", *TINY, "--images_per_step", "2"]
+    env1 = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", *common, "--output_dir", str(tmp_path / "one"),
+                          "--max_train_steps", "4"], capture_output=True, text=True, timeout=240, env=env1)
+    assert one.returncode == 0, one.stderr[-800:]
+    two = _torchrun(2, [*common, "--output_dir", str(tmp_path / "two"), "--max_train_steps", "2"])
+    assert two.returncode == 0, two.stderr[-800:]
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    for folder, nproc in (("two", 2), ("two_then_one", 1)):
+        argv = [*common, "--output_dir", str(tmp_path / folder), "--max_train_steps", "4",
+                "--resume_from_checkpoint", "latest"]
+        done = _torchrun(2, argv) if nproc == 2 else subprocess.run([sys.executable, "train.py", *argv],
+                                                                    capture_output=True, text=True, env=env1)
+        assert done.returncode == 0, done.stderr[-800:]
+    ref = {k: _lora(tmp_path / "one" / f"checkpoint-{s}") for k, s in (("2", 2), ("4", 4))}
+    two_at_2 = _lora(tmp_path / "two" / "checkpoint-2")
+    dw = max((ref["2"][k] - two_at_2[k]).abs().max().item() for k in ref["2"])
+    print(f"world-size invariance: max |dW| after 2 steps = {dw:.2e}")
+    assert dw <= 1e-6
+    for folder in ("two", "two_then_one"):
+        final = _lora(tmp_path / folder)
+        assert max((ref["4"][k] - final[k]).abs().max().item() for k in final) <= 1e-6, folder
+        rows = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        ref_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one row per step: only rank 0 writes
+        assert [r["reward/mean"] for r in rows] == pytest.approx([r["reward/mean"] for r in ref_rows], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    bad = _torchrun(2, [*common, "--output_dir", str(tmp_path / "odd"), "--images_per_step", "3"])
+    assert bad.returncode != 0 and "multiple of the number of ranks (2)" in bad.stderr
+
+
+def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path):
+    import psutil
+
+    argv = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--sample_every", "0",
+            "--output_dir", str(tmp_path), "--max_train_steps", "500", *TINY, "--images_per_step", "2"]
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(_free_port()), "train.py", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        rank1 = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        t = time.time()
+        rank1[0].kill()
+        err = job.communicate(timeout=90)[1]
+        print(f"job stopped {time.time() - t:.1f} s after rank 1 was killed")
+        assert job.returncode != 0 and "rank: 1" in err
+    finally:
+        if job.poll() is None:
+            job.kill()
 
 
 # ----------------------------------------------------------------------------- reward
@@ -917,7 +1261,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- evaluate
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
 def layer(H, W, color=(0, 0, 0), alpha=0.0, box=None):
@@ -1257,3 +1601,35 @@ def test_bench_flop_formula_matches_torch_count():
     assert plain == batch * formula(0)["forward"]
     assert with_lora == batch * formula(rank)["forward"]
     assert training == batch * formula(rank)["train"]
+
+
+# ----------------------------------------------------------------------------- the front door
+def _documented_commands():
+    """(file, script, argv) of every `python SCRIPT.py ...` / `torchrun ... SCRIPT.py ...` line in the README's and
+    docs/'s bash blocks, with line continuations joined."""
+    import importlib
+    import shlex
+
+    found = []
+    for path in [Path(__file__).with_name("README.md"), *sorted(Path(__file__).with_name("docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("&&")[-1].split(" #")[0].strip()
+                words = shlex.split(line) if line else []
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
+                if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]):
+                    i = scripts[0]
+                    found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1:]))
+    return found
+
+
+def test_documented_commands_parse():
+    """The commands the README and docs/ show (dry runs, the real runs, each script's examples) are accepted by
+    the scripts' own parse_args, so the front door cannot drift from the code."""
+    commands = _documented_commands()
+    assert {m.__name__ for _, m, _ in commands} >= {"train", "rollout", "reward", "data", "evaluate"}
+    for name, module, argv in commands:
+        try:
+            module.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{name}: python {module.__name__}.py {' '.join(argv)} does not parse") from e

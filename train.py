@@ -2,49 +2,61 @@
 
     # CPU dry run, tiny random model and tiny random judge (about a minute)
     python train.py --images examples --pretrained_model_name_or_path tiny --judge tiny --resolution 64 \\
-        --layers 2 3 --group_size 4 --num_inference_steps 4 --max_train_steps 4 --checkpointing_steps 2 \\
-        --output_dir outputs/dry-run --rank 4 --lora_alpha 8 --mixed_precision no
+        --layers 2 3 --group_size 4 --images_per_step 2 --num_inference_steps 4 --max_train_steps 4 \\
+        --checkpointing_steps 2 --output_dir outputs/dry-run --rank 4 --lora_alpha 8 --mixed_precision no
     # one 80 GB GPU, judge served elsewhere (vLLM/SGLang/Gemini, OpenAI-compatible; key in $OPENAI_API_KEY)
-    python train.py --images my_designs/ --judge http --judge_url http://judge-host:8000/v1 \\
-        --judge_model Qwen/Qwen3.5-9B
-    # resume after a crash or kill: same step numbers, same data order, same random draws
+    python train.py --images my_designs/ --judge_url http://judge-host:8000/v1 --judge_model Qwen/Qwen3.5-9B
+    # eight GPUs on one node: the same flags, the same algorithm, 8 data-parallel ranks
+    torchrun --nproc_per_node 8 train.py --images my_designs/ --judge_url http://judge-host:8000/v1 \\
+        --images_per_step 8
+    # resume after a crash or kill (any number of ranks): same step numbers, data order and random draws
     python train.py --images my_designs/ ... --resume_from_checkpoint latest
 
 Per step (the algorithm box): draw images_per_step images; roll out G candidates each with no gradient
 (rollout.sample; SDE on a window of K steps, ODE elsewhere); score them (reward.REWARDS[--reward]);
 group-relative advantages (grpo.group_advantages); then for each inner epoch: for every stored transition j
-of every group, re-score it with gradients (rollout.step_log_prob), loss = policy_loss + beta * KL to the same
-transformer with the LoRA disabled, accumulate; clip the gradient norm; one optimizer step.
+of every group, re-score it with gradients (rollout.step_log_prob), loss = policy_loss + beta * KL to the
+reference policy (the same transformer with the LoRA disabled, or the --init_lora starting point);
+accumulate; clip the gradient norm; one optimizer step. The accumulated loss is the MEAN over all
+(candidate, trained step) pairs of the step. Every random draw of step s derives from (--seed, s, image
+index), never from the rank or the number of ranks, so 1 or 8 processes train the same LoRA.
 
-Departures from Flow-GRPO (arXiv:2505.05470) and its Qwen-Image recipe, all deliberate:
-- one GPU, no FSDP; group_size 8 by default (upstream 16-24) to keep a step at a few minutes;
-- CFG off during rollouts and training (the released Stable-Layers setting; CFG during RL collapses upstream);
-- the "Fast" window: only --sde_window consecutive steps (default 2), drawn per step from the first half of
-  the schedule, are SDE and trained; group members get independent initial noise;
-- every random draw of step s comes from seeds derived from (--seed, s), so a resumed run repeats it exactly;
-- the accumulated loss is the mean over all (candidate, trained step) pairs of the step; one optimizer step
-  per inner epoch; the KL uses upstream's variance std_dev_t^2 (see grpo.kl_loss).
+Recipe: Flow-GRPO's Qwen-Image trainer (config pickscore_qwenimage, arXiv:2505.05470) wherever the paper and the
+released Stable-Layers model are silent, the released model where they speak (640 px longest side, 4 layers,
+CFG off, fixed prompt). Every departure (test_smoke.py checks this table against UPSTREAM and parse_args'
+defaults, and that the README shows the same table):
+
+| parameter | upstream | here | why |
+|---|---|---|---|
+| `--group_size` | 16 | 8 | one GPU: a rollout holds G candidates at once (simulated 54 GiB at G 8, about +11 GiB at 16) and a step costs G; noisier advantages |
+| `--images_per_step` | 8 | 4 | one GPU: 32 samples per optimizer step instead of 128, about 5 min per step on one H100 (estimate: 3.0e16 FLOP per image by bench.py's count, at 40% of 989 TFLOP/s); use 8 with 8 GPUs |
+| `--true_cfg_scale` | 4.0 | 1.0 | the released Stable-Layers setting (CFG off); CFG during RL collapses upstream; halves the forwards |
+| `--beta` | 0.0 | 0.04 | the Flow-GRPO paper's KL weight, kept as a guard against hacking a VLM judge (upstream answers grid artefacts and blur by raising beta); costs a reference forward per trained sample, +26% per micro-step (CPU, real width); --beta 0 is upstream |
+| `--train_batch_size` | 4 | 2 | memory: the update peaks at 56.7 GiB with 2 (simulated, 640 px, 4 layers); 4 does not leave room on 80 GB |
+| rollout batch | 4 | G | one image's G candidates share one batch (Layer-3D RoPE needs same-size rows; fewer launches) |
+| sampler state between steps | bf16 | fp32 | exact log-probs of the stored transitions; the state is 0.3% of a step's memory |
+| advantage groups | prompt text | image | the prompt is fixed, so the image is what a group shares |
 """
 
 import argparse
-import json
 import os
 import random
 import resource
-import shutil
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import data
 import grpo
 import reward
 import rollout
+import runs
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -53,36 +65,54 @@ DEFAULT_JUDGE = "Qwen/Qwen3.5-9B"  # the open judge the released LoRA was retrai
 # the last block's text output is discarded, so these modules of it would get no gradient
 UNUSED_IN_LAST_BLOCK = ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
-
+# flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a row of the docstring's table
+UPSTREAM = {"group_size": 16, "images_per_step": 8, "num_inference_steps": 10, "noise_level": 1.2, "sde_type": "sde",
+            "sde_window": 2, "true_cfg_scale": 4.0, "cfg_normalize": True, "clip_range": 1e-4, "beta": 0.0,
+            "adv_clip_max": 5.0, "adv_std": "global", "num_inner_epochs": 1, "train_batch_size": 4,
+            "learning_rate": 3e-4, "adam_weight_decay": 1e-4, "max_grad_norm": 1.0, "rank": 64, "lora_alpha": 128,
+            "mixed_precision": "bf16"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
     a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    a("--init_lora", default=None, help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter "
+      "folder); it is also the KL reference; its rank and targets replace --rank/--lora_alpha")
     a("--output_dir", default="outputs/stable-layers", help="checkpoints, metrics.jsonl, samples/, final LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
-    a("--resolution", type=int, default=640, help="condition bucket: 640 (released) or 1024; tiny: multiple of 32")
+    a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
+    a("--sizing", choices=["longest", "area"], default="longest", help="condition size rule: longest side = "
+      "resolution, multiples of 16 (released inference) or diffusers' area rule")
     a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
     a("--group_size", type=int, default=8, help="G: candidates per image")
-    a("--images_per_step", type=int, default=1, help="images (groups) per training step")
+    a("--images_per_step", type=int, default=4, help="images (groups) per optimizer step, over all ranks; about "
+      "5 min per step on one H100 at the defaults (estimate from the FLOP count)")
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps during training rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (Flow-GRPO's Qwen-Image setting)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
-    a("--sde_window", type=int, default=2, help="K: consecutive SDE (trained) steps per rollout; 0 = all T")
+    a("--sde_window", type=int, default=2, help="K: consecutive SDE (trained) steps per rollout; 0 = every step "
+      "but the last (0..T-2: the last step, to sigma 0, is never trained)")
     a("--sde_window_range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-      help="window start drawn per step so the window lies in steps LO..HI-1 (default: first half)")
+      help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..max(K, T/2))")
     a("--true_cfg_scale", type=float, default=1.0, help="true CFG scale in rollouts; 1 = off (released setting)")
+    a("--cfg_normalize", action=argparse.BooleanOptionalAction, default=True,
+      help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
     a("--reward", default="vlm", help=f"reward function, one of {sorted(reward.REWARDS)}")
-    a("--judge", default="local", help="VLM judge backend: local, http, tiny, text_encoder")
+    a("--judge", default=None, choices=["local", "http", "tiny", "text_encoder"],
+      help="VLM judge backend (default: http when --judge_url is given, else local). A local judge shares the "
+      "GPU and scores serially; an http judge scores while the GPU rolls out the next group")
     a("--judge_model", default=None, help=f"local: hub id/folder (default {DEFAULT_JUDGE}); http: served model name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    a("--judge_overlap", action=argparse.BooleanOptionalAction, default=True, help="http: judge each group in a "
+      "thread while the GPU rolls out the next (same rewards, same LoRA as serial)")
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
-    a("--beta", type=float, default=0.04, help="KL weight; 0 skips the reference forward")
+    a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
-    a("--global_std", action="store_true", help="normalise advantages by the std of the whole step's rewards")
+    a("--adv_std", choices=["global", "group"], default="global", help="advantage normaliser: std of all rewards "
+      "of the optimizer step (upstream) or of each image's group")
     a("--num_inner_epochs", type=int, default=1, help="passes over one step's rollouts (1 = fully on-policy)")
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the LoRA")
@@ -92,23 +122,70 @@ def parse_args(argv=None):
     a("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / r)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a("--max_train_steps", type=int, default=300, help="number of training steps (the loop's bound)")
+    a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--sample_every", type=int, default=10, help="write a PNG of one scored group every N steps (0 = never)")
+    a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker for the scalars and sample "
+      "pictures (metrics.jsonl is always written); tensorboard: `tensorboard --logdir OUTPUT_DIR/logs`")
     args = p.parse_args(argv)
     T = args.num_inference_steps
+    if args.judge is None:
+        args.judge = "http" if args.judge_url else "local"
     checks = [(args.group_size >= 2, "--group_size must be >= 2 (advantages are relative within a group)"),
               (min(args.layers) >= 1, "--layers must be >= 1"),
-              (0 <= args.sde_window <= T, f"--sde_window must be in 0..--num_inference_steps ({T})"),
+              (T >= 2, "--num_inference_steps must be >= 2 (the last step is never trained)"),
+              (0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..{T - 1} (--num_inference_steps - 1: the "
+               "last step, to sigma 0, is never trained)"),
               (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
-              (args.resolution % 32 == 0, "--resolution must be a multiple of 32 (the model uses 640 or 1024)"),
+              (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
+              (args.images_per_step >= 1, "--images_per_step must be >= 1"),
+              (not (args.judge_url and args.judge != "http"), f"--judge {args.judge} with --judge_url: the URL is "
+               "for --judge http; drop one of them"),
               (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
     for ok, message in checks:
         if not ok:
             p.error(message)
     return args
+
+
+# ----------------------------------------------------------------------------- several GPUs (torchrun)
+def init_distributed():
+    """torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK; each rank runs on
+    cuda:LOCAL_RANK (gloo on a CPU, so the same code is tested here). Returns (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, "cuda" if cuda else "cpu"
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, f"cuda:{local}" if cuda else "cpu"
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_(tensors):
+    """Sum tensors across ranks in place (one flat buffer, one collective); a no-op in one process."""
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ----------------------------------------------------------------------------- setup
@@ -130,6 +207,31 @@ def add_lora(transformer, rank, lora_alpha):
     return params
 
 
+def add_init_lora(transformer, folder):
+    """Start from a saved LoRA: its PEFT adapter (folder/peft or folder itself) becomes the trained adapter
+    "default" and, frozen, the KL reference "reference". Returns the trainable fp32 parameters."""
+    from peft import LoraConfig
+
+    folder = Path(folder)
+    peft_dir = folder / "peft" if (folder / "peft" / "adapter_config.json").is_file() else folder
+    if not (peft_dir / "adapter_config.json").is_file():
+        raise runs.InputError(f"--init_lora {folder}: no PEFT adapter there (looked for adapter_config.json in "
+                              f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
+    transformer.requires_grad_(False)
+    for name in ("default", "reference"):
+        transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
+        try:
+            rollout.load_peft_weights(transformer, peft_dir, adapter_name=name)
+        except (ValueError, RuntimeError) as e:
+            raise runs.InputError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
+    transformer.set_adapter("default")
+    params = [p for n, p in transformer.named_parameters() if ".default." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return params
+
+
 @contextmanager
 def lora_precision(transformer):
     """Frozen bf16/fp16 weights with fp32 LoRA weights (the optimizer's master copy): run the LoRA matmuls in
@@ -147,7 +249,15 @@ def lora_precision(transformer):
 
 @contextmanager
 def reference_policy(transformer):
-    """The reference policy: the same transformer with its LoRA disabled (no second copy of the weights)."""
+    """The KL reference: the same transformer with its LoRA disabled (no second copy of the weights), or the
+    frozen --init_lora adapter when training started from one."""
+    if "reference" in getattr(transformer, "peft_config", {}):
+        transformer.set_adapter("reference")
+        try:
+            yield
+        finally:
+            transformer.set_adapter("default")
+        return
     transformer.disable_adapters()
     try:
         yield
@@ -156,8 +266,8 @@ def reference_policy(transformer):
 
 
 def step_plan(args, step, num_images):
-    """Everything random about step `step`, derived from (seed, step) alone: image indices (epoch-wise
-    permutations), layer count, window start, and the rollout generator's seed."""
+    """Everything random about step `step`, from (seed, step) alone: image indices (epoch-wise permutations),
+    layer count, window, and one rollout seed per image position k (so no draw depends on the rank)."""
     rng = random.Random(args.seed * 1_000_003 + step)
     indices = []
     for k in range(args.images_per_step):
@@ -165,71 +275,26 @@ def step_plan(args, step, num_images):
         epoch = position // num_images
         epoch_order = torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed + epoch))
         indices.append(int(epoch_order[position % num_images]))
-    T, K = args.num_inference_steps, args.sde_window or args.num_inference_steps
+    T = args.num_inference_steps
+    K = args.sde_window or T - 1
     lo, hi = args.sde_window_range or (0, max(K, T // 2))
-    start = rng.randint(lo, max(lo, hi - K))
-    return indices, rng.choice(args.layers), (start, start + K), rng.getrandbits(63)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoints(output_dir):
-    """output_dir's checkpoint-{step} folders, oldest first (temporary .checkpoint-*.tmp ones excluded)."""
-    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(output_dir, step, transformer, optimizer, args, limit):
-    """output_dir/checkpoint-{step}/: the LoRA in both formats + training_state.pt (optimizer, step, RNG
-    states, args). Written under a temporary name and renamed, so a kill never leaves a broken one."""
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "training_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    found = checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit)]:
-        shutil.rmtree(old)
-    return final
-
-
-def load_checkpoint(path, output_dir, transformer, optimizer):
-    if path == "latest":
-        found = checkpoints(output_dir)
-        if not found:
-            print(f"no checkpoint in {output_dir}: starting at step 0")
-            return 0
-        path = found[-1]
-    path = Path(path)
-    if not (path / "training_state.pt").is_file():
-        raise SystemExit(f"--resume_from_checkpoint {path}: no training_state.pt there")
-    rollout.load_peft_weights(transformer, path / "peft")
-    state = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    metrics = output_dir / "metrics.jsonl"  # steps logged after this checkpoint will be run (and logged) again
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
-        os.replace(metrics.with_suffix(".tmp"), metrics)
-    print(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+    start = rng.randint(lo, max(lo, min(hi, T - 1) - K))
+    layers = rng.choice(args.layers)
+    seeds = [random.Random(f"{args.seed}/{step}/{k}").getrandbits(63) for k in range(args.images_per_step)]
+    return indices, layers, (start, start + K), seeds
 
 
 # ----------------------------------------------------------------------------- one step
-def policy_update(transformer, trajectories, advantages, args, params, optimizer):
+def policy_update(transformer, trajectories, advantages, args, params, optimizer, total=None):
     """One optimizer step per inner epoch over all stored transitions (Flow-GRPO's objective):
-    loss = MEAN over (candidate, trained step j) of [clipped policy loss + beta * KL(policy || reference)]."""
-    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "diag/clipfrac": 0.0, "diag/approx_kl": 0.0, "diag/ratio_mean": 0.0,
-             "train/grad_norm": 0.0, "train/skipped_updates": 0}
+    loss = MEAN over (candidate, trained step j) of [clipped policy loss + beta * KL(policy || reference)].
+    `total` is the number of (candidate, step) pairs of the optimizer step over all ranks (default: these
+    trajectories'); each rank back-propagates its share weighted by 1/total and the gradients are summed
+    across ranks, so the update equals one process's."""
+    stats = {"loss/policy": 0.0, "loss/kl": 0.0, "diag/clipfrac": 0.0, "diag/approx_kl": 0.0, "diag/ratio_mean": 0.0}
+    skipped, grad_norms = 0, []
     K = trajectories[0].log_probs.shape[1]
-    total = sum(t.log_probs.shape[0] for t in trajectories) * K  # (candidate, step) pairs
+    total = total or sum(t.log_probs.shape[0] for t in trajectories) * K
     rows_of = [torch.arange(len(t.log_probs)).split(args.train_batch_size) for t in trajectories]
     offsets = np.cumsum([0] + [len(t.log_probs) for t in trajectories])
     for _ in range(args.num_inner_epochs):
@@ -253,139 +318,168 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
                         (loss * weight).backward()
                     for key, value in [("loss/policy", loss_pg.item()), ("loss/kl", loss_kl.item()), *diag.items()]:
                         stats[key] += value * weight / args.num_inner_epochs
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flag = torch.tensor([float(finite)], device=grads[0].device)
+        all_reduce_(grads + [flag])  # the sum over ranks of the weighted gradients; finite only if every rank is
+        for p, g in zip(params, grads):
+            p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if finite and torch.isfinite(grad_norm):
+        if flag.item() == world_size() and torch.isfinite(grad_norm):
             optimizer.step()
-            stats["train/grad_norm"] += grad_norm.item() / args.num_inner_epochs
+            grad_norms.append(grad_norm.item())
         else:
-            stats["train/skipped_updates"] += 1
+            skipped += 1
             tqdm.write("non-finite loss or gradient: update skipped")
         optimizer.zero_grad(set_to_none=True)
+    summed = torch.tensor(list(stats.values()), dtype=torch.float64)
+    all_reduce_([summed])
+    stats = dict(zip(stats, summed.tolist()))
+    stats.update({"train/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+                  "train/skipped_updates": skipped})
     return stats
 
 
-def save_group_png(path, traj, rewards, advantages, candidates):
-    """One scored group: the input and each candidate's layers, captioned with its reward, advantage and,
-    for the VLM reward, the stage-1 total, the stage-2 score and each criterion's score."""
-    captions = []
-    for k, (r, a) in enumerate(zip(rewards.tolist(), advantages.tolist())):
-        c = candidates[k] if k < len(candidates) else {}
-        stages = [f"{n} {c[n]:.2f}" for n in ("stage1", "stage2") if isinstance(c.get(n), (int, float))]
-        criteria = [f"{n[:5]} {v:.1f}" for n, v in (c.get("criteria") or {}).items()]
-        captions.append("  ".join([f"r {r:.3f}  A {a:+.2f}", *stages, *criteria]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = [chr(ord("A") + k) for k in range(len(rewards))]
-    reward.render_group_grid(traj.images[0], traj.layers, labels, captions=captions).save(path)
+def load_judge(args, device, dtype):
+    """The VLM judge of --judge, checked now (before the expensive model load); None for other rewards."""
+    if args.reward != "vlm" or args.judge == "text_encoder":
+        return None
+    options = {"local": {"device": device, "dtype": dtype}, "http": {"api_key_env": args.judge_api_key_env}}
+    return reward.load_judge(args.judge, url=args.judge_url, **options.get(args.judge, {}),
+                             model=args.judge_model or (DEFAULT_JUDGE if args.judge == "local" else None))
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    paths = data.find_images(args.images)
+    rank, world, device = init_distributed()
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    dtype = dtype if device == "cuda" else torch.float32
-    judge = None
-    if args.reward == "vlm" and args.judge != "text_encoder":  # fail fast, before the expensive model load
-        options = {"local": {"device": device, "dtype": dtype},
-                   "http": {"api_key_env": args.judge_api_key_env}}.get(args.judge, {})
-        judge = reward.load_judge(args.judge, url=args.judge_url, **options,
-                                  model=args.judge_model or (DEFAULT_JUDGE if args.judge == "local" else None))
-    torch.manual_seed(args.seed)
-    pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
-                                 captioning=args.prompt == "")
-    prompt = args.prompt or None
-    if prompt is not None:
-        rollout.encode_prompt(pipe, prompt)  # cached on the pipeline: the text encoder is needed once
-        if args.true_cfg_scale > 1:
-            rollout.encode_prompt(pipe, " ")
-        if args.reward == "vlm" and args.judge == "text_encoder":
-            judge = reward.load_judge("text_encoder", pipeline=pipe)
-        else:
-            pipe.text_encoder = None  # 16 GiB on the real model, needed no more
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    transformer = pipe.transformer
-    params = add_lora(transformer, args.rank, args.lora_alpha)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    start = load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
-        if args.resume_from_checkpoint else 0
+    with runs.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
+        if args.images_per_step % world:
+            raise runs.InputError(f"--images_per_step {args.images_per_step} must be a multiple of the number of "
+                                  f"ranks ({world})")
+        lock = runs.lock_output_dir(output_dir) if rank == 0 else None  # noqa: F841 (held until the process ends)
+        paths = data.find_images(args.images)
+        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        dtype = dtype if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
+            runs.check_attention(device, dtype)
+        judge = load_judge(args, device, dtype)
+        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
+                                     captioning=args.prompt == "")
+        prompt = args.prompt or None
+        if prompt is not None:
+            rollout.encode_prompt(pipe, prompt)  # cached on the pipeline: the text encoder is needed once
+            if args.true_cfg_scale > 1:
+                rollout.encode_prompt(pipe, " ")
+            if args.reward == "vlm" and args.judge == "text_encoder":
+                judge = reward.load_judge("text_encoder", pipeline=pipe)
+            else:
+                pipe.text_encoder = None  # 16 GiB on the real model, needed no more
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        transformer = pipe.transformer
+        torch.manual_seed(args.seed)  # the LoRA's gaussian init
+        params = add_init_lora(transformer, args.init_lora) if args.init_lora else \
+            add_lora(transformer, args.rank, args.lora_alpha)
+        if args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
+            if args.resume_from_checkpoint else 0
+        log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     reward_fn = reward.REWARDS[args.reward]
-    print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, device {device}")
+    overlap = args.reward == "vlm" and args.judge == "http" and args.judge_overlap  # judged while the GPU works
+    pool = ThreadPoolExecutor(max_workers=args.images_per_step) if overlap else None
+    G, per_rank = args.group_size, args.images_per_step // world
+    if rank == 0:
+        print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
+              f"device {device}")
 
-    bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train")
-    with open(output_dir / "metrics.jsonl", "a") as log:
+    def score(traj, step):  # -> (rewards (G,), info, seconds)
+        t = time.perf_counter()
+        r, info = reward_fn(traj.images, traj.layers, G, judge=judge, seed=step)
+        return torch.as_tensor(r, dtype=torch.float32), info, time.perf_counter() - t
+
+    bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train",
+               disable=rank != 0)
+    phase = "rollout"
+    try:
         for step in bar:
-            if device == "cuda":
+            if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            indices, layers, window, seed = step_plan(args, step, len(paths))
-            generator = torch.Generator(device).manual_seed(seed)
+            indices, layers, window, seeds = step_plan(args, step, len(paths))
+            mine = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's image positions of the step
 
-            t0 = time.perf_counter()
+            # rollouts; each group's judging starts as soon as it is rolled out (in a thread for an HTTP judge)
+            t0, rollout_s, wait_s = time.perf_counter(), 0.0, 0.0
             transformer.eval()
-            trajectories = []
-            for i in indices:
+            trajectories, scored = [], []
+            for k in mine:
+                phase, t = "rollout", time.perf_counter()
                 with lora_precision(transformer):
-                    traj = rollout.sample(pipe, [data.open_image(paths[i])], layers=layers, prompt=prompt,
-                                          group_size=args.group_size,
-                                          num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
-                                          sde_window=window, sde_type=args.sde_type, resolution=args.resolution,
-                                          true_cfg_scale=args.true_cfg_scale, generator=generator)
+                    traj = rollout.sample(pipe, [data.open_image(paths[indices[k]])], layers=layers, prompt=prompt,
+                                          group_size=G, num_inference_steps=args.num_inference_steps,
+                                          noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
+                                          resolution=args.resolution, sizing=args.sizing,
+                                          true_cfg_scale=args.true_cfg_scale, cfg_normalize=args.cfg_normalize,
+                                          generator=torch.Generator(device).manual_seed(seeds[k]))
                 traj.layers = traj.layers.cpu()
                 trajectories.append(traj)
+                rollout_s += time.perf_counter() - t
+                phase, t = "reward", time.perf_counter()
+                scored.append(pool.submit(score, traj, step) if pool else score(traj, step))
+                wait_s += time.perf_counter() - t
+            t = time.perf_counter()
+            scored = [s.result() for s in scored] if pool else scored
+            wait_s += time.perf_counter() - t
 
-            t1 = time.perf_counter()
-            rewards, infos = [], []
-            for traj in trajectories:
-                r, info = reward_fn(traj.images, traj.layers, args.group_size, judge=judge, seed=step)
-                rewards.append(torch.as_tensor(r, dtype=torch.float32))
-                infos.append(info)
-            rewards = torch.cat(rewards)
-            advantages = grpo.group_advantages(rewards, args.group_size, args.global_std,
-                                               adv_clip_max=args.adv_clip_max)
+            # advantages over the whole optimizer step: every rank gathers every rank's rewards (in image order)
+            rewards = torch.cat(all_gather(torch.cat([r for r, _, _ in scored])))  # (images_per_step * G,)
+            infos = sum(all_gather([{k: v for k, v in i.items() if k != "candidates"} for _, i, _ in scored]), [])
+            advantages = grpo.group_advantages(rewards, G, args.adv_std == "global", adv_clip_max=args.adv_clip_max)
 
-            t2 = time.perf_counter()
+            phase, t2 = "update", time.perf_counter()
             transformer.train()
             with lora_precision(transformer):
-                stats = policy_update(transformer, trajectories, advantages, args, params, optimizer)
+                stats = policy_update(transformer, trajectories, advantages[mine.start * G: mine.stop * G], args,
+                                      params, optimizer, total=args.images_per_step * G * (window[1] - window[0]))
             t3 = time.perf_counter()
+            if rank != 0:
+                continue
 
+            phase = "logging and checkpointing"
             scalars = {k: float(np.mean([i[k] for i in infos])) for k, v in infos[0].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
-            record = {"step": step + 1, "reward/mean": rewards.mean().item(),
-                      "reward/std": rewards.std(unbiased=False).item(),
-                      **{f"reward/{k}" if "/" not in k else k: v for k, v in scalars.items()}, **stats,
-                      "layers": layers, "window": list(window), "time/rollout_s": t1 - t0,
-                      "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "mem/peak_gb": peak}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{stats['loss/policy']:.2e}")
+            log.log({"step": step + 1, "reward/mean": rewards.mean().item(),
+                     "reward/std": rewards.std(unbiased=False).item(),
+                     **{f"reward/{k}" if "/" not in k else k: v for k, v in scalars.items()}, **stats,
+                     "layers": layers, "window": list(window), "time/rollout_s": rollout_s,
+                     "time/reward_s": sum(s for _, _, s in scored), "time/judge_wait_s": wait_s,
+                     "time/train_s": t3 - t2, "time/step_s": t3 - t0, "mem/peak_gb": peak})
+            bar.set_postfix(reward=f"{rewards.mean().item():.3f}", loss=f"{stats['loss/policy']:.2e}")
             if args.sample_every and (step + 1) % args.sample_every == 0:
-                save_group_png(output_dir / "samples" / f"step-{step + 1:06d}.png", trajectories[0],
-                               rewards[: args.group_size], advantages[: args.group_size],
-                               infos[0].get("candidates", []))
+                picture = runs.save_group_png(output_dir / "samples" / f"step-{step + 1:06d}.png", trajectories[0],
+                                         rewards[:G], advantages[:G], scored[0][1].get("candidates", []))
+                log.image("samples/group", picture, step + 1)
             if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-                save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
+                runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
+    except torch.OutOfMemoryError:
+        runs.fail(runs.out_of_memory(phase, output_dir))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
-    tmp = output_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
-    for item in tmp.iterdir():
-        shutil.rmtree(output_dir / item.name, ignore_errors=True)
-        os.replace(item, output_dir / item.name)
-    tmp.rmdir()
-    print(f"final LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
+    if rank == 0:
+        runs.save_final(output_dir, transformer, args)
+        log.close()
+        print(f"final LoRA in {output_dir} (pytorch_lora_weights.safetensors, peft/, README.md)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return pipe
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main()

@@ -1,0 +1,325 @@
+"""What a training run keeps on disk and shows: one run per --output_dir, metrics and trackers, checkpoints.
+
+Shared by train.py, sft.py and distill.py, so each of these exists once:
+- the run lock: an exclusive OS file lock on OUT/.lock (released by the OS when the process dies, so a kill -9
+  never leaves the folder locked); a second run on the same folder stops at once with one line;
+- metrics.jsonl (always, one JSON object per step) and the tracker of --report_to (tensorboard or wandb), which
+  receives the same scalars and the sample pictures;
+- atomic checkpoints OUT/checkpoint-<step>/ (the LoRA in diffusers and PEFT formats + training_state.pt, which
+  loads with torch.load(weights_only=True)) and exact resume;
+- the final LoRA at OUT/ with a model card (README.md) that huggingface_hub and the Hub read;
+- the line between bad input (one line, non-zero exit) and a bug (its traceback): `input_errors`.
+
+    python -c "import runs; print(runs.checkpoints(__import__('pathlib').Path('outputs/stable-layers')))"
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import urllib.parse
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import reward
+import rollout
+
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+# ----------------------------------------------------------------------------- bad input vs bugs
+class InputError(Exception):
+    """Bad input: a flag, a file, a server or the environment is not as it must be. One line, exit 2."""
+
+
+@contextmanager
+def input_errors():
+    """Exceptions raised inside that come from the user's input (a missing or unreadable file or folder, a
+    value that is not accepted, a server that cannot be reached, a package that is not installed) become one
+    line and exit code 2. Use it around setup only: inside the training loop, every exception keeps its
+    traceback, because there it is a bug (in a forked reward, a shape) and the traceback is what is needed."""
+    try:
+        yield
+    except (InputError, ValueError, OSError, ImportError) as e:
+        fail(str(e))
+
+
+def fail(message):
+    """Stop with one line on stderr and exit code 2 (argparse's code for bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- one run per folder
+def lock_output_dir(output_dir):
+    """Hold an exclusive lock on output_dir/.lock for the life of the process; returns the open file (keep a
+    reference). If another process holds it, stop with one line naming the folder and the holder."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    f = open(output_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        fail(f"--output_dir {output_dir} is in use by {holder}; wait for that run to end or choose another "
+             "--output_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+# ----------------------------------------------------------------------------- metrics and trackers
+class RunLog:
+    """metrics.jsonl (always) plus the --report_to tracker. log(record) writes one step's scalars to both;
+    image(tag, picture, step) sends a picture to the tracker (the PNG itself is written by the caller)."""
+
+    def __init__(self, output_dir, report_to="tensorboard", config=None, project="stable-layers"):
+        self.output_dir = Path(output_dir)
+        self.file = open(self.output_dir / "metrics.jsonl", "a")
+        self.tb = self.wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                                 "(or --report_to none)") from None
+            self.tb = SummaryWriter(log_dir=str(self.output_dir / "logs"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise InputError("--report_to wandb needs the wandb package: pip install wandb "
+                                 "(or --report_to none)") from None
+            self.wandb = wandb.init(project=project, dir=str(self.output_dir), config=config or {},
+                                    name=self.output_dir.name, resume="allow")
+        elif report_to != "none":
+            raise InputError(f"--report_to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
+
+    def log(self, record):
+        """record: {"step": int, name: number or list, ...}; numbers also go to the tracker at that step."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def image(self, tag, picture, step):
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(picture)}, step=step)
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def last_metrics(output_dir):
+    """The last row of output_dir/metrics.jsonl, or {}."""
+    path = Path(output_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoints(output_dir):
+    """output_dir's checkpoint-{step} folders, oldest first (temporary .checkpoint-*.tmp ones excluded)."""
+    return sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, method="Flow-GRPO (Stable-Layers)"):
+    """output_dir/checkpoint-{step}/: the LoRA in both formats + training_state.pt ({step, optimizer, args}:
+    tensors and plain Python types only, so it loads with weights_only=True; no RNG state is kept because every
+    random draw of a step derives from (seed, step)). Written under a temporary name and renamed, so a kill
+    never leaves a broken one; older checkpoints beyond `limit` are removed."""
+    output_dir = Path(output_dir)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, tmp / "training_state.pt")
+    write_model_card(tmp, args, last_metrics(output_dir), method=method)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    found = checkpoints(output_dir)
+    for old in found[: max(0, len(found) - limit)]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path, output_dir, transformer, optimizer):
+    """Restore the LoRA and the optimizer from a checkpoint folder (or "latest" in output_dir; none: step 0)
+    and drop the metric rows logged after it (those steps run again). Returns the step to continue from."""
+    output_dir = Path(output_dir)
+    if path == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            print(f"no checkpoint in {output_dir}: starting at step 0")
+            return 0
+        path = found[-1]
+    path = Path(path)
+    if not (path / "training_state.pt").is_file():
+        raise InputError(f"--resume_from_checkpoint {path}: no training_state.pt there")
+    rollout.load_peft_weights(transformer, path / "peft")
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(metrics.with_suffix(".tmp"), metrics)
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def save_final(output_dir, transformer, args, method="Flow-GRPO (Stable-Layers)"):
+    """The final LoRA at output_dir (pytorch_lora_weights.safetensors, peft/) and its model card README.md,
+    written to a temporary folder first and moved in item by item."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
+    write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
+    for item in tmp.iterdir():
+        shutil.rmtree(output_dir / item.name, ignore_errors=True)
+        os.replace(item, output_dir / item.name)
+    tmp.rmdir()
+
+
+def latest_sample(output_dir):
+    found = sorted((Path(output_dir) / "samples").glob("*.png"))
+    return found[-1].relative_to(output_dir).as_posix() if found else None
+
+
+# ----------------------------------------------------------------------------- pictures and the GPU
+def save_group_png(path, traj, rewards, advantages, candidates):
+    """One scored group: the input and each candidate's layers, captioned with its reward, advantage and,
+    for the VLM reward, the stage-1 total, the stage-2 score and each criterion's score. Returns the picture."""
+    captions = []
+    for k, (r, a) in enumerate(zip(rewards.tolist(), advantages.tolist())):
+        c = candidates[k] if k < len(candidates) else {}
+        stages = [f"{n} {c[n]:.2f}" for n in ("stage1", "stage2") if isinstance(c.get(n), (int, float))]
+        criteria = [f"{n[:5]} {v:.1f}" for n, v in (c.get("criteria") or {}).items()]
+        captions.append("  ".join([f"r {r:.3f}  A {a:+.2f}", *stages, *criteria]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [chr(ord("A") + k) for k in range(len(rewards))]
+    picture = reward.render_group_grid(traj.images[0], traj.layers, labels, captions=captions)
+    picture.save(path)
+    return picture
+
+
+def check_attention(device, dtype):
+    """At 640 px only flash or memory-efficient attention fits (the math path needs 102.8 GiB for an update,
+    simulated): check on CUDA that one of them runs, and say how to fix it if not."""
+    if not str(device).startswith("cuda"):
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 24, 256, 128, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        raise InputError(f"no memory-efficient attention kernel on {device} ({str(e).splitlines()[0][:120]}): "
+                              "the math path cannot fit a 640 px step; install a CUDA build of torch >= 2.4 and use "
+                              "--mixed_precision bf16") from None
+
+
+def out_of_memory(phase, output_dir):
+    found = checkpoints(output_dir)
+    return (f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
+            "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
+            f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}")
+
+
+# ----------------------------------------------------------------------------- the model card
+CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
+                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
+                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
+                 "weighting_scheme", "gradient_accumulation_steps", "init_lora"]
+
+
+def _public(value):
+    """A setting as it may appear in public: URLs lose their user:password@ part and query string."""
+    if isinstance(value, str) and "://" in value:
+        u = urllib.parse.urlsplit(value)
+        return urllib.parse.urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else ""), u.path, "", ""))
+    return value
+
+
+def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
+    """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
+    library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
+    Only the settings in CARD_SETTINGS appear (URLs stripped of credentials); no environment value is read."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
+                         tags=["lora", "stable-layers", "flow-grpo" if method.startswith("Flow-GRPO") else "sft",
+                               "qwen-image-layered", "diffusers", "image-to-image"], pipeline_tag="image-to-image")
+    settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
+    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
+    last = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in shown.items()) or "| (no step logged yet) | |"
+    body = f"""
+# Stable-Layers LoRA for {base}
+
+A LoRA for Qwen-Image-Layered (image -> RGBA layers), trained with {method} by the Stable-Layers reference
+implementation, with no paired data.
+{f"![a scored group at the last sample step]({sample})" if sample else ""}
+
+## Load it
+
+```python
+import torch
+from diffusers import QwenImageLayeredPipeline
+
+pipe = QwenImageLayeredPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
+```
+
+or, as the released Stable-Layers inference does, the PEFT adapter in `peft/`:
+
+```python
+from peft import PeftModel
+pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder/peft")
+```
+
+Released inference settings: Heun sampler, 50 steps, CFG off, 640 px longest side, 4 layers,
+prompt "a clean, well composed image".
+
+## Settings
+
+| setting | value |
+|---|---|
+{rows}
+
+## Last logged metrics (step {metrics.get("step", 0)})
+
+| metric | value |
+|---|---|
+{last}
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(Path(folder) / "README.md")
