@@ -1,0 +1,336 @@
+"""Several rewards, one LoRA: on-policy distillation of per-reward teacher LoRAs into one student (DiffusionOPD).
+
+Train one teacher LoRA per reward with train.py, then distil all of them into one student LoRA along the
+student's own rollouts, with the closed-form KL between the student's and each teacher's Gaussian step.
+
+    # CPU dry run, tiny random model (about a minute): two teachers, then one student that learns from both
+    T="--pretrained_model_name_or_path tiny --resolution 64 --layers 2 --group_size 4 --num_inference_steps 4 \\
+       --images_per_step 1 --rank 4 --lora_alpha 8 --mixed_precision no --report_to none --max_train_steps 20"
+    python train.py --images examples $T --reward opaque_background --beta 0 --learning_rate 3e-2 \
+        --output_dir outputs/t-opaque
+    python train.py --images examples $T --reward recon --beta 0 --learning_rate 3e-2 --output_dir outputs/t-recon
+    python distill.py --images examples $T --learning_rate 1e-2 --output_dir outputs/distill \\
+        --teacher opaque=outputs/t-opaque --teacher recon=outputs/t-recon/peft \\
+        --teacher_reward opaque=opaque_background --teacher_reward recon=recon
+    # one GPU: teacher "alpha" only on the images of its folder, at half weight; resume after a kill
+    python distill.py --images my_designs/ --teacher layout=runs/layout --teacher alpha=runs/alpha:my_designs/alpha/ \\
+        --teacher_weight alpha=0.5 --output_dir outputs/distill --resume_from_checkpoint latest
+
+Per step (DiffusionOPD: Li, Yu, Jiang et al. 2026, "A unified view of on-policy distillation for diffusion
+models"): draw --images_per_step images; roll out G candidates each with the STUDENT (rollout.sample, no
+gradient; SDE on a window of K steps, ODE elsewhere); for every stored transition x_t -> x_{t-1} re-score it
+under the student (with gradients) and under each teacher that applies (no gradients: the same transformer
+with the teacher's adapter active, no second copy of the base weights), and take one AdamW step on
+    loss = MEAN over (candidate b, window step j) of sum_k W[b, k] * KL_k(b, j)       (grpo.gaussian_mean_kl)
+where W[b, k] = w_k (--teacher_weight, default 1, NOT normalised) if teacher k applies to b's image, else 0.
+
+Choices that are ours (no public code for the paper is known):
+- the exact step variance var = std_dev_t^2 |dt| (rollout.py's Gaussian), not upstream Flow-GRPO's habit of
+  dropping |dt|: that habit only keeps beta's meaning next to a policy loss, and here the KL is the whole loss;
+- SDE steps only: a window of K transitions drawn per step anywhere in 0..T-2, so over a run every step but
+  the last is distilled (the last, sigma_next = 0, has std 0 and no KL). ODE steps outside the window are not
+  trained: they store no state, and an Euler step has no variance to divide by;
+- images, layer count, window and noise come from train.step_plan (seed, step), so a resume repeats a step;
+  a teacher restricted to a folder (NAME=PATH:FOLDER) applies only to the images under it, as DiffusionOPD
+  gives each teacher its own task's prompts;
+- the student is a fresh LoRA (B = 0, so it starts as the base model) or a copy of one teacher
+  (--student_init NAME); it is the adapter "default", so runs.py's checkpoints and loaders save and load it;
+- one process (train.py's torchrun data parallelism is not wired in here).
+Logs: loss/distill, kl/<teacher> (its mean per-element KL where it applies) and reward/<teacher>, that
+teacher's reward (--teacher_reward NAME=REWARD) on the student's samples. Choices that are ours (flags):
+--sde_type sde|cps, --mixed_precision no|bf16|fp16, --report_to tensorboard|wandb|none, --judge for a vlm reward.
+"""
+
+import argparse
+import re
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import data
+import grpo
+import reward
+import rollout
+import runs
+import train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Distil several per-reward teacher LoRAs into one student LoRA "
+                                "(on-policy, DiffusionOPD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
+    a("--teacher", action="append", required=True, metavar="NAME=PATH[:FOLDER]",
+      help="a teacher LoRA (diffusers .safetensors or folder, or PEFT folder); repeat per teacher; with :FOLDER it "
+      "applies only to the images under FOLDER (which are added to the pool)")
+    a("--teacher_weight", action="append", default=[], metavar="NAME=W", help="weight w_k of a teacher's KL "
+      "(default 1)")
+    a("--teacher_reward", action="append", default=[], metavar="NAME=REWARD",
+      help=f"log this reward ({sorted(reward.REWARDS)}) of the student's samples as reward/NAME")
+    a("--student_init", default=None, metavar="NAME", help="start the student as a copy of this teacher "
+      "(default: a fresh LoRA)")
+    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
+    a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
+    a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
+    a("--sizing", choices=["longest", "area"], default="longest", help="condition size rule, as the teachers were "
+      "trained: longest side = resolution (released inference) or diffusers' area rule")
+    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
+    a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (the teachers' training prompt)")
+    a("--group_size", type=int, default=8, help="G: student rollouts per image")
+    a("--images_per_step", type=int, default=4, help="images per optimizer step (train.py's default)")
+    a("--num_inference_steps", type=int, default=10, help="T: sampling steps of the student's rollouts")
+    a("--noise_level", type=float, default=1.2, help="a: SDE noise level (> 0: the KL divides by the variance)")
+    a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
+    a("--sde_window", type=int, default=2, help="K: distilled (SDE) steps per rollout; 0 = all but the last")
+    a("--sde_window_range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+      help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..T-1, all but the last)")
+    a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
+    a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the student LoRA")
+    a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
+    a("--rank", type=int, default=64, help="student LoRA rank r (ignored with --student_init)")
+    a("--lora_alpha", type=int, default=128, help="student LoRA alpha (ignored with --student_init)")
+    a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
+    a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--max_train_steps", type=int, default=300, help="number of training steps (the loop's bound)")
+    a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
+    a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
+    a("--sample_every", type=int, default=10, help="write a PNG of one group every N steps (0 = never)")
+    a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
+    a("--judge", default="local", choices=["local", "http", "tiny"], help="judge if a --teacher_reward is vlm")
+    a("--judge_model", default=None, help=f"vlm judge: hub id/folder (local, default {train.DEFAULT_JUDGE}) or name")
+    a("--judge_url", default=None, help="vlm judge over http: OpenAI-compatible base URL")
+    args = p.parse_args(argv)
+    T = args.num_inference_steps
+    args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it
+    args.teachers, names = {}, []
+    for spec in args.teacher:
+        name, eq, rest = spec.partition("=")
+        path, _, folder = rest.partition(":")
+        if not eq or not path or not re.fullmatch(r"[A-Za-z_]\w*", name) or name == "default" or name in names:
+            p.error(f"--teacher {spec!r}: write NAME=PATH or NAME=PATH:FOLDER, NAME a distinct identifier, "
+                    "not 'default' (the student's adapter)")
+        names.append(name)
+        args.teachers[name] = {"path": path, "folder": folder or None, "weight": 1.0, "reward": None}
+    for flag, key, cast in (("--teacher_weight", "weight", float), ("--teacher_reward", "reward", str)):
+        for spec in getattr(args, flag[2:]):
+            name, eq, value = spec.partition("=")
+            if not eq or name not in args.teachers:
+                p.error(f"{flag} {spec!r}: write NAME=VALUE with NAME one of {names}")
+            try:
+                args.teachers[name][key] = cast(value)
+            except ValueError:
+                p.error(f"{flag} {spec!r}: {value!r} is not a number")
+    checks = [(T >= 2 and 0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..T-1 = {T - 1} (T >= 2)"),
+              (args.noise_level > 0, "--noise_level must be > 0 (the KL divides by the step variance)"),
+              (all(t["weight"] >= 0 for t in args.teachers.values()), "--teacher_weight must be >= 0"),
+              (all(t["reward"] in (None, *reward.REWARDS) for t in args.teachers.values()),
+               f"--teacher_reward: choose rewards from {sorted(reward.REWARDS)}"),
+              (args.student_init in (None, *names), f"--student_init must be one of {names}"),
+              (min(args.layers) >= 1 and args.group_size >= 1 and args.prompt, "--layers/--group_size/--prompt"),
+              (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
+              (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    return args
+
+
+# ----------------------------------------------------------------------------- teachers as named adapters
+def load_adapter(pipe, name, path):
+    """Load a LoRA (PEFT folder, or diffusers pytorch_lora_weights.safetensors / a folder holding it) into
+    pipe.transformer as the adapter `name`, beside the others (one copy of the base weights)."""
+    from peft import LoraConfig
+
+    path = Path(path)
+    with warnings.catch_warnings():  # peft warns on every further adapter: that is the point here
+        warnings.filterwarnings("ignore", message=".*(multiple adapters|exclude_modules).*")
+        if (path / "adapter_config.json").is_file():
+            pipe.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=name)
+            rollout.load_peft_weights(pipe.transformer, path, adapter_name=name)
+        elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
+            from diffusers.utils import logging
+            from safetensors import safe_open
+
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()  # diffusers 0.42.1 lists the OTHER adapters' keys as "missing"
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            finally:
+                logging.set_verbosity(verbosity)
+            with safe_open(path if path.is_file() else path / "pytorch_lora_weights.safetensors", "pt") as f:
+                expected = sum("lora_" in k for k in f.keys())
+            if sum(f".{name}." in n and "lora_" in n for n, _ in pipe.transformer.named_parameters()) != expected:
+                raise runs.InputError(f"--teacher {name}={path}: not every LoRA weight of the file found a module")
+        else:
+            raise runs.InputError(f"--teacher {name}={path}: neither a diffusers LoRA (pytorch_lora_weights"
+                                  ".safetensors) nor a PEFT adapter folder (adapter_config.json)")
+
+
+@contextmanager
+def active_adapter(transformer, name):
+    """Run the block with adapter `name` active, then make the student ("default") active and trainable again."""
+    transformer.set_adapter(name)
+    try:
+        yield
+    finally:
+        transformer.set_adapter("default")
+
+
+def image_pool(args):
+    """(image paths, W (num_images, num_teachers) float weights): --images plus every teacher's folder;
+    W[i, k] = w_k where teacher k applies to image i (no folder, or the image lies under its folder), else 0."""
+    paths = {p.resolve(): p for p in data.find_images(args.images)}
+    for t in args.teachers.values():
+        if t["folder"]:
+            paths.update({p.resolve(): p for p in data.find_images(t["folder"])})
+    resolved = sorted(paths)
+    W = torch.tensor([[t["weight"] if not t["folder"] or p.is_relative_to(Path(t["folder"]).resolve()) else 0.0
+                       for t in args.teachers.values()] for p in resolved])  # (num_images, num_teachers)
+    if not (W > 0).any(1).all():
+        raise runs.InputError(f"{paths[resolved[int((W > 0).any(1).logical_not().nonzero()[0])]]}: no teacher with "
+                              "weight > 0 applies to this image; give a teacher without :FOLDER")
+    return [paths[p] for p in resolved], W
+
+
+# ----------------------------------------------------------------------------- one step
+def distill_update(transformer, trajectories, weights, names, args, params, optimizer):
+    """One optimizer step on loss = MEAN over (candidate b, window step j) of sum_k W[b, k] KL_k(b, j).
+    trajectories: one per image, weights: (num_images_this_step, num_teachers). Returns the step's stats."""
+    K = trajectories[0].log_probs.shape[1]
+    total = sum(t.log_probs.shape[0] for t in trajectories) * K  # (candidate, step) pairs
+    kl_sum, kl_count = torch.zeros(len(names)), torch.zeros(len(names))
+    stats = {"loss/distill": 0.0, "train/grad_norm": 0.0, "train/skipped_updates": 0}
+    optimizer.zero_grad(set_to_none=True)
+    finite = True
+    for traj, w in zip(trajectories, weights):
+        for j in range(K):
+            i = traj.window[0] + j
+            for rows in torch.arange(traj.log_probs.shape[0]).split(args.train_batch_size):
+                teacher_means = {}
+                with torch.no_grad():
+                    for k in w.nonzero().flatten().tolist():
+                        with active_adapter(transformer, names[k]):
+                            teacher_means[k] = rollout.step_log_prob(transformer, traj, j, rows)[1]
+                _, student_mean, std_dev_t = rollout.step_log_prob(transformer, traj, j, rows)
+                dt = traj.sigmas[i + 1] - traj.sigmas[i]  # < 0
+                var = std_dev_t**2 * (dt.abs() if traj.sde_type == "sde" else 1.0)
+                loss = 0.0
+                for k, teacher_mean in teacher_means.items():
+                    kl = grpo.gaussian_mean_kl(student_mean, teacher_mean, var)  # (b,)
+                    loss = loss + w[k] * kl.sum() / total
+                    kl_sum[k] += kl.sum().item()
+                    kl_count[k] += len(rows)
+                finite = finite and bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                stats["loss/distill"] += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    if finite and torch.isfinite(grad_norm):
+        optimizer.step()
+        stats["train/grad_norm"] = grad_norm.item()
+    else:
+        stats["train/skipped_updates"] = 1
+        tqdm.write("non-finite loss or gradient: update skipped")
+    optimizer.zero_grad(set_to_none=True)
+    stats.update({f"kl/{n}": (kl_sum[k] / kl_count[k]).item() for k, n in enumerate(names) if kl_count[k]})
+    return stats
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    lock = runs.lock_output_dir(output_dir)  # noqa: F841 (held for the life of the process)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    dtype = dtype if device == "cuda" else torch.float32
+    names = list(args.teachers)
+    with runs.input_errors():
+        paths, W = image_pool(args)
+        judge = None
+        if any(t["reward"] == "vlm" for t in args.teachers.values()):
+            options = {"local": {"device": device, "dtype": dtype}}.get(args.judge, {})
+            model = args.judge_model or (train.DEFAULT_JUDGE if args.judge == "local" else None)
+            judge = reward.load_judge(args.judge, model=model, url=args.judge_url, **options)
+        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+        rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
+        pipe.text_encoder = None
+        transformer = pipe.transformer
+        transformer.requires_grad_(False)
+        if args.student_init:
+            load_adapter(pipe, "default", args.teachers[args.student_init]["path"])
+        else:
+            torch.manual_seed(args.seed)  # the LoRA's gaussian init of A (B = 0)
+            train.add_lora(transformer, args.rank, args.lora_alpha)
+        for name, t in args.teachers.items():
+            load_adapter(pipe, name, t["path"])
+        transformer.set_adapter("default")
+        params = []
+        for n, p in transformer.named_parameters():  # the student's LoRA only, in fp32 (the optimizer's copy)
+            p.requires_grad_(".default." in n and "lora_" in n)
+            if p.requires_grad:
+                p.data = p.data.float()
+                params.append(p)
+        if args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
+            if args.resume_from_checkpoint else 0
+        log = runs.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
+    rewards = {n: reward.REWARDS[t["reward"]] for n, t in args.teachers.items() if t["reward"]}
+    print(f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
+          f"LoRA parameters, device {device}")
+
+    bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")
+    for step in bar:
+        indices, layers, window, seeds = train.step_plan(args, step, len(paths))  # all from (seed, step)
+        sample_now = args.sample_every and (step + 1) % args.sample_every == 0
+        t0 = time.perf_counter()
+        transformer.eval()
+        with train.lora_precision(transformer):
+            trajectories = [rollout.sample(pipe, [data.open_image(paths[i])], layers=layers, prompt=args.prompt,
+                                           group_size=args.group_size, num_inference_steps=args.num_inference_steps,
+                                           noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
+                                           resolution=args.resolution, sizing=args.sizing, decode=bool(rewards)
+                                           or sample_now, generator=torch.Generator(device).manual_seed(seed))
+                            for i, seed in zip(indices, seeds)]
+        t1 = time.perf_counter()
+        scores = {n: torch.cat([torch.as_tensor(fn(t.images, t.layers.cpu(), args.group_size, judge=judge,
+                                                   seed=step)[0], dtype=torch.float32) for t in trajectories])
+                  for n, fn in rewards.items()}  # name -> (B,)
+        t2 = time.perf_counter()
+        transformer.train()
+        with train.lora_precision(transformer):
+            stats = distill_update(transformer, trajectories, W[indices], names, args, params, optimizer)
+        t3 = time.perf_counter()
+        record = {"step": step + 1, **stats, **{f"reward/{n}": r.mean().item() for n, r in scores.items()},
+                  "layers": layers, "window": list(window), "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
+                  "time/train_s": t3 - t2}
+        log.log(record)
+        bar.set_postfix(loss=f"{stats['loss/distill']:.3e}")
+        if sample_now:
+            captions = [" ".join(f"{n} {r[k]:.3f}" for n, r in scores.items()) for k in range(args.group_size)]
+            picture = reward.render_group_grid(trajectories[0].images[0], trajectories[0].layers.cpu(),
+                                               [chr(ord("A") + k) for k in range(args.group_size)], captions)
+            (output_dir / "samples").mkdir(exist_ok=True)
+            picture.save(output_dir / "samples" / f"step-{step + 1:06d}.png")
+            log.image("samples", picture, step + 1)
+        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
+            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
+    log.close()
+    runs.save_final(output_dir, transformer, args)  # the student: save_lora writes the adapter "default"
+    runs.write_model_card(output_dir, args, runs.last_metrics(output_dir), sample=runs.latest_sample(output_dir),
+                          method="on-policy distillation of per-reward teachers (DiffusionOPD)")
+    print(f"student LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
+    return pipe
+
+
+if __name__ == "__main__":
+    main()  # bad input stops in setup with one line (runs.input_errors); in the loop, errors keep their traceback
