@@ -45,7 +45,9 @@ import math
 import statistics
 import sys
 import time
+import re
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,11 +301,16 @@ def run(args):
            setup=lambda: set_schedule(scheduler, args, device).set_begin_index(STEP))
     if "step" not in out:
         raise RuntimeError("out of GPU memory in the first rollout step; try --num_blocks, --group_size, --judge_gib")
-    # 3. decode the G x N layers (VAE frames in chunks of 8)
+    # 3. decode the G x N layers (VAE frames in chunks of 8), under the autocast that train.lora_precision holds
+    #    around rollout.sample in training (a bf16 model: the decode runs inside it)
     if not args.no_decode:
         final = out["step"][0]
-        record("decode", f"decode G x {args.layers} layers (decode_layers)", G * args.layers,
-               lambda: rollout.decode_layers(pipe, final, args.resolution, args.resolution, args.layers), None, weights)
+
+        def decode():
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                return rollout.decode_layers(pipe, final, args.resolution, args.resolution, args.layers)
+        record("decode", f"decode G x {args.layers} layers (decode_layers, autocast)", G * args.layers, decode, None,
+               weights)
     # 4-5. one training micro-step, as train.py runs it: B candidates, one trained timestep
     prev_sample, log_prob = out.pop("step")[:2]
     tt = dataclasses.replace(traj, latents=torch.stack([x, prev_sample], 1)[:B], log_probs=log_prob[:B, None],
@@ -442,43 +449,59 @@ def scaling(args, steps=6, images_per_step=4):
     return out
 
 
+class _Judge(BaseHTTPRequestHandler):
+    """A canned OpenAI-compatible judge: GET /models, POST /chat/completions answered after server.delay seconds
+    with deterministic scores for the JSON keys the prompt asks for."""
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.reply({"data": [{"id": "judge"}]})
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        keys = re.findall(r'"(\w+)": <1-9>', request["messages"][0]["content"][1]["text"])
+        time.sleep(self.server.delay)
+        text = json.dumps({k: 1 + (len(k) + i) % 9 for i, k in enumerate(keys)})
+        self.reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+
+def _serve_judge(port, delay):
+    server = ThreadingHTTPServer(("127.0.0.1", port), _Judge)
+    server.daemon_threads, server.delay = True, delay
+    server.serve_forever()
+
+
 def overlap(args, delay, steps=4):
-    """train.py on the tiny model (G 4, 4 images per step) against a real OpenAI-compatible judge on 127.0.0.1 that
-    answers every request after `delay` seconds: median step time and time the GPU loop waited for the judge, with
-    the judging of each group serial (after its rollout, in the main thread) and overlapped (in threads while the
-    next groups roll out). The first step (warm-up) is left out."""
-    import re
+    """train.py on the tiny model (G 4, 4 images per step) against a real OpenAI-compatible judge on 127.0.0.1 (its
+    own process, as a judge elsewhere would be) that answers every request after `delay` seconds: median step
+    time and time the loop waited for the judge, with each group judged serially (after its rollout, in the
+    main thread) and overlapped (in threads while the next groups roll out). The first step is left out."""
+    import multiprocessing
+    import socket
     import tempfile
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Judge(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def reply(self, payload):
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self.reply({"data": [{"id": "judge"}]})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            keys = re.findall(r'"(\w+)": <1-9>', request["messages"][0]["content"][1]["text"])
-            time.sleep(delay)
-            text = json.dumps({k: 1 + (len(k) + i) % 9 for i, k in enumerate(keys)})
-            self.reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url, out = f"http://127.0.0.1:{server.server_address[1]}/v1", {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = multiprocessing.get_context("spawn").Process(target=_serve_judge, args=(port, delay), daemon=True)
+    server.start()
+    url, out = f"http://127.0.0.1:{port}/v1", {}
     try:
+        for _ in range(100):  # wait until it listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
         with tempfile.TemporaryDirectory() as tmp:
             data.write_references(tmp + "/images", 4, seed=args.seed, size=(64, 48), images_only=True)
             for mode in ("no-judge_overlap", "judge_overlap"):
@@ -489,12 +512,10 @@ def overlap(args, delay, steps=4):
                             "--max_train_steps", str(steps), "--output_dir", f"{tmp}/{mode}", f"--{mode}"])
                 rows = [json.loads(line) for line in Path(f"{tmp}/{mode}/metrics.jsonl").read_text().splitlines()][1:]
                 name = "overlapped" if mode == "judge_overlap" else "serial"
-                out[f"{name}_step_s"] = statistics.median(r["time/step_s"] for r in rows)
-                out[f"{name}_judge_wait_s"] = statistics.median(r["time/judge_wait_s"] for r in rows)
-                out[f"{name}_rollout_s"] = statistics.median(r["time/rollout_s"] for r in rows)
+                for key in ("step", "judge_wait", "rollout", "train"):
+                    out[f"{name}_{key}_s"] = statistics.median(r[f"time/{key}_s"] for r in rows)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.terminate()
     out["delay_s"] = delay
     return out
 

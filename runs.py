@@ -169,9 +169,10 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, metho
     return final
 
 
-def load_checkpoint(path, output_dir, transformer, optimizer):
+def load_checkpoint(path, output_dir, transformer, optimizer, writer=True):
     """Restore the LoRA and the optimizer from a checkpoint folder (or "latest" in output_dir; none: step 0)
-    and drop the metric rows logged after it (those steps run again). Returns the step to continue from."""
+    and, if this process is the run's writer (rank 0), drop the metric rows logged after it (those steps run
+    again). Returns the step to continue from."""
     output_dir = Path(output_dir)
     if path == "latest":
         found = checkpoints(output_dir)
@@ -186,11 +187,12 @@ def load_checkpoint(path, output_dir, transformer, optimizer):
     state = torch.load(path / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     metrics = output_dir / "metrics.jsonl"
-    if metrics.is_file():
+    if writer and metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics.with_suffix(".tmp"), metrics)
-    print(f"resumed from {path} at step {state['step']}")
+    if writer:
+        print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 

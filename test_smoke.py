@@ -1073,6 +1073,17 @@ def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
         assert max(grid.size) <= tiny_judge.grid_size
 
 
+def test_judge_offload_keeps_the_scores(tiny_judge):
+    """A local judge whose weights live in CPU memory and visit its device only while scoring (train.py's
+    --judge_offload) scores exactly as the resident one. On this CPU-only machine both places are the CPU, so this
+    checks the path and the scores; the memory it saves is a GPU figure (docs/performance.md)."""
+    offloaded = reward.load_judge("tiny", offload_to="cpu")
+    images, layers = [Image.new("RGB", (32, 24), "orange")], _layers(4)
+    a, _ = reward.vlm_reward(images, layers[:4], 4, judge=tiny_judge, seed=3)
+    b, _ = reward.vlm_reward(images, layers[:4], 4, judge=offloaded, seed=3)
+    assert torch.equal(a, b)
+
+
 def test_local_judge_loads_a_saved_folder(tiny_judge, tmp_path):
     model, tok, ip = tiny.tiny_judge(seed=0)
     for part in (model, tok, ip):

@@ -106,6 +106,9 @@ def parse_args(argv=None):
     a("--judge_model", default=None, help=f"local: hub id/folder (default {DEFAULT_JUDGE}); http: served model name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    a("--judge_offload", action=argparse.BooleanOptionalAction, default=True, help="local: keep the judge's "
+      "weights in CPU memory except while it scores (peak max(update, resident + judge), not their sum; "
+      "~1.5 s per group for 18 GiB over PCIe)")
     a("--judge_overlap", action=argparse.BooleanOptionalAction, default=True, help="http: judge each group in a "
       "thread while the GPU rolls out the next (same rewards, same LoRA as serial)")
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
@@ -343,7 +346,8 @@ def load_judge(args, device, dtype):
     """The VLM judge of --judge, checked now (before the expensive model load); None for other rewards."""
     if args.reward != "vlm" or args.judge == "text_encoder":
         return None
-    options = {"local": {"device": device, "dtype": dtype}, "http": {"api_key_env": args.judge_api_key_env}}
+    options = {"local": {"device": device, "dtype": dtype, "offload": args.judge_offload and device.startswith("cuda")},
+               "http": {"api_key_env": args.judge_api_key_env}}
     return reward.load_judge(args.judge, url=args.judge_url, **options.get(args.judge, {}),
                              model=args.judge_model or (DEFAULT_JUDGE if args.judge == "local" else None))
 
@@ -385,8 +389,8 @@ def main(argv=None):
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
-            if args.resume_from_checkpoint else 0
+        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer,
+                                     writer=rank == 0) if args.resume_from_checkpoint else 0
         log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     reward_fn = reward.REWARDS[args.reward]
     overlap = args.reward == "vlm" and args.judge == "http" and args.judge_overlap  # judged while the GPU works
