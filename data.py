@@ -110,6 +110,15 @@ def save_sample(folder: Path, image: Image.Image, layers: list) -> str:
     return str(folder)
 
 
+def save_layers(layers_k, folder):
+    """(N, 4, H, W) in [0, 1] -> folder/layer_<i>.png (RGBA, layer_0 the background)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(layers_k):
+        array = (layer.permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+        Image.fromarray(array, "RGBA").save(folder / f"layer_{i}.png")
+
+
 def load_layer_files(folder: Path, what: str) -> list:
     """layer_0.png ... layer_{k-1}.png of a folder as (4, H, W) tensors; the indices must run 0..k-1 without gaps."""
     idx = sorted(int(p.stem[6:]) for p in folder.glob("layer_*.png") if p.stem[6:].isdigit())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, to_image
+from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers, to_image
 
 
 def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
@@ -314,7 +314,7 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
                                        true_cfg_scale=true_cfg_scale, generator=torch.Generator().manual_seed(seed + k))
             layers = layers.float().cpu()  # (1, L, 4, H, W); the copy waits for the GPU, so the time is complete
             seconds.append(time.perf_counter() - start)
-            rollout.save_layers(layers[0], root / folder.name)
+            save_layers(layers[0], root / folder.name)
             image.save(root / folder.name / "image.png")
         meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": lora, "sampler": sampler,
                 "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,

@@ -33,7 +33,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
 
-from data import find_images, open_image, to_rgb
+from data import find_images, open_image, save_layers, to_rgb
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_PROMPT = "a clean, well composed image"  # the released Stable-Layers LoRA's fixed prompt
@@ -418,15 +418,6 @@ def step_log_prob(transformer, traj, j, rows=slice(None)):
 
 
 # ----------------------------------------------------------------------------- files
-def save_layers(layers_k, folder):
-    """(N, 4, H, W) in [0, 1] -> folder/layer_<i>.png (RGBA, layer_0 the background)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, layer in enumerate(layers_k):
-        array = (layer.permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-        Image.fromarray(array, "RGBA").save(folder / f"layer_{i}.png")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE "
                                 "sampler) and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
