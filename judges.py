@@ -375,10 +375,11 @@ def warn_slow_kernels(config, device):
         str(getattr(config, "model_type", "")).startswith("qwen3_5")
     missing = [pkg for pkg, mod in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
                if importlib.util.find_spec(mod) is None]
-    if hybrid and missing and str(device).startswith("cuda"):
+    warn = hybrid and bool(missing) and str(device).startswith("cuda")
+    if warn:
         log.warning("judge %s: linear-attention layers will run on slow reference kernels; pip install %s",
                     getattr(config, "model_type", "?"), " ".join(missing))
-    return hybrid and bool(missing)
+    return warn
 
 
 def _probe(url, model, api_key_env):

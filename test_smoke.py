@@ -1073,6 +1073,23 @@ def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
         assert max(grid.size) <= tiny_judge.grid_size
 
 
+def test_qwen3_5_judge_names_its_missing_fast_kernels_once(caplog):
+    """The default judge's architecture (Qwen3.5: linear-attention layers) on CUDA without flash-linear-attention
+    and causal-conv1d: one warning line naming what to install; nothing on CPU or for a full-attention model."""
+    from transformers import Qwen2_5_VLConfig, Qwen3_5Config
+
+    import importlib.util
+    missing = [m for m in ("fla", "causal_conv1d") if importlib.util.find_spec(m) is None]
+    with caplog.at_level("WARNING", logger="reward"):
+        assert judges.warn_slow_kernels(Qwen3_5Config(), "cuda:0") == bool(missing)
+        assert not judges.warn_slow_kernels(Qwen3_5Config(), "cpu")
+        assert not judges.warn_slow_kernels(Qwen2_5_VLConfig(), "cuda:0")
+    lines = [r.getMessage() for r in caplog.records]
+    pip_name = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+    assert len(lines) == bool(missing) and all("pip install" in line and all(pip_name[m] in line for m in missing)
+                                               for line in lines)
+
+
 def test_judge_offload_keeps_the_scores(tiny_judge):
     """A local judge whose weights live in CPU memory and visit its device only while scoring (train.py's
     --judge_offload) scores exactly as the resident one. On this CPU-only machine both places are the CPU, so this
