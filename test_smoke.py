@@ -397,14 +397,19 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
     x, t = probe.latents[:, 0], probe.timesteps[0]
     with torch.no_grad(), train.reference_policy(pipe.transformer):
         reference = rollout.predict_velocity(pipe.transformer, probe, x, t)
-    started, trained = rollout.load_pipeline("tiny"), rollout.load_pipeline("tiny")
+    from peft import PeftModel
+
+    started, via_diffusers, via_rollout = (rollout.load_pipeline("tiny") for _ in range(3))
     rollout.load_lora(started, start / "peft")
-    trained.load_lora_weights(str(out))
+    via_diffusers.load_lora_weights(str(out))
+    rollout.load_lora(via_rollout, out / "peft")
+    via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
     with torch.no_grad():
         torch.testing.assert_close(reference, rollout.predict_velocity(started.transformer, probe, x, t), rtol=0,
                                    atol=1e-6)
         after = rollout.predict_velocity(pipe.transformer, probe, x, t)
-        torch.testing.assert_close(rollout.predict_velocity(trained.transformer, probe, x, t), after, rtol=0, atol=1e-6)
+        for model in (via_diffusers.transformer, via_rollout.transformer, via_peft):  # the bare base + the result
+            torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), after, rtol=0, atol=1e-6)
         assert (after - reference).abs().max() > 1e-5  # one update moved the policy away from its start
     with pytest.raises(SystemExit) as e:
         train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "bad"), "--reward", "recon",
