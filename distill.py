@@ -59,6 +59,9 @@ import runs
 import train
 
 
+METHOD = "on-policy distillation of per-reward teachers (DiffusionOPD)"  # the model card's words
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil several per-reward teacher LoRAs into one student LoRA "
                                 "(on-policy, DiffusionOPD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -323,11 +326,10 @@ def main(argv=None):
             picture.save(output_dir / "samples" / f"step-{step + 1:06d}.png")
             log.image("samples", picture, step + 1)
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
+            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit,
+                                 method=METHOD)
     log.close()
-    runs.save_final(output_dir, transformer, args)  # the student: save_lora writes the adapter "default"
-    runs.write_model_card(output_dir, args, runs.last_metrics(output_dir), sample=runs.latest_sample(output_dir),
-                          method="on-policy distillation of per-reward teachers (DiffusionOPD)")
+    runs.save_final(output_dir, transformer, args, method=METHOD)  # the student: save_lora writes adapter "default"
     print(f"student LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
     return pipe
 

@@ -271,6 +271,13 @@ def _public(value):
     return value
 
 
+def method_tag(method):
+    """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
+    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
+                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
+                "fine-tuning")
+
+
 def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
     """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
     library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
@@ -279,8 +286,8 @@ def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stab
 
     base = args.pretrained_model_name_or_path
     data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
-                         tags=["lora", "stable-layers", "flow-grpo" if method.startswith("Flow-GRPO") else "sft",
-                               "qwen-image-layered", "diffusers", "image-to-image"], pipeline_tag="image-to-image")
+                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
+                               "image-to-image"], pipeline_tag="image-to-image")
     settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
     rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())

@@ -301,6 +301,9 @@ def measure_data(args):
 
 
 # ----------------------------------------------------------------------------- command line
+METHOD = "supervised flow matching (sft.py)"  # the model card's words
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -414,8 +417,9 @@ def main(argv=None):
         log.log(record)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val/loss") if k in record})
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
-    runs.save_final(output_dir, transformer, args)
+            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit,
+                                 method=METHOD)
+    runs.save_final(output_dir, transformer, args, method=METHOD)
     log.close()
     lock.close()
     print(f"final LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
