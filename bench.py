@@ -233,7 +233,7 @@ def measure(fn, device, warmup, repeats, setup=None):
 # ----------------------------------------------------------------------------- the benchmark
 def run(args):
     """Build, time every row, and return the results (what --json writes)."""
-    device, dtype = args.device, {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
+    device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
     if args.threads or (device == "cpu" and args.size == "toy"):
         torch.set_num_threads(args.threads or 1)
     judge = torch.empty(int(args.judge_gib * 2**30), dtype=torch.uint8, device=device) if args.judge_gib else None
@@ -403,7 +403,7 @@ def onpolicy_ratio(args):
     """One SDE step of G rows at batch G (as a rollout), re-scored in micro-batches of --train_batch_size (as the
     update): ratio = exp(log_prob_new - log_prob_old) per row, with LoRA B weights drawn N(0, 0.02) so the adapter
     is active. Fully on-policy, so any distance from 1 is the batch shape's rounding in --mixed_precision."""
-    device, dtype = args.device, {"no": torch.float32, "bf16": torch.bfloat16}[args.mixed_precision]
+    device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
     pipe, blocks, _ = build_pipeline(args, device, dtype)
     transformer = pipe.transformer
     params = train.add_lora(transformer, args.rank, args.lora_alpha)

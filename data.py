@@ -119,12 +119,21 @@ def save_layers(layers_k, folder):
         Image.fromarray(array, "RGBA").save(folder / f"layer_{i}.png")
 
 
+def layer_indices(folder: Path, required: bool = False) -> list:
+    """The i of folder/layer_<i>.png, sorted; ValueError unless they run 0..k-1 without gaps (and, if required,
+    at least one is there)."""
+    idx = sorted(int(p.stem[6:]) for p in Path(folder).glob("layer_*.png") if p.stem[6:].isdigit())
+    if idx != list(range(len(idx))) or (required and not idx):
+        raise ValueError(f"layer files must be layer_0.png .. layer_{{L-1}}.png without gaps, found indices {idx}")
+    return idx
+
+
 def load_layer_files(folder: Path, what: str) -> list:
     """layer_0.png ... layer_{k-1}.png of a folder as (4, H, W) tensors; the indices must run 0..k-1 without gaps."""
-    idx = sorted(int(p.stem[6:]) for p in folder.glob("layer_*.png") if p.stem[6:].isdigit())
-    if idx != list(range(len(idx))):
-        raise ValueError(f"{what} {folder}: layer files must be layer_0.png .. layer_{{L-1}}.png without gaps, "
-                         f"found indices {idx}")
+    try:
+        idx = layer_indices(folder)
+    except ValueError as e:
+        raise ValueError(f"{what} {folder}: {e}") from None
     return [pil_to_rgba(Image.open(folder / f"layer_{i}.png")) for i in idx]
 
 

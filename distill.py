@@ -45,7 +45,6 @@ import argparse
 import re
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,16 +175,6 @@ def load_adapter(pipe, name, path):
                                   ".safetensors) nor a PEFT adapter folder (adapter_config.json)")
 
 
-@contextmanager
-def active_adapter(transformer, name):
-    """Run the block with adapter `name` active, then make the student ("default") active and trainable again."""
-    transformer.set_adapter(name)
-    try:
-        yield
-    finally:
-        transformer.set_adapter("default")
-
-
 def image_pool(args):
     """(image paths, W (num_images, num_teachers) float weights): --images plus every teacher's folder;
     W[i, k] = w_k where teacher k applies to image i (no folder, or the image lies under its folder), else 0."""
@@ -219,7 +208,7 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
                 teacher_means = {}
                 with torch.no_grad():
                     for k in w.nonzero().flatten().tolist():
-                        with active_adapter(transformer, names[k]):
+                        with train.active_adapter(transformer, names[k]):
                             teacher_means[k] = rollout.step_log_prob(transformer, traj, j, rows)[1]
                 _, student_mean, std_dev_t = rollout.step_log_prob(transformer, traj, j, rows)
                 dt = traj.sigmas[i + 1] - traj.sigmas[i]  # < 0
@@ -252,7 +241,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     lock = runs.lock_output_dir(output_dir)  # noqa: F841 (held for the life of the process)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    dtype = rollout.DTYPES[args.mixed_precision]
     dtype = dtype if device == "cuda" else torch.float32
     names = list(args.teachers)
     with runs.input_errors():
@@ -275,12 +264,7 @@ def main(argv=None):
         for name, t in args.teachers.items():
             load_adapter(pipe, name, t["path"])
         transformer.set_adapter("default")
-        params = []
-        for n, p in transformer.named_parameters():  # the student's LoRA only, in fp32 (the optimizer's copy)
-            p.requires_grad_(".default." in n and "lora_" in n)
-            if p.requires_grad:
-                p.data = p.data.float()
-                params.append(p)
+        params = train.trainable_lora(transformer)  # the student's LoRA only, in fp32 (the optimizer's copy)
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)

@@ -37,6 +37,7 @@ from data import find_images, open_image, save_layers, to_rgb
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_PROMPT = "a clean, well composed image"  # the released Stable-Layers LoRA's fixed prompt
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision -> model dtype
 
 
 # ----------------------------------------------------------------------------- loading
@@ -446,7 +447,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    dtype = DTYPES[args.mixed_precision]
     paths = find_images(args.images)
     pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device == "cuda" else None,
                          device=device)

@@ -78,11 +78,12 @@ def synthetic_specs(num, seed, layers, size, held_out=False):
 def sample_problem(folder, max_layers):
     """(why the reference sample in `folder` cannot be trained on, in one line, or None; its L). Reads PNG
     headers only."""
-    found = sorted(int(p.stem[6:]) for p in folder.glob("layer_*.png") if p.stem[6:].isdigit())
     if not (folder / "image.png").is_file():
         return "no image.png (the flattened design)", 0
-    if found != list(range(len(found))) or not found:
-        return f"layer files must be layer_0.png .. layer_{{L-1}}.png without gaps, found indices {found}", 0
+    try:
+        found = data.layer_indices(folder, required=True)
+    except ValueError as e:
+        return str(e), 0
     if len(found) > max_layers:
         return f"{len(found)} layers, more than --max_layers {max_layers}", len(found)
     try:
@@ -363,7 +364,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     lock = None if args.eval_lora else runs.lock_output_dir(output_dir)  # one run per folder, until lock.close()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    dtype = rollout.DTYPES[args.mixed_precision]
     dtype = dtype if device == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True  # as the diffusers example's --allow_tf32
 

@@ -100,7 +100,7 @@ def velocity_gap(pipe, images, teacher="t"):
     with torch.no_grad():
         for j in range(3):
             v_s = rollout.predict_velocity(tr, traj, traj.latents[:, j], traj.timesteps[j])
-            with distill.active_adapter(tr, teacher):
+            with train.active_adapter(tr, teacher):
                 v_t = rollout.predict_velocity(tr, traj, traj.latents[:, j], traj.timesteps[j])
             gaps.append(((v_s - v_t) ** 2).mean().item())
     return float(np.mean(gaps))

@@ -228,10 +228,18 @@ def add_init_lora(transformer, folder):
         except (ValueError, RuntimeError) as e:
             raise runs.InputError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
     transformer.set_adapter("default")
-    params = [p for n, p in transformer.named_parameters() if ".default." in n and "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-        p.data = p.data.float()
+    return trainable_lora(transformer)
+
+
+def trainable_lora(transformer, name="default"):
+    """Make adapter `name`'s LoRA weights the only trainable parameters, in float32 (the optimizer's master
+    copy), and return them; other adapters (a KL reference, distillation teachers) stay frozen."""
+    params = []
+    for n, p in transformer.named_parameters():
+        p.requires_grad_(f".{name}." in n and "lora_" in n)
+        if p.requires_grad:
+            p.data = p.data.float()
+            params.append(p)
     return params
 
 
@@ -251,15 +259,22 @@ def lora_precision(transformer):
 
 
 @contextmanager
+def active_adapter(transformer, name):
+    """Run the block with adapter `name` active, then make the trained adapter ("default") active again."""
+    transformer.set_adapter(name)
+    try:
+        yield
+    finally:
+        transformer.set_adapter("default")
+
+
+@contextmanager
 def reference_policy(transformer):
     """The KL reference: the same transformer with its LoRA disabled (no second copy of the weights), or the
     frozen --init_lora adapter when training started from one."""
     if "reference" in getattr(transformer, "peft_config", {}):
-        transformer.set_adapter("reference")
-        try:
+        with active_adapter(transformer, "reference"):
             yield
-        finally:
-            transformer.set_adapter("default")
         return
     transformer.disable_adapters()
     try:
@@ -363,7 +378,7 @@ def main(argv=None):
                                   f"ranks ({world})")
         lock = runs.lock_output_dir(output_dir) if rank == 0 else None  # noqa: F841 (held until the process ends)
         paths = data.find_images(args.images)
-        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        dtype = rollout.DTYPES[args.mixed_precision]
         dtype = dtype if device.startswith("cuda") else torch.float32
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
