@@ -227,8 +227,8 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
 
     def one(q):  # -> (scores | None, attempts)
         nonlocal use_logprobs
-        buf = io.BytesIO()
-        q.image.save(buf, format="PNG")
+        buf = io.BytesIO()  # zlib level 1: the same pixels, ~17% more bytes, ~5x less CPU than PIL's default 6
+        q.image.save(buf, format="PNG", compress_level=1)
         content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]
         attempts = 0
