@@ -481,11 +481,18 @@ def _serve_judge(port, delay):
     server.serve_forever()
 
 
-def overlap(args, delay, steps=4):
+def overlap(args, delay, steps=4, images=4):
     """train.py on the tiny model (G 4, 4 images per step) against a real OpenAI-compatible judge on 127.0.0.1 (its
-    own process, as a judge elsewhere would be) that answers every request after `delay` seconds: median step
-    time and time the loop waited for the judge, with each group judged serially (after its rollout, in the
-    main thread) and overlapped (in threads while the next groups roll out). The first step is left out."""
+    own process, as a judge elsewhere would be) that answers every request after `delay` seconds. Median step
+    time and time the loop waited for the judge, with each group judged after its rollout in the main thread
+    (serial), in threads while the next groups roll out (overlapped, the default), and overlapped with
+    --adv_std group (a group's re-scoring also starts as soon as its own rewards are in). The first step is left
+    out. The bounds use the serial run's parts, R (rollouts), U (update) and c (a group's judge time beyond D):
+        gpu_s          = R + U                                   the torch work alone
+        issue_goal_s   = max(R + U, D + (R + U) / images)        the goal's max(GPU time, D + last group's work)
+        bound_global_s = R + c + D + U                           the update needs every group's rewards
+        bound_group_s  = R + max(c + D, U (images-1)/images) + U / images     only the last group's update waits
+    """
     import multiprocessing
     import socket
     import tempfile
@@ -496,6 +503,8 @@ def overlap(args, delay, steps=4):
     server = multiprocessing.get_context("spawn").Process(target=_serve_judge, args=(port, delay), daemon=True)
     server.start()
     url, out = f"http://127.0.0.1:{port}/v1", {}
+    modes = {"serial": ["--no-judge_overlap"], "overlapped": ["--judge_overlap"],
+             "overlapped_group": ["--judge_overlap", "--adv_std", "group"]}
     try:
         for _ in range(100):  # wait until it listens
             with socket.socket() as s:
@@ -503,20 +512,21 @@ def overlap(args, delay, steps=4):
                     break
             time.sleep(0.1)
         with tempfile.TemporaryDirectory() as tmp:
-            data.write_references(tmp + "/images", 4, seed=args.seed, size=(64, 48), images_only=True)
-            for mode in ("no-judge_overlap", "judge_overlap"):
+            data.write_references(tmp + "/images", images, seed=args.seed, size=(64, 48), images_only=True)
+            for name, flags in modes.items():
                 train.main(["--images", tmp + "/images", "--pretrained_model_name_or_path", "tiny", "--resolution",
                             "64", "--layers", "2", "--group_size", "4", "--num_inference_steps", "4", "--rank", "4",
                             "--lora_alpha", "8", "--mixed_precision", "no", "--judge_url", url, "--judge_model",
-                            "judge", "--report_to", "none", "--sample_every", "0", "--images_per_step", "4",
-                            "--max_train_steps", str(steps), "--output_dir", f"{tmp}/{mode}", f"--{mode}"])
-                rows = [json.loads(line) for line in Path(f"{tmp}/{mode}/metrics.jsonl").read_text().splitlines()][1:]
-                name = "overlapped" if mode == "judge_overlap" else "serial"
+                            "judge", "--report_to", "none", "--sample_every", "0", "--images_per_step", str(images),
+                            "--max_train_steps", str(steps), "--output_dir", f"{tmp}/{name}", *flags])
+                rows = [json.loads(line) for line in Path(f"{tmp}/{name}/metrics.jsonl").read_text().splitlines()][1:]
                 for key in ("step", "judge_wait", "rollout", "train"):
                     out[f"{name}_{key}_s"] = statistics.median(r[f"time/{key}_s"] for r in rows)
     finally:
         server.terminate()
-    out["delay_s"] = delay
+    R, U, c = out["serial_rollout_s"], out["serial_train_s"], out["serial_judge_wait_s"] / images - delay
+    out.update(delay_s=delay, gpu_s=R + U, issue_goal_s=max(R + U, delay + (R + U) / images),
+               bound_global_s=R + c + delay + U, bound_group_s=R + max(c + delay, U * (images - 1) / images) + U / images)
     return out
 
 

@@ -39,6 +39,7 @@ defaults, and that the README shows the same table):
 """
 
 import argparse
+import functools
 import os
 import random
 import resource
@@ -115,7 +116,8 @@ def parse_args(argv=None):
     a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
     a("--adv_std", choices=["global", "group"], default="global", help="advantage normaliser: std of all rewards "
-      "of the optimizer step (upstream) or of each image's group")
+      "of the optimizer step (upstream) or of each image's group (then, with an http judge, a group is re-scored "
+      "as soon as its own rewards are in, while later groups are still judged)")
     a("--num_inner_epochs", type=int, default=1, help="passes over one step's rollouts (1 = fully on-policy)")
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the LoRA")
@@ -308,21 +310,25 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
     loss = MEAN over (candidate, trained step j) of [clipped policy loss + beta * KL(policy || reference)].
     `total` is the number of (candidate, step) pairs of the optimizer step over all ranks (default: these
     trajectories'); each rank back-propagates its share weighted by 1/total and the gradients are summed
-    across ranks, so the update equals one process's."""
+    across ranks, so the update equals one process's. `advantages`: one per candidate of the trajectories in
+    order, or a function i -> trajectory i's advantages, asked for just before its first re-scoring (train.py's
+    may wait for the judge, so trajectory 0 is re-scored while later ones are still being judged)."""
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "diag/clipfrac": 0.0, "diag/approx_kl": 0.0, "diag/ratio_mean": 0.0}
     skipped, grad_norms = 0, []
     K = trajectories[0].log_probs.shape[1]
     total = total or sum(t.log_probs.shape[0] for t in trajectories) * K
     rows_of = [torch.arange(len(t.log_probs)).split(args.train_batch_size) for t in trajectories]
     offsets = np.cumsum([0] + [len(t.log_probs) for t in trajectories])
+    advantages_of = advantages if callable(advantages) else lambda i: advantages[offsets[i]:offsets[i + 1]]
     for _ in range(args.num_inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         finite = True
-        for traj, offset, chunks in zip(trajectories, offsets, rows_of):
+        for i, (traj, chunks) in enumerate(zip(trajectories, rows_of)):
+            advantages_i = advantages_of(i)
             for j in range(K):
                 for rows in chunks:
                     log_prob, prev_mean, std_dev_t = rollout.step_log_prob(transformer, traj, j, rows)
-                    adv = advantages[offset + rows].to(log_prob.device)
+                    adv = advantages_i[rows].to(log_prob.device)
                     loss_pg, diag = grpo.policy_loss(log_prob, traj.log_probs[rows, j], adv, args.clip_range)
                     loss_kl = torch.zeros((), device=log_prob.device)
                     if args.beta > 0:
@@ -411,7 +417,8 @@ def main(argv=None):
     overlap = args.reward == "vlm" and args.judge == "http" and args.judge_overlap  # judged while the GPU works
     # judge threads render, encode and wait; with torch's intra-op threads they would each start an OpenMP team, and
     # teams outnumbering the cores slow every parallel region of this (training) thread: they get one thread each
-    pool = ThreadPoolExecutor(args.images_per_step, initializer=torch.set_num_threads, initargs=(1,)) if overlap else None
+    pool = ThreadPoolExecutor(args.images_per_step, initializer=torch.set_num_threads, initargs=(1,)) \
+        if overlap else None
     G, per_rank = args.group_size, args.images_per_step // world
     if rank == 0:
         print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
@@ -451,21 +458,34 @@ def main(argv=None):
                 phase, t = "reward", time.perf_counter()
                 scored.append(pool.submit(score, traj, step) if pool else score(traj, step))
                 wait_s += time.perf_counter() - t
-            t = time.perf_counter()
-            scored = [s.result() for s in scored] if pool else scored
-            wait_s += time.perf_counter() - t
 
-            # advantages over the whole optimizer step: every rank gathers every rank's rewards (in image order)
-            rewards = torch.cat(all_gather(torch.cat([r for r, _, _ in scored])))  # (images_per_step * G,)
-            infos = sum(all_gather([{k: v for k, v in i.items() if k != "candidates"} for _, i, _ in scored]), [])
-            advantages = grpo.group_advantages(rewards, G, args.adv_std == "global", adv_clip_max=args.adv_clip_max)
+            def wait(i):  # this rank's group i scored: (rewards (G,), info, seconds); waiting is time the GPU idles
+                nonlocal wait_s
+                if pool and not isinstance(scored[i], tuple):
+                    t = time.perf_counter()
+                    scored[i] = scored[i].result()
+                    wait_s += time.perf_counter() - t
+                return scored[i]
 
-            phase, t2 = "update", time.perf_counter()
+            @functools.cache
+            def step_advantages():  # every rank's rewards (image order) and advantages; a collective: all ranks call it
+                rewards = torch.cat(all_gather(torch.cat([wait(i)[0] for i in range(len(scored))])))
+                return rewards, grpo.group_advantages(rewards, G, args.adv_std == "global",
+                                                      adv_clip_max=args.adv_clip_max)
+
+            def advantages_of(i):  # this rank's group i, as soon as the rewards they depend on are in
+                if args.adv_std == "group":  # its own group's: re-scored while the later groups are still judged
+                    return grpo.group_advantages(wait(i)[0], G, adv_clip_max=args.adv_clip_max)  # = step_advantages'
+                return step_advantages()[1][(mine.start + i) * G:(mine.start + i + 1) * G]  # all groups' rewards
+
+            phase, t2, waited = "update", time.perf_counter(), wait_s
             transformer.train()
             with lora_precision(transformer):
-                stats = policy_update(transformer, trajectories, advantages[mine.start * G: mine.stop * G], args,
-                                      params, optimizer, total=args.images_per_step * G * (window[1] - window[0]))
+                stats = policy_update(transformer, trajectories, advantages_of, args, params, optimizer,
+                                      total=args.images_per_step * G * (window[1] - window[0]))
             t3 = time.perf_counter()
+            rewards, advantages = step_advantages()  # (images_per_step * G,) each
+            infos = sum(all_gather([{k: v for k, v in i.items() if k != "candidates"} for _, i, _ in scored]), [])
             if rank != 0:
                 continue
 
@@ -479,7 +499,7 @@ def main(argv=None):
                      **{f"reward/{k}" if "/" not in k else k: v for k, v in scalars.items()}, **stats,
                      "layers": layers, "window": list(window), "time/rollout_s": rollout_s,
                      "time/reward_s": sum(s for _, _, s in scored), "time/judge_wait_s": wait_s,
-                     "time/train_s": t3 - t2, "time/step_s": t3 - t0, "mem/peak_gb": peak})
+                     "time/train_s": t3 - t2 - (wait_s - waited), "time/step_s": t3 - t0, "mem/peak_gb": peak})
             bar.set_postfix(reward=f"{rewards.mean().item():.3f}", loss=f"{stats['loss/policy']:.2e}")
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 picture = runs.save_group_png(output_dir / "samples" / f"step-{step + 1:06d}.png", trajectories[0],
