@@ -548,8 +548,9 @@ def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
 def test_group_advantages_start_the_update_before_the_last_group_is_judged(image_dir, tmp_path, monkeypatch):
     """With --adv_std group a group's advantages need only its own rewards, so its re-scoring starts while the
     later groups are still with the judge (every answer takes 1 s); with global they need every group's, so it
-    starts after the last answer. Both give the same LoRA as judging serially."""
-    answered, started = [], []
+    starts after the last answer. Both give the same LoRA as judging serially. By default a step's requests may
+    all be in flight at once (a group never waits for a slot); --judge_concurrency caps them."""
+    answered, started, in_flight, lock = [], [], [0, 0], threading.Lock()  # in_flight: now, most
     real = rollout.step_log_prob
 
     def step_log_prob(*a, **k):
@@ -557,7 +558,12 @@ def test_group_advantages_start_the_update_before_the_last_group_is_judged(image
         return real(*a, **k)
 
     def answer(body):
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
         time.sleep(1.0)
+        with lock:
+            in_flight[0] -= 1
         answered.append(time.monotonic())
         return 200, completion(json.dumps({k: 1 + (len(k) + i) % 9 for i, k in enumerate(keys_asked(body))}))
 
@@ -566,14 +572,23 @@ def test_group_advantages_start_the_update_before_the_last_group_is_judged(image
         for adv_std in ("group", "global"):
             for mode in ("--judge_overlap", "--no-judge_overlap"):
                 answered.clear(), started.clear()
+                in_flight[1] = 0
                 train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / adv_std / mode), "--judge_url",
                             url, "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1",
                             "--sample_every", "0", *TINY, "--images_per_step", "3", "--adv_std", adv_std, mode])
                 if mode == "--judge_overlap":
                     assert len(answered) == 3 * 5  # 3 groups: 4 panels and a grid each
                     assert (started[0] < max(answered)) == (adv_std == "group"), (started[0], sorted(answered))
+                    assert in_flight[1] > 5  # the default bound, a step's 15 requests, lets groups overlap
+                else:
+                    assert in_flight[1] == 5
             a, b = (_lora(tmp_path / adv_std / m) for m in ("--judge_overlap", "--no-judge_overlap"))
             assert all(torch.equal(a[k], b[k]) for k in a)
+        in_flight[1] = 0
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "bound"), "--judge_url", url,
+                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "0",
+                    *TINY, "--images_per_step", "2", "--judge_concurrency", "3"])
+        assert in_flight[1] == 3
 
 
 def test_train_errors_bad_input_one_line_bugs_keep_their_traceback(image_dir, tmp_path, monkeypatch, capsys):

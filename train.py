@@ -107,6 +107,8 @@ def parse_args(argv=None):
     a("--judge_model", default=None, help=f"local: hub id/folder (default {DEFAULT_JUDGE}); http: served model name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    a("--judge_concurrency", type=int, default=None, help="http: requests in flight at once, across the groups of "
+      "a step (default: all of a step's, images per rank x (G + 1), so no group waits for a slot)")
     a("--judge_offload", action=argparse.BooleanOptionalAction, default=True, help="local: keep the judge's "
       "weights in CPU memory except while it scores (peak max(update, resident + judge), not their sum; "
       "~1.5 s per group for 18 GiB over PCIe)")
@@ -146,6 +148,7 @@ def parse_args(argv=None):
               (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
               (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
               (args.images_per_step >= 1, "--images_per_step must be >= 1"),
+              ((args.judge_concurrency or 1) >= 1, "--judge_concurrency must be >= 1"),
               (not (args.judge_url and args.judge != "http"), f"--judge {args.judge} with --judge_url: the URL is "
                "for --judge http; drop one of them"),
               (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
@@ -368,7 +371,8 @@ def load_judge(args, device, dtype):
     if args.reward != "vlm" or args.judge == "text_encoder":
         return None
     options = {"local": {"device": device, "dtype": dtype, "offload": args.judge_offload and device.startswith("cuda")},
-               "http": {"api_key_env": args.judge_api_key_env}}
+               "http": {"api_key_env": args.judge_api_key_env, "concurrency": args.judge_concurrency or
+                        args.images_per_step // world_size() * (args.group_size + 1)}}
     return reward.load_judge(args.judge, url=args.judge_url, **options.get(args.judge, {}),
                              model=args.judge_model or (DEFAULT_JUDGE if args.judge == "local" else None))
 
