@@ -419,10 +419,8 @@ def main(argv=None):
         log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     reward_fn = reward.REWARDS[args.reward]
     overlap = args.reward == "vlm" and args.judge == "http" and args.judge_overlap  # judged while the GPU works
-    # judge threads render, encode and wait; with torch's intra-op threads they would each start an OpenMP team, and
-    # teams outnumbering the cores slow every parallel region of this (training) thread: they get one thread each
     pool = ThreadPoolExecutor(args.images_per_step, initializer=torch.set_num_threads, initargs=(1,)) \
-        if overlap else None
+        if overlap else None  # one torch thread each: OpenMP teams of their own would outnumber the cores
     G, per_rank = args.group_size, args.images_per_step // world
     if rank == 0:
         print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
