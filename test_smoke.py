@@ -504,7 +504,8 @@ def test_train_bad_input(tmp_path):
                            "--reward", "recon"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no readable image" in proc.stderr and "Traceback" not in proc.stderr
     for argv, message in [(["--group_size", "1"], "--group_size"), (["--reward", "nope"], "--reward 'nope'"),
-                          (["--sde_window", "20"], "--sde_window")]:
+                          (["--sde_window", "20"], "--sde_window"),
+                          (["--judge_concurrency", "0"], "--judge_concurrency")]:
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--images", str(empty), *argv])
         assert e.value.code == 2

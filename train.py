@@ -148,7 +148,7 @@ def parse_args(argv=None):
               (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
               (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
               (args.images_per_step >= 1, "--images_per_step must be >= 1"),
-              ((args.judge_concurrency or 1) >= 1, "--judge_concurrency must be >= 1"),
+              (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
               (not (args.judge_url and args.judge != "http"), f"--judge {args.judge} with --judge_url: the URL is "
                "for --judge http; drop one of them"),
               (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
