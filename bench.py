@@ -491,7 +491,6 @@ def overlap(args, delay, steps=4, images=4):
     --adv_std group (a group's re-scoring also starts as soon as its own rewards are in). The first step is left
     out. The bounds use the serial run's parts, R (rollouts), U (update) and c (a group's judge time beyond D):
         gpu_s          = R + U                                   the torch work alone
-        issue_goal_s   = max(R + U, D + (R + U) / images)        the goal's max(GPU time, D + last group's work)
         bound_global_s = R + c + D + U                           the update needs every group's rewards
         bound_group_s  = R + max(c + D, U (images-1)/images) + U / images     only the last group's update waits
     """
@@ -521,9 +520,9 @@ def overlap(args, delay, steps=4, images=4):
                 train.main(["--images", tmp + "/images", "--pretrained_model_name_or_path", "tiny", "--resolution",
                             str(side), "--layers", "2", "--group_size", "4", "--num_inference_steps", "4",
                             "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--judge_url", url,
-                            "--judge_model", "judge", "--report_to", "none", "--sample_every", "0", "--images_per_step",
-                            str(images),
-                            "--max_train_steps", str(steps), "--output_dir", f"{tmp}/{name}", *flags])
+                            "--judge_model", "judge", "--report_to", "none", "--sample_every", "0",
+                            "--images_per_step", str(images), "--max_train_steps", str(steps), "--output_dir",
+                            f"{tmp}/{name}", *flags])
                 rows = [json.loads(line) for line in Path(f"{tmp}/{name}/metrics.jsonl").read_text().splitlines()][1:]
                 for key in ("step", "judge_wait", "rollout", "train"):
                     out[f"{name}_{key}_s"] = statistics.median(r[f"time/{key}_s"] for r in rows)
@@ -531,8 +530,7 @@ def overlap(args, delay, steps=4, images=4):
         server.terminate()
         torch.set_num_threads(threads)
     R, U, c = out["serial_rollout_s"], out["serial_train_s"], out["serial_judge_wait_s"] / images - delay
-    out.update(delay_s=delay, gpu_s=R + U, issue_goal_s=max(R + U, delay + (R + U) / images),
-               bound_global_s=R + c + delay + U,
+    out.update(delay_s=delay, gpu_s=R + U, bound_global_s=R + c + delay + U,
                bound_group_s=R + max(c + delay, U * (images - 1) / images) + U / images)
     out.update(overlapped_over_bound=out["overlapped_step_s"] / out["bound_global_s"],
                overlapped_group_over_bound=out["overlapped_group_step_s"] / out["bound_group_s"])
