@@ -1,8 +1,9 @@
 """Speed and memory of Stable-Layers' hot paths: a rollout step, a VAE decode, a training micro-step.
 
 Random weights, no download: the transformer is built from the public Qwen-Image-Layered configuration (60
-blocks, 20.4B parameters, 38 GiB bf16) directly on the GPU in bf16, or K of its blocks at full width
-(--num_blocks K) with the figures scaled to 60. On a CPU the default is tiny.tiny_pipeline (seconds).
+blocks, 20.4B parameters, 38 GiB bf16) directly on the GPU in bf16 (tiny.released_pipeline, which train.py, sft.py
+and evaluate.py load as --pretrained_model_name_or_path random), or K of its blocks at full width (--num_blocks K)
+with the figures scaled to 60. On a CPU the default is tiny.tiny_pipeline (seconds).
 Everything timed is the project's own code: rollout.predict_velocity + rollout.sde_step_with_logprob (a
 rollout step), rollout.decode_layers, train.policy_update (rollout.step_log_prob + grpo.policy_loss, + the
 KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on train.add_lora's
@@ -16,6 +17,8 @@ LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transforme
     python bench.py --overlap 0.8                                   # judge latency hidden behind rollouts?
     python bench.py --overlap 0.8 --resolution 128                  # ... when a group's torch work > client work
     python bench.py --scaling                                       # images/s of train.py, 1 vs 2 gloo ranks (CPU)
+    python bench.py --loop --device cuda                            # train.py's whole loop at full size: 2 steps
+                                                                    # with a resume, time, memory, checkpoint
 
 FLOP (2 per multiply-add) per sample; K blocks, hidden D = heads * head_dim, N = N_img + N_txt tokens (noise +
 condition + text), r = LoRA rank. One forward F = L + A + R + O:
@@ -47,15 +50,13 @@ import statistics
 import sys
 import time
 import re
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                       QwenImageTransformer2DModel)
+from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 import data
@@ -63,11 +64,6 @@ import rollout
 import tiny
 import train
 
-FULL_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                   num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56), use_layer3d_rope=True,
-                   use_additional_t_cond=True, zero_cond_t=False, guidance_embeds=False)  # Qwen/Qwen-Image-Layered
-FULL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
-                input_channels=4)
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312)]  # bf16 dense
 STEP = 1  # the schedule step that is timed (the cost does not depend on it)
 
@@ -102,7 +98,7 @@ def parse_args(argv=None):
     a("--threads", type=int, default=None, help="CPU threads (default 1 at toy size: its kernels are too small to "
       "gain and OpenMP spin-waits wreck timings on a busy machine; else torch's default)")
     a("--seed", type=int, default=0, help="random seed")
-    a("--json", default=None, help="also write the numbers to this JSON file")
+    a("--json", default=None, help="also write the numbers to this JSON file (any mode)")
     a("--overlap", type=float, default=None, metavar="D", help="instead of the table: train.py's step time on the tiny "
       "model (--resolution, default 64; --threads, default 1), 4 images per step, with a loopback HTTP judge "
       "answering after D seconds: serial, overlapped, overlapped with --adv_std group, and the lower bounds")
@@ -110,9 +106,13 @@ def parse_args(argv=None):
       "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio")
     a("--ratio", action="store_true", help="instead of the table: the on-policy ratio's distance from 1 when the "
       "rollout runs batch G and re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)")
+    a("--loop", action="store_true", help="instead of the table: train.py's whole loop on the released configuration "
+      "with random weights (--pretrained_model_name_or_path random; --num_blocks K builds K blocks), one image per "
+      "step, the vlm reward with the tiny judge: a step and its checkpoint, then a resumed second step; prints each "
+      "step's time and peak memory and the checkpoint's size and write time")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.size = args.size or ("full" if cuda else "toy")
+    args.size = args.size or ("full" if cuda or args.loop else "toy")
     args.resolution = args.resolution or (640 if args.size == "full" else 64)
     args.group_size = args.group_size or (8 if args.size == "full" else 4)
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
@@ -124,7 +124,8 @@ def parse_args(argv=None):
                "--num_blocks needs --size full and a value in 1..60"),
               (args.num_inference_steps >= 3, "--num_inference_steps must be >= 3"),
               (args.judge_gib == 0 or cuda, "--judge_gib needs --device cuda"),
-              (args.warmup >= 0 and args.repeats >= 1, "--warmup must be >= 0 and --repeats >= 1")]
+              (args.warmup >= 0 and args.repeats >= 1, "--warmup must be >= 0 and --repeats >= 1"),
+              (not args.loop or args.size == "full", "--loop runs the released configuration: drop --size toy")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -132,18 +133,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- building
-@contextmanager
-def default_device_dtype(device, dtype):
-    """Parameters are created directly on `device` in `dtype` (never 76 GiB of fp32 in CPU RAM)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def build_pipeline(args, device, dtype):
     """(pipeline with no text encoder, blocks built, blocks of the model measured)."""
     torch.manual_seed(args.seed)
@@ -153,14 +142,10 @@ def build_pipeline(args, device, dtype):
         if device != "cpu" or dtype != torch.float32:
             pipe.to(device, dtype)
         return pipe, len(pipe.transformer.transformer_blocks), len(pipe.transformer.transformer_blocks)
-    blocks = args.num_blocks or FULL_CONFIG["num_layers"]
-    with default_device_dtype(device, dtype):
-        transformer = QwenImageTransformer2DModel(**{**FULL_CONFIG, "num_layers": blocks})
-        vae = AutoencoderKLQwenImage(**FULL_VAE)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5,
-                                                max_shift=0.9, max_image_seq_len=8192)
-    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, processor=None,
-                                    transformer=transformer), blocks, FULL_CONFIG["num_layers"]
+    blocks, full = args.num_blocks or tiny.FULL_TRANSFORMER["num_layers"], tiny.FULL_TRANSFORMER["num_layers"]
+    pipe = tiny.released_pipeline(blocks, device, dtype, seed=args.seed)
+    pipe.text_encoder = None  # as above: prompt embeddings are random, the encoder is not part of a step
+    return pipe, blocks, full
 
 
 def set_schedule(scheduler, args, device):
@@ -537,26 +522,74 @@ def overlap(args, delay, steps=4, images=4):
     return out
 
 
+def loop(args):
+    """train.py's whole loop at full width without a download: --pretrained_model_name_or_path random[:K]
+    (tiny.released_pipeline), one square synthetic image per step, --reward vlm with the tiny judge (on the CPU),
+    the other flags train.py's defaults or this benchmark's (--group_size, --train_batch_size, --rank, --layers,
+    --resolution, --num_inference_steps, --sde_window, --beta, --mixed_precision). Step 1 runs and is checkpointed;
+    a second train.main resumes from it (a fresh build, as a restarted job) and runs step 2. Per step: time/step_s and
+    its parts, peak GiB allocated and reserved (CUDA); the checkpoint's size and write time (runs.save_checkpoint,
+    timed where train.py calls it)."""
+    import gc
+    import tempfile
+
+    import runs
+
+    model = "random" + (f":{args.num_blocks}" if args.num_blocks else "")
+    save, writes = runs.save_checkpoint, []
+
+    def timed_save(*a, **kw):  # train.py calls runs.save_checkpoint: time it and weigh what it wrote
+        t = time.perf_counter()
+        folder = save(*a, **kw)
+        writes.append((time.perf_counter() - t, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())))
+        return folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data.write_references(tmp + "/images", 2, seed=args.seed, size=(args.resolution,) * 2, images_only=True)
+        argv = ["--images", tmp + "/images", "--output_dir", tmp + "/run", "--pretrained_model_name_or_path", model,
+                "--device", args.device, "--mixed_precision", args.mixed_precision, "--resolution",
+                str(args.resolution), "--layers", str(args.layers), "--group_size", str(args.group_size),
+                "--train_batch_size", str(args.train_batch_size), "--rank", str(args.rank), "--lora_alpha",
+                str(args.lora_alpha), "--num_inference_steps", str(args.num_inference_steps), "--sde_window",
+                str(args.sde_window), "--beta", str(args.beta), "--seed", str(args.seed), "--images_per_step", "1",
+                "--reward", "vlm", "--judge", "tiny", "--checkpointing_steps", "1", "--sample_every", "0",
+                "--report_to", "none"]
+        runs.save_checkpoint = timed_save
+        try:
+            for steps, resume in ((1, []), (2, ["--resume_from_checkpoint", "latest"])):
+                pipe = train.main([*argv, "--max_train_steps", str(steps), *resume])
+                del pipe  # free the first build before the second: two copies of 38 GiB need not fit
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        finally:
+            runs.save_checkpoint = save
+        rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+    out = {"model": model, "steps": [r["step"] for r in rows]}
+    for r in rows:
+        for key in ("time/step_s", "time/rollout_s", "time/train_s", "mem/peak_gb", "mem/reserved_gb",
+                    "diag/ratio_mean", "reward/mean"):
+            if key in r:
+                out[f"step{r['step']} {key}"] = r[key]
+    out.update(checkpoint_mib=writes[-1][1] / 2**20, checkpoint_write_s=statistics.median(s for s, _ in writes),
+               checkpoints_written=len(writes))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.overlap is not None:
-        res = overlap(args, args.overlap)
-        print(", ".join(f"{k} {v:.3g}" for k, v in res.items()))
-        return res
-    if args.scaling:
-        res = scaling(args)
-        print(", ".join(f"{k} {v:.3g}" for k, v in res.items()))
-        return res
-    if args.ratio:
-        res = onpolicy_ratio(args)
-        print(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-        return res
-    threads = torch.get_num_threads()
-    try:
-        res = run(args)
-    finally:
-        torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
-    print(format_table(res))
+    mode = next((f for flag, f in ((args.loop, loop), (args.overlap is not None, lambda a: overlap(a, a.overlap)),
+                                    (args.scaling, scaling), (args.ratio, onpolicy_ratio)) if flag), None)
+    if mode:  # one line of figures
+        res = mode(args)
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    else:  # the table
+        threads = torch.get_num_threads()
+        try:
+            res = run(args)
+        finally:
+            torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
+        print(format_table(res))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -75,7 +75,8 @@ def parse_args(argv=None):
       help=f"log this reward ({sorted(reward.REWARDS)}) of the student's samples as reward/NAME")
     a("--student_init", default=None, metavar="NAME", help="start the student as a copy of this teacher "
       "(default: a fresh LoRA)")
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
+      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
     a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
@@ -99,6 +100,7 @@ def parse_args(argv=None):
     a("--lora_alpha", type=int, default=128, help="student LoRA alpha (ignored with --student_init)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=300, help="number of training steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
@@ -240,11 +242,9 @@ def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     lock = runs.lock_output_dir(output_dir)  # noqa: F841 (held for the life of the process)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = rollout.DTYPES[args.mixed_precision]
-    dtype = dtype if device == "cuda" else torch.float32
     names = list(args.teachers)
     with runs.input_errors():
+        device, dtype = runs.pick_device(args.device, args.mixed_precision)
         paths, W = image_pool(args)
         judge = None
         if any(t["reward"] == "vlm" for t in args.teachers.values()):

@@ -348,7 +348,8 @@ def parse_args(argv=None):
                    help="score existing predictions (same folder format); repeatable; a bare DIR is named by its "
                         "folder name")
     p.add_argument("--pretrained_model_name_or_path", default="Qwen/Qwen-Image-Layered",
-                   help="hub id or local folder of the pipeline for model mode ('tiny': a tiny random one, for tests)")
+                   help="hub id or local folder of the pipeline for model mode ('tiny': a tiny random one, for tests; "
+                        "'random[:K]': the released configuration with random weights, for timing)")
     p.add_argument("--lora", action="append", metavar="[NAME=]PATH",
                    help="model run with this LoRA: a diffusers pytorch_lora_weights.safetensors (or its folder) or a "
                         "PEFT adapter folder; repeatable")

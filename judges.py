@@ -117,7 +117,7 @@ class Query:
 class Judge:
     kind: str  # tiny | local | text_encoder | http
     name: str  # model id or URL, for logs (never the API key)
-    score: Callable  # list[Query] -> (list[dict[key, float] | None], {"requests": int, "retries": int})
+    score: Callable  # list[Query] -> (list[dict[key, float] | None], {"requests", "retries", "last_error"})
     prompts: object  # reward.Prompts: the templates and criteria the reward asks with
     panel_size: int = 1024  # longest side (px) of a stage-1 panel as sent to the judge
     grid_size: int = 1024  # longest side (px) of a stage-2 grid as sent to the judge
@@ -130,8 +130,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'
 IMAGE_PAD = "<|image_pad|>"
 
 
-def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_size=16, offload_to=None):
-    """Score queries with a transformers VLM: one generate per batch of same-key queries, the assistant turn
+def _local_scorer(model, tokenizer, image_processor, batch_size=16, offload_to=None):
+    """Score queries with a transformers Qwen-VL model: one generate per batch of same-key queries, the assistant turn
     forced to the JSON skeleton {"k1": d, "k2": d, ...} (each d greedy among digits 1..9) so every score
     position is known; the score is the expected value over the digit logits there. With offload_to (e.g.
     "cpu"), the weights live there and visit the model's device only while a score() call runs, so a judge
@@ -145,11 +145,10 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
     device = next(model.parameters()).device
 
     def encode(prompts, images):  # enable_thinking=False: Qwen3-style templates then open the answer directly
+        """The inputs a Qwen-VL processor would build, from the tokenizer and the PIL image processor alone: the
+        same path whether or not torchvision is installed (a Qwen-VL AutoProcessor needs it for its video part)."""
         kw = {"add_generation_prompt": True, "tokenize": False, "enable_thinking": False}
         chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
-        if processor is not None:
-            texts = [processor.apply_chat_template(c, **kw) for c in chats]
-            return processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
         texts = []
         for c in chats:  # the model's own template if it places one image, else plain ChatML (all Qwen-VL speak it)
             try:
@@ -177,7 +176,7 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
 
     @torch.no_grad()
     def score(queries):
-        results, stats, by_keys = [None] * len(queries), {"requests": 0, "retries": 0}, {}
+        results, stats, by_keys = [None] * len(queries), {"requests": 0, "retries": 0, "last_error": None}, {}
         for i, q in enumerate(queries):
             by_keys.setdefault(tuple(q.keys), []).append(i)
         for keys, idx in by_keys.items():
@@ -192,13 +191,16 @@ def _local_scorer(model, tokenizer, image_processor=None, processor=None, batch_
                                          prefix_allowed_tokens_fn=lambda b, ids: plan[min(len(ids) - L, len(plan) - 1)],
                                          output_logits=True, return_dict_in_generate=True)
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: count as failed answers, go on
-                    log.warning("judge batch of %d failed: %s", len(chunk), str(e).splitlines()[0][:200])
+                    stats["last_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    log.warning("judge batch of %d failed: %s", len(chunk), stats["last_error"])
                     continue
                 texts = tokenizer.batch_decode(out.sequences[:, L:], skip_special_tokens=True)
                 expected = expected_score(torch.stack([out.logits[s] for s in score_steps], 1), digit_ids)  # (b, K)
                 for row, i in enumerate(chunk):  # the forced answer must parse: this checks the skeleton
                     if parse_scores(texts[row], keys) is not None and torch.isfinite(expected[row]).all():
                         results[i] = dict(zip(keys, expected[row].tolist()))
+                    else:
+                        stats["last_error"] = f"forced answer did not parse: {texts[row][:80]!r}"
         return results, stats
 
     if offload_to is None:
@@ -225,13 +227,13 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
     use_logprobs = bool(logprobs)  # turned off for good if the server rejects the field (HTTP 400)
     in_flight = threading.BoundedSemaphore(max(1, concurrency))
 
-    def one(q):  # -> (scores | None, attempts)
+    def one(q):  # -> (scores | None, attempts, last error | None)
         nonlocal use_logprobs
         buf = io.BytesIO()  # zlib level 1: the same pixels, ~17% more bytes, ~5x less CPU than PIL's default 6
         q.image.save(buf, format="PNG", compress_level=1)
         content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]
-        attempts = 0
+        attempts, error = 0, None
         while attempts <= max_retries:
             if attempts:
                 time.sleep(backoff * 2 ** (attempts - 1))
@@ -247,7 +249,8 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                     text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
                 if (scores := parse_scores(text, q.keys)) is not None:
                     tokens = (choice.get("logprobs") or {}).get("content")
-                    return _refine_with_logprobs(scores, tokens, q.keys), attempts
+                    return _refine_with_logprobs(scores, tokens, q.keys), attempts, None
+                error = f"unparseable answer {str(text)[:120]!r}"
                 log.warning("judge answer unparseable (attempt %d): %r", attempts, str(text)[:120])
             except urllib.error.HTTPError as e:
                 if e.code == 400 and "logprobs" in body:  # this request asked for them (others may have too)
@@ -255,12 +258,14 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                     log.warning("judge server rejected logprobs (HTTP 400); asking for plain answers from now on")
                     attempts -= 1  # not the answer's fault: this try is free
                     continue
+                error = f"HTTP {e.code} {e.reason}"
                 log.warning("judge HTTP %d (attempt %d)", e.code, attempts)
                 if e.code in (401, 403, 404):
-                    return None, attempts  # will not change on retry
+                    return None, attempts, error  # will not change on retry
             except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # URLError is one
-                log.warning("judge request failed (attempt %d): %s", attempts, f"{type(e).__name__}: {e}"[:200])
-        return None, attempts
+                error = f"{type(e).__name__}: {e}"[:200]
+                log.warning("judge request failed (attempt %d): %s", attempts, error)
+        return None, attempts, error
 
     def bounded(q):
         with in_flight:
@@ -269,8 +274,10 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
     def score(queries):
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(queries)))) as pool:
             out = list(pool.map(bounded, queries))
-        attempts = sum(a for _, a in out)
-        return [s for s, _ in out], {"requests": attempts, "retries": attempts - len(out)}
+        attempts = sum(a for _, a, _ in out)
+        errors = [e for _, _, e in out if e]
+        return [s for s, _, _ in out], {"requests": attempts, "retries": attempts - len(out),
+                                        "last_error": errors[-1] if errors else None}
 
     return score
 
@@ -288,8 +295,8 @@ def _request(url, api_key_env, timeout, body=None):
 def load_judge(kind: str, model: str | None = None, url: str | None = None, prompts=None, **options) -> Judge:
     """Build a judge and check it works now, before any expensive work.
     kind "tiny": random tiny Qwen2.5-VL (options: seed, panel_size, grid_size; default 128 px images).
-    kind "local": model = hub id or folder of a transformers image-text-to-text model (options: device, dtype,
-        batch_size, offload: keep the weights in CPU memory except while scoring). Qwen-VL models work without torchvision; other families need their AutoProcessor.
+    kind "local": model = hub id or folder of a Qwen-VL image-text-to-text model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+        Qwen3.5; options: device, dtype, batch_size, offload: keep the weights in CPU memory except while scoring).
     kind "text_encoder": reuse a loaded Qwen2_5_VLForConditionalGeneration, e.g. the diffusion pipeline's own
         (options: pipeline, or text_encoder and tokenizer): zero extra GPU memory.
     kind "http": url = OpenAI-compatible base URL (ending in /v1 or similar), model = served model name
@@ -339,7 +346,10 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
 
 
 def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    """A Qwen-VL judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) from a hub id or folder: the model, its tokenizer
+    and its image processor's PIL backend. One path whatever is installed (no AutoProcessor: with torchvision it
+    takes another route, without it a Qwen-VL processor does not load); other VLM families: serve them over HTTP."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     if not model:
         raise ValueError("--judge local needs --judge_model (a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder)")
     if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().exists():
@@ -347,22 +357,17 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     try:
-        try:  # the model's own processor is the general path; it needs torchvision for Qwen-VL video parts
-            processor = AutoProcessor.from_pretrained(model)
-        except Exception:
-            processor = None
-        if hasattr(processor, "image_processor"):  # not a bare tokenizer
-            processor.tokenizer.padding_side = "left"
-            tokenizer, image_processor = processor.tokenizer, None
-        else:
-            processor, tokenizer = None, AutoTokenizer.from_pretrained(model)
-            image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
+        if not hasattr(image_processor, "merge_size") or IMAGE_PAD not in tokenizer.get_vocab():
+            raise ValueError(f"{type(image_processor).__name__} is not a Qwen-VL image processor; the local judge "
+                             "reads Qwen-VL models (serve other VLMs with vLLM or SGLang and pass --judge_url)")
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device).eval()
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--judge_model {model}: could not load it as an image-text-to-text model "
+        raise ValueError(f"--judge_model {model}: could not load it as a Qwen-VL image-text-to-text model "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     warn_slow_kernels(vlm.config, device)
-    return _local_scorer(vlm, tokenizer, image_processor, processor, batch_size, "cpu" if offload else None)
+    return _local_scorer(vlm, tokenizer, image_processor, batch_size, "cpu" if offload else None)
 
 
 def warn_slow_kernels(config, device):

@@ -25,6 +25,7 @@ The "vlm" reward (Stable-Layers' two-stage judge: structured per-candidate scori
 Fallbacks (counted in info, never raised): a candidate whose stage 1 failed gets the mean t of its group's
 successful candidates, or 5 (mid-scale) if none succeeded; a group whose stage 2 failed uses t for all its
 candidates. A group scored by one constant therefore gets zero advantage. Rewards live on the 1..9 scale.
+info["judge/answered"] counts the queries answered; train.py trains no step in which the judge answered none.
 Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it barely moves the within-group
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
@@ -240,8 +241,10 @@ def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, com
         "judge/failed_stage2": float(sum(a is None for a in answers[B:])),
         "judge/fallbacks": float(fallback.sum()),
         "judge/requests": float(stats["requests"]), "judge/retries": float(stats["retries"]),
+        "judge/answered": float(sum(a is not None for a in answers)),  # queries answered, of B + groups
         "time/judge_s": t_judge, "time/reward_s": time.perf_counter() - t0,
     })
+    info["judge_last_error"] = stats.get("last_error")  # the last failure's text, or None (train.py names it)
     info["candidates"] = [{
         "criteria": {k: (float(s1[b, j]) if ok1[b] else None) for j, k in enumerate(keys)},
         "stage1": float(total[b]) if ok1[b] else None, "stage2": float(s2[b]) if ok2[b] else None,
@@ -381,7 +384,7 @@ def main(argv=None):
                 if c := info.get("candidates", [None] * len(rewards))[k]:  # vlm: per-candidate scores
                     row.update({"label": c["label"], **c["criteria"], "stage1": c["stage1"], "stage2": c["stage2"]})
                 rows.append({**row, "reward": r, **({"fallback": c["fallback"]} if c else {})})
-            tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in info.items() if k != "candidates"))
+            tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in info.items() if isinstance(v, (int, float))))
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
     cols = list(rows[0])

@@ -42,16 +42,25 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  #
 
 # ----------------------------------------------------------------------------- loading
 def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False):
-    """A QwenImageLayeredPipeline from a hub id or local folder, or the tiny random one for "tiny".
+    """A QwenImageLayeredPipeline from a hub id or local folder; "tiny" for the tiny random one, "random" for the
+    released configuration with random weights (built on `device`; "random:K" builds K of the 60 blocks).
 
     The captioning processor is skipped unless `captioning` (it needs torchvision; only auto-captions use it).
     """
-    if pretrained_model_name_or_path == "tiny":
+    name = pretrained_model_name_or_path
+    if name == "tiny":
         import tiny  # offline toy models, only for tests and dry runs
 
         pipe = tiny.tiny_pipeline()
         if torch_dtype not in (None, torch.float32):
             pipe.to(dtype=torch_dtype)
+    elif name == "random" or name.startswith("random:"):
+        import tiny
+
+        blocks = name.partition(":")[2]
+        if blocks and not (blocks.isdigit() and 1 <= int(blocks) <= 60):
+            raise ValueError(f"--pretrained_model_name_or_path {name}: write random or random:K with K in 1..60")
+        pipe = tiny.released_pipeline(int(blocks or 60), device or "cpu", torch_dtype or torch.float32)
     else:
         extra = {} if captioning else {"processor": None}
         try:
@@ -423,7 +432,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE "
                                 "sampler) and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
     p.add_argument("--images", required=True, help="folder of input images (searched recursively)")
-    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
+                   "'random' (the released configuration, random weights)")
     p.add_argument("--lora", default=None, help="optional LoRA: diffusers .safetensors (or folder) or PEFT folder")
     p.add_argument("--output_dir", default="outputs/rollout", help="where the PNGs go")
     p.add_argument("--layers", type=int, default=4, help="number of RGBA layers N")
@@ -441,15 +451,16 @@ def parse_args(argv=None):
                    help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.mixed_precision]
     paths = find_images(args.images)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device == "cuda" else None,
+    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device.startswith("cuda") else None,
                          device=device)
     if args.lora:
         load_lora(pipe, args.lora)

@@ -49,6 +49,18 @@ def input_errors():
         fail(str(e))
 
 
+def pick_device(device=None, mixed_precision="bf16"):
+    """(device, dtype) of a run: --device cpu, cuda or cuda:N (default cuda when a GPU is visible, else cpu) and the
+    frozen weights' dtype, --mixed_precision on CUDA and float32 on the CPU (bf16 matmuls are slow there)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu "
+                         "or install a CUDA build of torch")
+    if not device.startswith(("cuda", "cpu")):
+        raise InputError(f"--device {device}: use cpu, cuda or cuda:N")
+    return device, rollout.DTYPES[mixed_precision] if device.startswith("cuda") else torch.float32
+
+
 def fail(message):
     """Stop with one line on stderr and exit code 2 (argparse's code for bad input)."""
     print(f"error: {message}", file=sys.stderr)

@@ -309,7 +309,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
+      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="reference-format folder: <sample>/image.png, layer_<i>.png")
     source.add_argument("--synthetic", type=int, default=None, help="N synthetic designs made on the fly")
@@ -335,6 +336,7 @@ def parse_args(argv=None):
     a("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
@@ -362,10 +364,9 @@ def main(argv=None):
     if args.measure_data:
         return measure_data(args)
     output_dir = Path(args.output_dir)
+    with runs.input_errors():
+        device, dtype = runs.pick_device(args.device, args.mixed_precision)
     lock = None if args.eval_lora else runs.lock_output_dir(output_dir)  # one run per folder, until lock.close()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = rollout.DTYPES[args.mixed_precision]
-    dtype = dtype if device == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True  # as the diffusers example's --allow_tf32
 
     with runs.input_errors():
@@ -381,7 +382,7 @@ def main(argv=None):
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)
     prompt = (embeds.to(device, dtype), None if mask is None else mask.to(device))  # (1, T, D), (1, T)
     pipe.text_encoder = None  # 16 GiB on the real model, needed no more
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
     tables = {}  # the shifted sigma table of each condition token count
     held_out = Samples(held_out, args.resolution, pipe.image_processor)
@@ -403,7 +404,7 @@ def main(argv=None):
         log = runs.RunLog(output_dir, args.report_to, config=vars(args))  # after resume rewrote metrics.jsonl
     loader = torch.utils.data.DataLoader(Samples(specs, args.resolution, pipe.image_processor), batch_size=None,
                                          sampler=data_order(args, len(specs), start),
-                                         num_workers=args.dataloader_num_workers, pin_memory=device == "cuda")
+                                         num_workers=args.dataloader_num_workers, pin_memory=device.startswith("cuda"))
     batches = iter(loader)
     print(f"{len(specs)} training samples, {len(held_out)} held out, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, device {device}")

@@ -26,7 +26,7 @@ import train
 TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--sizing", "area", "--layers", "2",
         "--group_size", "4", "--num_inference_steps", "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision",
         "no", "--train_batch_size", "4", "--images_per_step", "1", "--report_to", "none", "--sample_every", "0",
-        "--checkpointing_steps", "1000"]
+        "--checkpointing_steps", "1000", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module", autouse=True)

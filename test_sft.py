@@ -72,7 +72,8 @@ def held_out_loss(pipe, args, specs, tag):
 
 def test_training_lowers_train_and_held_out_loss(tmp_path):
     out = tmp_path / "sft"
-    argv = ["--pretrained_model_name_or_path", "tiny", "--synthetic", "16", "--resolution", "32", "--layers", "2", "3",
+    argv = ["--device", "cpu", "--pretrained_model_name_or_path", "tiny",
+            "--synthetic", "16", "--resolution", "32", "--layers", "2", "3",
             "--max_train_steps", "24", "--validation_synthetic", "4", "--validation_every", "12", "--rank", "8",
             "--lora_alpha", "8", "--learning_rate", "2e-3", "--report_to", "none", "--output_dir", str(out)]
     sft.main(argv)
@@ -112,9 +113,9 @@ def test_bad_samples_are_skipped_and_none_left_exits_2(tmp_path, capsys):
     write_sample(root / "wrong_size", (32, 32), [(32, 32), (24, 32)])
     write_sample(root / "too_many", (32, 32), [(32, 32)] * 11)  # --max_layers defaults to 10
     out = tmp_path / "out"
-    sft.main(["--pretrained_model_name_or_path", "tiny", "--data", str(root), "--resolution", "32", "--max_train_steps",
-              "2", "--validation_synthetic", "0", "--dataloader_num_workers", "0", "--report_to", "none",
-              "--output_dir", str(out)])
+    sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--data", str(root), "--resolution", "32",
+              "--max_train_steps", "2", "--validation_synthetic", "0", "--dataloader_num_workers", "0",
+              "--report_to", "none", "--output_dir", str(out)])
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("skipping sample")]
     print("\n".join(lines))
@@ -129,8 +130,8 @@ def test_bad_samples_are_skipped_and_none_left_exits_2(tmp_path, capsys):
     (root / "good" / "layer_1.png").unlink()
     Image.new("RGBA", (16, 16)).save(root / "good" / "layer_1.png")
     with pytest.raises(SystemExit) as e:
-        sft.main(["--pretrained_model_name_or_path", "tiny", "--data", str(root), "--report_to", "none",
-                  "--output_dir", str(tmp_path / "out2")])
+        sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--data", str(root),
+                  "--report_to", "none", "--output_dir", str(tmp_path / "out2")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("skipping sample") == 3 and "no usable sample left" in err and "Traceback" not in err
@@ -141,7 +142,8 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     stopped: data order, sigmas and noise derive from (seed, step), the optimizer state is restored."""
     from safetensors.torch import load_file
 
-    argv = ["--pretrained_model_name_or_path", "tiny", "--synthetic", "8", "--resolution", "32", "--layers", "2", "3",
+    argv = ["--device", "cpu", "--pretrained_model_name_or_path", "tiny",
+            "--synthetic", "8", "--resolution", "32", "--layers", "2", "3",
             "--validation_synthetic", "2", "--validation_every", "3", "--checkpointing_steps", "3", "--rank", "4",
             "--lora_alpha", "4", "--learning_rate", "1e-3", "--dataloader_num_workers", "1", "--report_to", "none"]
     sft.main(argv + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "a")])

@@ -1,4 +1,6 @@
-"""Offline toy models: a tiny Qwen-Image-Layered pipeline and a tiny Qwen2.5-VL judge, built in code.
+"""Offline models built in code: a tiny Qwen-Image-Layered pipeline and a tiny Qwen2.5-VL judge, and the released
+Qwen-Image-Layered configuration with random weights (`released_pipeline`: the real loop's speed and memory
+measured where the weights cannot be downloaded).
 
 Randomly initialised, seeded, with the real architecture flags and no download. The tests and the CPU dry
 runs use them through `rollout.load_pipeline("tiny")` and `reward.load_judge("tiny")`, which import this
@@ -78,3 +80,55 @@ def tiny_pipeline(seed=0):
                                                 base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
     return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                                     processor=None, transformer=transformer)
+
+
+# ----------------------------------------------------------------------------- the released configuration, random
+# Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json (checked field by field: ../shared/NOTES.md
+# section 8); 60 blocks, 20.4B parameters, 38 GiB in bf16
+FULL_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+                        use_layer3d_rope=True, use_additional_t_cond=True, zero_cond_t=False, guidance_embeds=False)
+FULL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+                input_channels=4)
+
+
+def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=0):
+    """Qwen-Image-Layered's released transformer and VAE configuration with random weights, built directly on
+    `device` in `dtype` (never 76 GiB of fp32 in CPU memory): the real loop measured where the weights cannot be
+    downloaded (`--pretrained_model_name_or_path random`, or `random:K` for the first K of the 60 blocks at full
+    width). Its text encoder is a one-layer Qwen2.5-VL of the released width (3584) over the byte-level tokenizer,
+    enough to encode the prompt (train.py frees it then, as it frees the 7B one); the template's system part is
+    dropped as the real tokenizer drops its 34 tokens, so the fixed prompt is 41 byte tokens (11 with Qwen's
+    tokenizer: 0.3% more tokens in a 9,611-token forward)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok, ids = byte_level_tokenizer()
+    text = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=3584, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=3584,
+                           fullatt_block_indexes=[0], window_size=56),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    old = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)  # parameters are made in dtype where they are made
+        try:
+            transformer = QwenImageTransformer2DModel(**{**FULL_TRANSFORMER,
+                                                         "num_layers": num_blocks or FULL_TRANSFORMER["num_layers"]})
+            vae = AutoencoderKLQwenImage(**FULL_VAE)
+            text_encoder = Qwen2_5_VLForConditionalGeneration(text).eval()
+        finally:
+            torch.set_default_dtype(old)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5,
+                                                max_shift=0.9, max_image_seq_len=8192)
+    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                                    processor=None, transformer=transformer)
+    pipe.prompt_template_encode_start_idx = len(tok(pipe.prompt_template_encode.split("{}")[0]).input_ids)
+    return pipe

@@ -43,6 +43,7 @@ import functools
 import os
 import random
 import resource
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -77,7 +78,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, or 'tiny'")
+    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
+      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
     a("--init_lora", default=None, help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter "
       "folder); it is also the KL reference; its rank and targets replace --rank/--lora_alpha")
     a("--output_dir", default="outputs/stable-layers", help="checkpoints, metrics.jsonl, samples/, final LoRA")
@@ -114,6 +116,9 @@ def parse_args(argv=None):
       "~1.5 s per group for 18 GiB over PCIe)")
     a("--judge_overlap", action=argparse.BooleanOptionalAction, default=True, help="http: judge each group in a "
       "thread while the GPU rolls out the next (same rewards, same LoRA as serial)")
+    a("--judge_max_failed_steps", type=int, default=1, help="stop after this many steps in a row in which the judge "
+      "answered none of its requests (such steps are never trained), saving the state for --resume_from_checkpoint "
+      "latest once the judge is back")
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
     a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
@@ -129,6 +134,8 @@ def parse_args(argv=None):
     a("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / r)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
+      "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks")
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
@@ -149,6 +156,7 @@ def parse_args(argv=None):
               (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
               (args.images_per_step >= 1, "--images_per_step must be >= 1"),
               (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
+              (args.judge_max_failed_steps >= 1, "--judge_max_failed_steps must be >= 1"),
               (not (args.judge_url and args.judge != "http"), f"--judge {args.judge} with --judge_url: the URL is "
                "for --judge http; drop one of them"),
               (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
@@ -159,14 +167,23 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- several GPUs (torchrun)
-def init_distributed():
-    """torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK; each rank runs on
-    cuda:LOCAL_RANK (gloo on a CPU, so the same code is tested here). Returns (rank, world_size, device)."""
+def init_distributed(device):
+    """torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; with --device
+    cuda each rank runs on cuda:LOCAL_RANK (nccl), with --device cpu on the CPU (gloo: the same code, tested
+    without a GPU). More ranks on a node than its GPUs: one line, every rank exits 2 before any rendezvous.
+    Returns (rank, world_size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     if world == 1:
-        return 0, 1, "cuda" if cuda else "cpu"
-    local = int(os.environ["LOCAL_RANK"])
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # torch.cuda's memory figures read the current device
+        return 0, 1, device
+    local, cuda = int(os.environ["LOCAL_RANK"]), device.startswith("cuda")
+    if cuda and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
+        if local == 0:  # one line for the node, not one per rank
+            print(f"error: {os.environ['LOCAL_WORLD_SIZE']} ranks on this node but {torch.cuda.device_count()} "
+                  f"GPU(s) visible: use --nproc_per_node {torch.cuda.device_count()} (or --device cpu for gloo ranks)",
+                  file=sys.stderr)
+        raise SystemExit(2)
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -308,14 +325,16 @@ def step_plan(args, step, num_images):
 
 
 # ----------------------------------------------------------------------------- one step
-def policy_update(transformer, trajectories, advantages, args, params, optimizer, total=None):
+def policy_update(transformer, trajectories, advantages, args, params, optimizer, total=None, proceed=None):
     """One optimizer step per inner epoch over all stored transitions (Flow-GRPO's objective):
     loss = MEAN over (candidate, trained step j) of [clipped policy loss + beta * KL(policy || reference)].
     `total` is the number of (candidate, step) pairs of the optimizer step over all ranks (default: these
     trajectories'); each rank back-propagates its share weighted by 1/total and the gradients are summed
     across ranks, so the update equals one process's. `advantages`: one per candidate of the trajectories in
     order, or a function i -> trajectory i's advantages, asked for just before its first re-scoring (train.py's
-    may wait for the judge, so trajectory 0 is re-scored while later ones are still being judged)."""
+    may wait for the judge, so trajectory 0 is re-scored while later ones are still being judged). `proceed`, if
+    given, is asked before each optimizer step (on every rank: it may be a collective); False skips the step
+    (train.py: the judge answered none of the step's requests, so the rewards are fallbacks alone)."""
     stats = {"loss/policy": 0.0, "loss/kl": 0.0, "diag/clipfrac": 0.0, "diag/approx_kl": 0.0, "diag/ratio_mean": 0.0}
     skipped, grad_norms = 0, []
     K = trajectories[0].log_probs.shape[1]
@@ -351,12 +370,14 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
         for p, g in zip(params, grads):
             p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if flag.item() == world_size() and torch.isfinite(grad_norm):
+        rewarded = proceed() if proceed else True
+        if flag.item() == world_size() and torch.isfinite(grad_norm) and rewarded:
             optimizer.step()
             grad_norms.append(grad_norm.item())
         else:
             skipped += 1
-            tqdm.write("non-finite loss or gradient: update skipped")
+            tqdm.write("non-finite loss or gradient: update skipped" if rewarded else
+                       "the judge answered none of the step's requests: update skipped")
         optimizer.zero_grad(set_to_none=True)
     summed = torch.tensor(list(stats.values()), dtype=torch.float64)
     all_reduce_([summed])
@@ -380,16 +401,15 @@ def load_judge(args, device, dtype):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed()
     output_dir = Path(args.output_dir)
     with runs.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
+        device, dtype = runs.pick_device(args.device, args.mixed_precision)
+        rank, world, device = init_distributed(device)
         if args.images_per_step % world:
             raise runs.InputError(f"--images_per_step {args.images_per_step} must be a multiple of the number of "
                                   f"ranks ({world})")
         lock = runs.lock_output_dir(output_dir) if rank == 0 else None  # noqa: F841 (held until the process ends)
         paths = data.find_images(args.images)
-        dtype = rollout.DTYPES[args.mixed_precision]
-        dtype = dtype if device.startswith("cuda") else torch.float32
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
             runs.check_attention(device, dtype)
@@ -431,9 +451,27 @@ def main(argv=None):
         r, info = reward_fn(traj.images, traj.layers, G, judge=judge, seed=step)
         return torch.as_tensor(r, dtype=torch.float32), info, time.perf_counter() - t
 
+    def judge_down(step, failed_steps, infos):
+        """The judge answered nothing for failed_steps steps up to `step`, none of them trained: save the state after
+        the last trained step (rank 0), then every rank stops; the line names the judge and its last error."""
+        trained = step + 1 - failed_steps
+        if rank == 0 and not (output_dir / f"checkpoint-{trained}").is_dir():
+            runs.save_checkpoint(output_dir, trained, transformer, optimizer, args, args.checkpoints_total_limit)
+        if dist.is_initialized():
+            dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
+        if rank != 0:
+            raise SystemExit(2)
+        errors = [i["judge_last_error"] for i in infos if i.get("judge_last_error")]
+        bar.close()  # the line below starts a line of its own
+        lock.close()  # the run is over: the folder is free for the resume
+        runs.fail(f"the judge {judge.name} answered none of its requests in {failed_steps} step(s) in a row (steps "
+                  f"{trained + 1}..{step + 1}, not trained); last error: {errors[-1] if errors else 'none reported'}. "
+                  f"Saved checkpoint-{trained} in {output_dir}: once the judge answers, rerun with "
+                  "--resume_from_checkpoint latest")
+
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train",
                disable=rank != 0)
-    phase = "rollout"
+    phase, failed_steps = "rollout", 0
     try:
         for step in bar:
             if device.startswith("cuda"):
@@ -480,14 +518,22 @@ def main(argv=None):
                     return grpo.group_advantages(wait(i)[0], G, adv_clip_max=args.adv_clip_max)  # = step_advantages'
                 return step_advantages()[1][(mine.start + i) * G:(mine.start + i + 1) * G]  # all groups' rewards
 
+            @functools.cache
+            def judge_answered():  # did the judge answer any request of the step, on any rank? (a collective)
+                return sum(all_gather(sum(wait(i)[1]["judge/answered"] for i in range(len(scored))))) > 0
+
             phase, t2, waited = "update", time.perf_counter(), wait_s
             transformer.train()
             with lora_precision(transformer):
                 stats = policy_update(transformer, trajectories, advantages_of, args, params, optimizer,
-                                      total=args.images_per_step * G * (window[1] - window[0]))
+                                      total=args.images_per_step * G * (window[1] - window[0]),
+                                      proceed=judge_answered if judge is not None else None)
             t3 = time.perf_counter()
             rewards, advantages = step_advantages()  # (images_per_step * G,) each
             infos = sum(all_gather([{k: v for k, v in i.items() if k != "candidates"} for _, i, _ in scored]), [])
+            failed_steps = failed_steps + 1 if judge is not None and not judge_answered() else 0
+            if failed_steps >= args.judge_max_failed_steps:
+                judge_down(step, failed_steps, infos)
             if rank != 0:
                 continue
 
@@ -496,20 +542,24 @@ def main(argv=None):
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
+            reserved = {"mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30} if device.startswith("cuda") else {}
             log.log({"step": step + 1, "reward/mean": rewards.mean().item(),
                      "reward/std": rewards.std(unbiased=False).item(),
                      **{f"reward/{k}" if "/" not in k else k: v for k, v in scalars.items()}, **stats,
                      "layers": layers, "window": list(window), "time/rollout_s": rollout_s,
                      "time/reward_s": sum(s for _, _, s in scored), "time/judge_wait_s": wait_s,
-                     "time/train_s": t3 - t2 - (wait_s - waited), "time/step_s": t3 - t0, "mem/peak_gb": peak})
+                     "time/train_s": t3 - t2 - (wait_s - waited), "time/step_s": t3 - t0, "mem/peak_gb": peak, **reserved})
             bar.set_postfix(reward=f"{rewards.mean().item():.3f}", loss=f"{stats['loss/policy']:.2e}")
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 picture = runs.save_group_png(output_dir / "samples" / f"step-{step + 1:06d}.png", trajectories[0],
                                          rewards[:G], advantages[:G], scored[0][1].get("candidates", []))
                 log.image("samples/group", picture, step + 1)
-            if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
+            if not failed_steps and ((step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps):
                 runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit)
+        if failed_steps:  # the last steps went untrained: the run is not done
+            judge_down(args.max_train_steps - 1, failed_steps, infos)
     except torch.OutOfMemoryError:
+        bar.close()
         runs.fail(runs.out_of_memory(phase, output_dir))
     finally:
         if pool:
