@@ -6,7 +6,7 @@ and evaluate.py load as --pretrained_model_name_or_path random), or K of its blo
 with the figures scaled to 60. On a CPU the default is tiny.tiny_pipeline (seconds).
 Everything timed is the project's own code: rollout.predict_velocity + rollout.sde_step_with_logprob (a
 rollout step), rollout.decode_layers, train.policy_update (rollout.step_log_prob + grpo.policy_loss, + the
-KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on train.add_lora's
+KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on lora.add_lora's
 LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transformer + scheduler.step).
 
     python bench.py                                                 # CPU, toy size, ~10 s
@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 import data
 import rollout
+import lora
 import tiny
 import train
 
@@ -177,13 +178,13 @@ def transformer_flops(cfg, n_img, n_txt, blocks, rank=0):
     D, N = cfg.num_attention_heads * cfg.attention_head_dim, n_img + n_txt
     c_out = cfg.patch_size ** 2 * cfg.out_channels
     lin, attn = blocks * 24 * D * D * N, blocks * 4 * N * N * D  # L, A
-    lora = 2 * rank * (18 * blocks * D * N - 14 * D * n_txt) if rank else 0  # R
+    adapter = 2 * rank * (18 * blocks * D * N - 14 * D * n_txt) if rank else 0  # R
     other = (2 * D * (cfg.in_channels + c_out) * n_img + 2 * D * cfg.joint_attention_dim * n_txt  # O
              + 24 * blocks * D * D + 2 * (256 * D + D * D) + 4 * D * D)
-    forward = lin + attn + lora + other
-    backward = lin + 2 * attn + 2 * lora + 2 * D * c_out * n_img - 6 * D * (D + rank) * N - 18 * D * D * n_txt
-    train_ = forward + (lin + attn + lora + 24 * blocks * D * D) + backward
-    return {"forward": forward, "train": train_, "train_kl": train_ + forward - lora}
+    forward = lin + attn + adapter + other
+    backward = lin + 2 * attn + 2 * adapter + 2 * D * c_out * n_img - 6 * D * (D + rank) * N - 18 * D * D * n_txt
+    train_ = forward + (lin + attn + adapter + 24 * blocks * D * D) + backward
+    return {"forward": forward, "train": train_, "train_kl": train_ + forward - adapter}
 
 
 def block_bytes(transformer):
@@ -288,7 +289,7 @@ def run(args):
            setup=lambda: set_schedule(scheduler, args, device).set_begin_index(STEP))
     if "step" not in out:
         raise RuntimeError("out of GPU memory in the first rollout step; try --num_blocks, --group_size, --judge_gib")
-    # 3. decode the G x N layers (VAE frames in chunks of 8), under the autocast that train.lora_precision holds
+    # 3. decode the G x N layers (VAE frames in chunks of 8), under the autocast that lora.lora_precision holds
     #    around rollout.sample in training (a bf16 model: the decode runs inside it)
     if not args.no_decode:
         final = out["step"][0]
@@ -302,11 +303,11 @@ def run(args):
     prev_sample, log_prob = out.pop("step")[:2]
     tt = dataclasses.replace(traj, latents=torch.stack([x, prev_sample], 1)[:B], log_probs=log_prob[:B, None],
                              image_latents=traj.image_latents[:B], prompt_embeds=traj.prompt_embeds[:B], group_size=B)
-    params = train.add_lora(transformer, args.rank, args.lora_alpha)
+    params = lora.add_lora(transformer, args.rank, args.lora_alpha)
     transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=1e-4)  # lr 0: the whole update runs, weights stay
     advantages = torch.randn(B, generator=torch.Generator().manual_seed(args.seed))
-    weights, lora = block_bytes(transformer)
+    weights, lora_bytes = block_bytes(transformer)
     saved_input = B * (n_img + n_txt) * D * torch.finfo(dtype).bits // 8  # kept per block by gradient checkpointing
 
     def train_step(beta):
@@ -314,7 +315,7 @@ def run(args):
 
         def fn():
             transformer.train()
-            with train.lora_precision(transformer):  # as train.py runs it
+            with lora.lora_precision(transformer):  # as train.py runs it
                 stats = train.policy_update(transformer, [tt], advantages, targs, params, optimizer)
             if stats["train/skipped_updates"]:
                 raise RuntimeError("non-finite loss on these random weights, no backward ran; try another --seed")
@@ -322,14 +323,14 @@ def run(args):
 
     for key, beta, kind in [("train_no_kl", 0.0, "train"), ("train_kl", args.beta, "train_kl")]:
         record(key, f"train micro-step, beta {beta:g}" + (" (+ref forward)" if beta else ""), B, train_step(beta),
-               lambda k, kind=kind: B * flops(k, kind, args.rank), weights + 3 * lora + saved_input)
+               lambda k, kind=kind: B * flops(k, kind, args.rank), weights + 3 * lora_bytes + saved_input)
     # 6. the rollout step again with the LoRA on: what train.py's rollouts run
     def ours_lora():
-        with train.lora_precision(transformer):  # as train.py's rollouts run
+        with lora.lora_precision(transformer):  # as train.py's rollouts run
             ours()
 
     record("rollout_lora", f"rollout step, ours, LoRA r {args.rank} on", G, ours_lora,
-           lambda k: G * flops(k, "forward", args.rank), weights + 2 * lora, setup=transformer.eval)
+           lambda k: G * flops(k, "forward", args.rank), weights + 2 * lora_bytes, setup=transformer.eval)
     bar.close()
     del judge
 
@@ -393,10 +394,10 @@ def onpolicy_ratio(args):
     device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
     pipe, blocks, _ = build_pipeline(args, device, dtype)
     transformer = pipe.transformer
-    params = train.add_lora(transformer, args.rank, args.lora_alpha)
+    params = lora.add_lora(transformer, args.rank, args.lora_alpha)
     traj, x = make_trajectory(pipe, args, device, dtype)
     g = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad(), train.lora_precision(transformer):
+    with torch.no_grad(), lora.lora_precision(transformer):
         for p in params:
             p.normal_(0, 0.02, generator=g)
         v = rollout.predict_velocity(transformer, traj, x, traj.timesteps[STEP])  # (G, S, 64) at batch G

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 import data
 import grpo
+import lora
 import reward
 import rollout
 import runs
@@ -157,7 +158,7 @@ def load_adapter(pipe, name, path):
         warnings.filterwarnings("ignore", message=".*(multiple adapters|exclude_modules).*")
         if (path / "adapter_config.json").is_file():
             pipe.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=name)
-            rollout.load_peft_weights(pipe.transformer, path, adapter_name=name)
+            lora.load_peft_weights(pipe.transformer, path, adapter_name=name)
         elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
             from diffusers.utils import logging
             from safetensors import safe_open
@@ -210,7 +211,7 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
                 teacher_means = {}
                 with torch.no_grad():
                     for k in w.nonzero().flatten().tolist():
-                        with train.active_adapter(transformer, names[k]):
+                        with lora.active_adapter(transformer, names[k]):
                             teacher_means[k] = rollout.step_log_prob(transformer, traj, j, rows)[1]
                 _, student_mean, std_dev_t = rollout.step_log_prob(transformer, traj, j, rows)
                 dt = traj.sigmas[i + 1] - traj.sigmas[i]  # < 0
@@ -260,11 +261,11 @@ def main(argv=None):
             load_adapter(pipe, "default", args.teachers[args.student_init]["path"])
         else:
             torch.manual_seed(args.seed)  # the LoRA's gaussian init of A (B = 0)
-            train.add_lora(transformer, args.rank, args.lora_alpha)
+            lora.add_lora(transformer, args.rank, args.lora_alpha)
         for name, t in args.teachers.items():
             load_adapter(pipe, name, t["path"])
         transformer.set_adapter("default")
-        params = train.trainable_lora(transformer)  # the student's LoRA only, in fp32 (the optimizer's copy)
+        params = lora.trainable_lora(transformer)  # the student's LoRA only, in fp32 (the optimizer's copy)
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -281,7 +282,7 @@ def main(argv=None):
         sample_now = args.sample_every and (step + 1) % args.sample_every == 0
         t0 = time.perf_counter()
         transformer.eval()
-        with train.lora_precision(transformer):
+        with lora.lora_precision(transformer):
             trajectories = [rollout.sample(pipe, [data.open_image(paths[i])], layers=layers, prompt=args.prompt,
                                            group_size=args.group_size, num_inference_steps=args.num_inference_steps,
                                            noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
@@ -294,7 +295,7 @@ def main(argv=None):
                   for n, fn in rewards.items()}  # name -> (B,)
         t2 = time.perf_counter()
         transformer.train()
-        with train.lora_precision(transformer):
+        with lora.lora_precision(transformer):
             stats = distill_update(transformer, trajectories, W[indices], names, args, params, optimizer)
         t3 = time.perf_counter()
         record = {"step": step + 1, **stats, **{f"reward/{n}": r.mean().item() for n, r in scores.items()},

@@ -288,21 +288,22 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
     dtype is mixed_precision (bf16 / fp16 / no = float32) on a GPU and float32 on cpu. A fresh pipeline is loaded
     for each run that follows a LoRA run (loading a LoRA cannot be undone in place for every format).
     """
-    import rollout  # lazy: predictions mode works without diffusers
+    import lora  # lazy: predictions mode works without diffusers
+    import rollout
 
     samples = list_references(references)[:max_samples]
-    for name, lora in runs.items():  # check every path before loading a 40 GB model
-        if lora is not None and not os.path.exists(lora):
-            raise FileNotFoundError(f"--lora {name}={lora}: no such file or folder")
+    for name, adapter in runs.items():  # check every path before loading a 40 GB model
+        if adapter is not None and not os.path.exists(adapter):
+            raise FileNotFoundError(f"--lora {name}={adapter}: no such file or folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision] if device != "cpu" else None
     folders, pipe, dirty = {}, None, False
-    for name, lora in runs.items():
+    for name, adapter in runs.items():
         if pipe is None or dirty:
             pipe = rollout.load_pipeline(pretrained_model_name_or_path, torch_dtype=dtype, device=device)
-        if lora is not None:
-            rollout.load_lora(pipe, lora)
-        dirty = lora is not None
+        if adapter is not None:
+            lora.load_lora(pipe, adapter)
+        dirty = adapter is not None
         root = Path(output_dir) / "predictions" / name
         seconds = []
         for k, folder in enumerate(tqdm(samples, desc=f"decomposing ({name})")):
@@ -316,7 +317,7 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             seconds.append(time.perf_counter() - start)
             save_layers(layers[0], root / folder.name)
             image.save(root / folder.name / "image.png")
-        meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": lora, "sampler": sampler,
+        meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": adapter, "sampler": sampler,
                 "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
                 "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision, "seconds_per_sample": seconds}
         (root / "meta.json").write_text(json.dumps(meta, indent=2))

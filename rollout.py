@@ -33,6 +33,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
 
+import lora
 from data import find_images, open_image, save_layers, to_rgb
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
@@ -73,55 +74,6 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_lora(pipe, path):
-    """Load a LoRA into pipe.transformer: a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder
-    holding one) or a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the released
-    Stable-Layers format)."""
-    from peft import LoraConfig
-
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
-        load_peft_weights(pipe.transformer, path)
-    elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(path))
-    else:
-        raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
-                                "nor a PEFT adapter folder (adapter_config.json)")
-
-
-def load_peft_weights(transformer, folder, adapter_name="default"):
-    """Copy a PEFT adapter folder's weights into the transformer's already-added adapter `adapter_name`
-    (PeftModel saves its keys with a base_model.model. prefix). Raises ValueError if a key matches no LoRA
-    module."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(Path(folder) / "adapter_model.safetensors")
-    incompatible = set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v
-                                                           for k, v in state.items()}, adapter_name=adapter_name)
-    if getattr(incompatible, "unexpected_keys", None):
-        raise ValueError(f"--lora {folder}: keys that match no module: {incompatible.unexpected_keys[:3]}")
-
-
-def save_lora(transformer, folder, base_model=DEFAULT_MODEL):
-    """Write the transformer's active LoRA twice: pytorch_lora_weights.safetensors (diffusers'
-    load_lora_weights) and peft/ (a PEFT adapter folder, loads like the released LoRA)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    state = get_peft_model_state_dict(transformer, save_embedding_layers=False)
-    config = transformer.peft_config["default"]
-    config.base_model_name_or_path = base_model
-    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True,
-                                               transformer_lora_adapter_metadata=config.to_dict())  # keeps alpha
-    (folder / "peft").mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder / "peft")
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
-              folder / "peft" / "adapter_model.safetensors")
 
 
 # ----------------------------------------------------------------------------- condition images
@@ -463,7 +415,7 @@ def main(argv=None):
     pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device.startswith("cuda") else None,
                          device=device)
     if args.lora:
-        load_lora(pipe, args.lora)
+        lora.load_lora(pipe, args.lora)
     generator = torch.Generator(device).manual_seed(args.seed)
     out = Path(args.output_dir)
     for path in tqdm(paths, desc="images"):

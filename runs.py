@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 import reward
 import rollout
 
@@ -170,7 +171,7 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, metho
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
+    lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, tmp / "training_state.pt")
     write_model_card(tmp, args, last_metrics(output_dir), method=method)
     shutil.rmtree(final, ignore_errors=True)
@@ -195,7 +196,7 @@ def load_checkpoint(path, output_dir, transformer, optimizer, writer=True):
     path = Path(path)
     if not (path / "training_state.pt").is_file():
         raise InputError(f"--resume_from_checkpoint {path}: no training_state.pt there")
-    rollout.load_peft_weights(transformer, path / "peft")
+    lora.load_peft_weights(transformer, path / "peft")
     state = torch.load(path / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     metrics = output_dir / "metrics.jsonl"
@@ -214,7 +215,7 @@ def save_final(output_dir, transformer, args, method="Flow-GRPO (Stable-Layers)"
     output_dir = Path(output_dir)
     tmp = output_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    rollout.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
+    lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
     write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
     for item in tmp.iterdir():
         shutil.rmtree(output_dir / item.name, ignore_errors=True)

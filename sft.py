@@ -52,9 +52,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 import data
+import lora
 import rollout
 import runs
-import train
 
 FLOP_PER_FORWARD = 1.99e14  # one forward at 640 px, 4 layers (9,611 tokens): shared notes, section 7
 
@@ -249,7 +249,7 @@ def supervised_step(pipe, prompt, batches, args, step, params, optimizer, tables
         wait += time.perf_counter() - t
         draws = torch.Generator().manual_seed(rng_seed(args.seed, 0, step, micro))
         x0, cond, sigma, noise, L, H, W = prepare(pipe, pixels, args, draws, tables)
-        with train.lora_precision(transformer):
+        with lora.lora_precision(transformer):
             loss = flow_matching_loss(transformer, prompt, x0, cond, sigma, noise, L, H, W, args.weighting_scheme)
         finite = finite and bool(torch.isfinite(loss).all())
         if finite:
@@ -275,7 +275,7 @@ def validate(transformer, prompt, held_out, args):
     """val/loss: MEAN over the held-out samples of flow_matching_loss, each with the sigma and noise drawn once
     from (seed, 1, j), so every evaluation sees the same draws."""
     transformer.eval()
-    with train.lora_precision(transformer):
+    with lora.lora_precision(transformer):
         losses = [flow_matching_loss(transformer, prompt, *sample, args.weighting_scheme).item() for sample in held_out]
     return float(np.mean(losses))
 
@@ -378,7 +378,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
         if args.eval_lora:
-            rollout.load_lora(pipe, args.eval_lora)
+            lora.load_lora(pipe, args.eval_lora)
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)
     prompt = (embeds.to(device, dtype), None if mask is None else mask.to(device))  # (1, T, D), (1, T)
     pipe.text_encoder = None  # 16 GiB on the real model, needed no more
@@ -394,7 +394,7 @@ def main(argv=None):
         return loss
 
     transformer = pipe.transformer
-    params = train.add_lora(transformer, args.rank, args.lora_alpha)
+    params = lora.add_lora(transformer, args.rank, args.lora_alpha)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)

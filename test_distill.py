@@ -16,6 +16,7 @@ from torch.distributions import Normal, kl_divergence
 import data
 import distill
 import grpo
+import lora
 import reward
 import rollout
 import runs
@@ -54,7 +55,7 @@ def tiny_pipe(student=None, teachers=()):
     if student:
         distill.load_adapter(pipe, "default", student)
     else:
-        train.add_lora(pipe.transformer, 4, 8)  # B = 0: exactly the base model
+        lora.add_lora(pipe.transformer, 4, 8)  # B = 0: exactly the base model
     for name, folder in teachers:
         distill.load_adapter(pipe, name, folder)
     pipe.transformer.set_adapter("default")
@@ -100,7 +101,7 @@ def velocity_gap(pipe, images, teacher="t"):
     with torch.no_grad():
         for j in range(3):
             v_s = rollout.predict_velocity(tr, traj, traj.latents[:, j], traj.timesteps[j])
-            with train.active_adapter(tr, teacher):
+            with lora.active_adapter(tr, teacher):
                 v_t = rollout.predict_velocity(tr, traj, traj.latents[:, j], traj.timesteps[j])
             gaps.append(((v_s - v_t) ** 2).mean().item())
     return float(np.mean(gaps))
@@ -113,13 +114,13 @@ def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     pipe = rollout.load_pipeline("tiny")
     torch.manual_seed(123)
-    train.add_lora(pipe.transformer, 4, 8)
+    lora.add_lora(pipe.transformer, 4, 8)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in pipe.transformer.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=g)
-    rollout.save_lora(pipe.transformer, folder, base_model="tiny")
+    lora.save_lora(pipe.transformer, folder, base_model="tiny")
     return folder
 
 

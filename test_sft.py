@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import lora
 import rollout
 import sft
 
@@ -93,7 +94,7 @@ def test_training_lowers_train_and_held_out_loss(tmp_path):
     pipe = rollout.load_pipeline("tiny")
     train_specs = sft.synthetic_specs(args.synthetic, args.seed, args.layers, args.resolution)
     base = held_out_loss(pipe, args, train_specs, 3)
-    rollout.load_lora(pipe, out)
+    lora.load_lora(pipe, out)
     trained = held_out_loss(pipe, args, train_specs, 3)
     print(f"loss on the training designs: base {base:.4f}, trained {trained:.4f}; --eval_lora val/loss {reloaded:.6f}")
     assert trained < base - 0.01

@@ -31,6 +31,7 @@ import data
 import evaluate as ev
 import grpo
 import judges
+import lora
 import reward
 import rollout
 import runs
@@ -308,7 +309,7 @@ def tiny_policy(rank, train_batch_size, sde_window):
     """A fresh tiny pipeline with a LoRA, train.py's args, and one group of 4 rollouts (T = 4, a = 1.2)."""
     torch.manual_seed(0)
     pipe = rollout.load_pipeline("tiny")
-    params = train.add_lora(pipe.transformer, rank, 2 * rank)
+    params = lora.add_lora(pipe.transformer, rank, 2 * rank)
     args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0",
                              "--train_batch_size", str(train_batch_size)])
     traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=4, noise_level=1.2,
@@ -342,12 +343,12 @@ def test_bf16_model_with_fp32_lora():
     fp32 path up to bf16 rounding, ratio 1 on re-scoring, and fp32 gradients on every LoRA weight."""
     torch.manual_seed(0)
     pipe = rollout.load_pipeline("tiny", torch_dtype=torch.bfloat16)
-    params = train.add_lora(pipe.transformer, 4, 8)
+    params = lora.add_lora(pipe.transformer, 4, 8)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.3)  # lora_B starts at 0: make the adapter matter
     kw = dict(layers=2, group_size=2, num_inference_steps=3, noise_level=1.0, resolution=64, sde_window=(0, 2))
-    with train.lora_precision(pipe.transformer):
+    with lora.lora_precision(pipe.transformer):
         traj = rollout.sample(pipe, [design()], generator=torch.Generator().manual_seed(0), **kw)
         log_prob, _, _ = rollout.step_log_prob(pipe.transformer, traj, 1)
         (-log_prob.mean()).backward()
@@ -360,7 +361,7 @@ def test_bf16_model_with_fp32_lora():
 
 
 def test_saved_lora_reproduces_the_trained_policy(run):
-    """The final LoRA loads through diffusers' load_lora_weights, through peft, and through rollout.load_lora,
+    """The final LoRA loads through diffusers' load_lora_weights, through peft, and through lora.load_lora,
     and each gives the trained policy's velocity."""
     from peft import PeftModel
 
@@ -377,7 +378,7 @@ def test_saved_lora_reproduces_the_trained_policy(run):
         via_diffusers.load_lora_weights(str(out))
         via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
         via_rollout = rollout.load_pipeline("tiny")
-        rollout.load_lora(via_rollout, out / "peft")
+        lora.load_lora(via_rollout, out / "peft")
         for model in (via_diffusers.transformer, via_peft, via_rollout.transformer):
             torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), expected, rtol=0, atol=1e-6)
 
@@ -401,9 +402,9 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
     from peft import PeftModel
 
     started, via_diffusers, via_rollout = (rollout.load_pipeline("tiny") for _ in range(3))
-    rollout.load_lora(started, start / "peft")
+    lora.load_lora(started, start / "peft")
     via_diffusers.load_lora_weights(str(out))
-    rollout.load_lora(via_rollout, out / "peft")
+    lora.load_lora(via_rollout, out / "peft")
     via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
     with torch.no_grad():
         torch.testing.assert_close(reference, rollout.predict_velocity(started.transformer, probe, x, t), rtol=0,
@@ -446,10 +447,10 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
         design((48, 32), seed=i).save(tmp_path / "images" / f"{i}.png")
     images = [design((48, 32), seed=i) for i in range(2)]
 
-    def evaluate(lora=None):
+    def evaluate(adapter=None):
         pipe = rollout.load_pipeline("tiny")
-        if lora:
-            rollout.load_lora(pipe, lora)
+        if adapter:
+            lora.load_lora(pipe, adapter)
         traj = rollout.sample(pipe, images, layers=2, group_size=8, num_inference_steps=4, noise_level=1.2,
                               resolution=64, generator=torch.Generator().manual_seed(100))
         return score(images, traj.layers, 8)[0].mean().item()
@@ -1734,7 +1735,7 @@ def test_bench_flop_formula_matches_torch_count():
 
     try:
         plain = count()
-        train.add_lora(transformer, rank, 2 * rank)
+        lora.add_lora(transformer, rank, 2 * rank)
         with_lora = count()
         transformer.enable_gradient_checkpointing()
         transformer.train()

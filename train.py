@@ -56,16 +56,12 @@ from tqdm.auto import tqdm
 
 import data
 import grpo
+import lora
 import reward
 import rollout
 import runs
 
-LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                "txt_mlp.net.2"]
 DEFAULT_JUDGE = "Qwen/Qwen3.5-9B"  # the open judge the released LoRA was retrained with
-# the last block's text output is discarded, so these modules of it would get no gradient
-UNUSED_IN_LAST_BLOCK = ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
 # flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a row of the docstring's table
 UPSTREAM = {"group_size": 16, "images_per_step": 8, "num_inference_steps": 10, "noise_level": 1.2, "sde_type": "sde",
@@ -214,88 +210,12 @@ def all_gather(obj):
 
 
 # ----------------------------------------------------------------------------- setup
-def add_lora(transformer, rank, lora_alpha):
-    """LoRA on the attention and MLP projections of every block (Flow-GRPO's Qwen-Image targets), gaussian
-    init (B = 0: the policy starts as the reference); the last block's text-stream output modules are left
-    out: the text queries, the text attention output and the text MLP, whose output is discarded (they would
-    get no gradient, checked in test_smoke.py). Trainable weights in float32."""
-    from peft import LoraConfig
-
-    last = len(transformer.transformer_blocks) - 1
-    transformer.requires_grad_(False)
-    excluded = [f"transformer_blocks.{last}.{m}" for m in UNUSED_IN_LAST_BLOCK]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS, exclude_modules=excluded))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
-
-
-def add_init_lora(transformer, folder):
-    """Start from a saved LoRA: its PEFT adapter (folder/peft or folder itself) becomes the trained adapter
-    "default" and, frozen, the KL reference "reference". Returns the trainable fp32 parameters."""
-    from peft import LoraConfig
-
-    folder = Path(folder)
-    peft_dir = folder / "peft" if (folder / "peft" / "adapter_config.json").is_file() else folder
-    if not (peft_dir / "adapter_config.json").is_file():
-        raise runs.InputError(f"--init_lora {folder}: no PEFT adapter there (looked for adapter_config.json in "
-                              f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
-    transformer.requires_grad_(False)
-    for name in ("default", "reference"):
-        transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
-        try:
-            rollout.load_peft_weights(transformer, peft_dir, adapter_name=name)
-        except (ValueError, RuntimeError) as e:
-            raise runs.InputError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
-    transformer.set_adapter("default")
-    return trainable_lora(transformer)
-
-
-def trainable_lora(transformer, name="default"):
-    """Make adapter `name`'s LoRA weights the only trainable parameters, in float32 (the optimizer's master
-    copy), and return them; other adapters (a KL reference, distillation teachers) stay frozen."""
-    params = []
-    for n, p in transformer.named_parameters():
-        p.requires_grad_(f".{name}." in n and "lora_" in n)
-        if p.requires_grad:
-            p.data = p.data.float()
-            params.append(p)
-    return params
-
-
-@contextmanager
-def lora_precision(transformer):
-    """Frozen bf16/fp16 weights with fp32 LoRA weights (the optimizer's master copy): run the LoRA matmuls in
-    the model dtype under autocast, instead of peft's default of upcasting every adapted layer's input to
-    fp32 (bench.py, real width on CPU: ~20% slower rollout steps, ~2x transient activation memory).
-    Gradients still reach the fp32 weights. A no-op for an fp32 model (the CPU tests)."""
-    from peft.helpers import disable_input_dtype_casting
-
-    if transformer.dtype == torch.float32:
-        yield
-        return
-    with torch.autocast(transformer.device.type, dtype=transformer.dtype), disable_input_dtype_casting(transformer):
-        yield
-
-
-@contextmanager
-def active_adapter(transformer, name):
-    """Run the block with adapter `name` active, then make the trained adapter ("default") active again."""
-    transformer.set_adapter(name)
-    try:
-        yield
-    finally:
-        transformer.set_adapter("default")
-
-
 @contextmanager
 def reference_policy(transformer):
     """The KL reference: the same transformer with its LoRA disabled (no second copy of the weights), or the
     frozen --init_lora adapter when training started from one."""
     if "reference" in getattr(transformer, "peft_config", {}):
-        with active_adapter(transformer, "reference"):
+        with lora.active_adapter(transformer, "reference"):
             yield
         return
     transformer.disable_adapters()
@@ -429,8 +349,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
         transformer = pipe.transformer
         torch.manual_seed(args.seed)  # the LoRA's gaussian init
-        params = add_init_lora(transformer, args.init_lora) if args.init_lora else \
-            add_lora(transformer, args.rank, args.lora_alpha)
+        params = lora.add_init_lora(transformer, args.init_lora) if args.init_lora else \
+            lora.add_lora(transformer, args.rank, args.lora_alpha)
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -485,7 +405,7 @@ def main(argv=None):
             trajectories, scored = [], []
             for k in mine:
                 phase, t = "rollout", time.perf_counter()
-                with lora_precision(transformer):
+                with lora.lora_precision(transformer):
                     traj = rollout.sample(pipe, [data.open_image(paths[indices[k]])], layers=layers, prompt=prompt,
                                           group_size=G, num_inference_steps=args.num_inference_steps,
                                           noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
@@ -524,7 +444,7 @@ def main(argv=None):
 
             phase, t2, waited = "update", time.perf_counter(), wait_s
             transformer.train()
-            with lora_precision(transformer):
+            with lora.lora_precision(transformer):
                 stats = policy_update(transformer, trajectories, advantages_of, args, params, optimizer,
                                       total=args.images_per_step * G * (window[1] - window[0]),
                                       proceed=judge_answered if judge is not None else None)

@@ -1,0 +1,150 @@
+"""The LoRA on Qwen-Image-Layered's transformer: which linears it adapts, its precision, its adapters, its files.
+
+Shared by train.py (Flow-GRPO), sft.py (supervised), distill.py (teachers and student), evaluate.py and bench.py:
+- add_lora: Flow-GRPO's Qwen-Image targets, gaussian init (B = 0: the policy starts as the base model), fp32
+  weights (the optimizer's master copy); add_init_lora starts from a saved LoRA that is also the KL reference;
+- lora_precision: the fp32 LoRA runs in the frozen weights' dtype under autocast, gradients stay fp32;
+- named adapters (active_adapter, trainable_lora): a KL reference or distillation teachers beside the trained
+  "default" adapter on one copy of the base weights;
+- the files: save_lora writes a diffusers pytorch_lora_weights.safetensors and a PEFT adapter folder (the
+  released Stable-Layers format); load_lora reads either.
+
+    python -c "import lora, tiny; t = tiny.tiny_pipeline().transformer; print(sum(p.numel() for p in lora.add_lora(t, 4, 8)))"
+"""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import QwenImageLayeredPipeline
+
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                "txt_mlp.net.2"]
+# the last block's text output is discarded, so these modules of it would get no gradient
+UNUSED_IN_LAST_BLOCK = ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+
+def add_lora(transformer, rank, lora_alpha):
+    """LoRA on the attention and MLP projections of every block (Flow-GRPO's Qwen-Image targets), gaussian
+    init (B = 0: the policy starts as the reference); the last block's text-stream output modules are left
+    out: the text queries, the text attention output and the text MLP, whose output is discarded (they would
+    get no gradient, checked in test_smoke.py). Trainable weights in float32."""
+    from peft import LoraConfig
+
+    last = len(transformer.transformer_blocks) - 1
+    transformer.requires_grad_(False)
+    excluded = [f"transformer_blocks.{last}.{m}" for m in UNUSED_IN_LAST_BLOCK]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS, exclude_modules=excluded))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def add_init_lora(transformer, folder):
+    """Start from a saved LoRA: its PEFT adapter (folder/peft or folder itself) becomes the trained adapter
+    "default" and, frozen, the KL reference "reference". Returns the trainable fp32 parameters."""
+    from peft import LoraConfig
+
+    folder = Path(folder)
+    peft_dir = folder / "peft" if (folder / "peft" / "adapter_config.json").is_file() else folder
+    if not (peft_dir / "adapter_config.json").is_file():
+        raise ValueError(f"--init_lora {folder}: no PEFT adapter there (looked for adapter_config.json in "
+                         f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
+    transformer.requires_grad_(False)
+    for name in ("default", "reference"):
+        transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
+        try:
+            load_peft_weights(transformer, peft_dir, adapter_name=name)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
+    transformer.set_adapter("default")
+    return trainable_lora(transformer)
+
+
+def trainable_lora(transformer, name="default"):
+    """Make adapter `name`'s LoRA weights the only trainable parameters, in float32 (the optimizer's master
+    copy), and return them; other adapters (a KL reference, distillation teachers) stay frozen."""
+    params = []
+    for n, p in transformer.named_parameters():
+        p.requires_grad_(f".{name}." in n and "lora_" in n)
+        if p.requires_grad:
+            p.data = p.data.float()
+            params.append(p)
+    return params
+
+
+@contextmanager
+def lora_precision(transformer):
+    """Frozen bf16/fp16 weights with fp32 LoRA weights (the optimizer's master copy): run the LoRA matmuls in
+    the model dtype under autocast, instead of peft's default of upcasting every adapted layer's input to
+    fp32 (bench.py, real width on CPU: ~20% slower rollout steps, ~2x transient activation memory).
+    Gradients still reach the fp32 weights. A no-op for an fp32 model (the CPU tests)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    if transformer.dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(transformer.device.type, dtype=transformer.dtype), disable_input_dtype_casting(transformer):
+        yield
+
+
+@contextmanager
+def active_adapter(transformer, name):
+    """Run the block with adapter `name` active, then make the trained adapter ("default") active again."""
+    transformer.set_adapter(name)
+    try:
+        yield
+    finally:
+        transformer.set_adapter("default")
+
+
+def load_lora(pipe, path):
+    """Load a LoRA into pipe.transformer: a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder
+    holding one) or a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the released
+    Stable-Layers format)."""
+    from peft import LoraConfig
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
+        load_peft_weights(pipe.transformer, path)
+    elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(path))
+    else:
+        raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
+                                "nor a PEFT adapter folder (adapter_config.json)")
+
+
+def load_peft_weights(transformer, folder, adapter_name="default"):
+    """Copy a PEFT adapter folder's weights into the transformer's already-added adapter `adapter_name`
+    (PeftModel saves its keys with a base_model.model. prefix). Raises ValueError if a key matches no LoRA
+    module."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(Path(folder) / "adapter_model.safetensors")
+    incompatible = set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v
+                                                           for k, v in state.items()}, adapter_name=adapter_name)
+    if getattr(incompatible, "unexpected_keys", None):
+        raise ValueError(f"--lora {folder}: keys that match no module: {incompatible.unexpected_keys[:3]}")
+
+
+def save_lora(transformer, folder, base_model):
+    """Write the transformer's active LoRA twice: pytorch_lora_weights.safetensors (diffusers'
+    load_lora_weights) and peft/ (a PEFT adapter folder, loads like the released LoRA)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = get_peft_model_state_dict(transformer, save_embedding_layers=False)
+    config = transformer.peft_config["default"]
+    config.base_model_name_or_path = base_model
+    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True,
+                                               transformer_lora_adapter_metadata=config.to_dict())  # keeps alpha
+    (folder / "peft").mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder / "peft")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+              folder / "peft" / "adapter_model.safetensors")
