@@ -76,6 +76,34 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
     return pipe
 
 
+ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flash", "_flash_3")
+
+
+def speed_up(transformer, attention_backend=None, compile=False):
+    """The transformer's speed levers, applied once its LoRA is in place (bench.py --levers measures them):
+    - attention_backend: a kernel of diffusers' attention dispatcher (set_attention_backend), e.g. "_native_cudnn",
+      cuDNN's fused attention (reported 1.7-2.3x faster than flash for Hopper training shapes); None keeps
+      PyTorch's own SDPA choice. Qwen-Image passes no attention mask when every text token is real, so the fused
+      kernels apply (test_gpu.py runs a rollout with flash alone allowed);
+    - compile: regional compilation of the repeated block (diffusers' compile_repeated_blocks; fullgraph, so a graph
+      break fails loudly instead of running slowly): one graph per block shape and mode, shared by the 60 blocks,
+      with peft's LoRA layers traced into it (lora_dropout is 0: peft + dropout + checkpointing + compile fails).
+      The first step compiles the rollout's (batch G, no grad), the re-scoring's (micro-batch, gradients) and the
+      KL reference's (adapters off) graphs; later steps reuse them.
+    Both change the arithmetic's order, not what is computed: log-probs agree with the eager SDPA path to float
+    rounding (test_smoke.py states the bounds), and the rollout and its re-scoring run under the same levers."""
+    if attention_backend:
+        transformer.set_attention_backend(attention_backend)
+    if compile:
+        # inductor keeps bf16 intermediates in fp32 inside fused kernels unless told to round where eager rounds:
+        # without this, the rollout's (no-grad) and the re-scoring's (training) graphs fuse differently and the
+        # first ratio moved by 1.3e-4 on CPU bf16, more than --clip_range; with it, 0 (test_smoke.py)
+        import torch._inductor.config
+
+        torch._inductor.config.emulate_precision_casts = True
+        transformer.compile_repeated_blocks(fullgraph=True)
+
+
 # ----------------------------------------------------------------------------- condition images
 def condition_size(image, resolution, sizing="longest"):
     """(width, height) of the condition image, aspect kept.

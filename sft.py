@@ -335,6 +335,10 @@ def parse_args(argv=None):
     a("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     a("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the "
+      "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)")
+    a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="attention kernel through "
+      "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
@@ -397,6 +401,7 @@ def main(argv=None):
     params = lora.add_lora(transformer, args.rank, args.lora_alpha)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    rollout.speed_up(transformer, args.attention_backend, args.compile)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     with runs.input_errors():
         start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \

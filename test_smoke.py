@@ -360,6 +360,72 @@ def test_bf16_model_with_fp32_lora():
     assert (v_autocast - v_peft).abs().max() < 0.05 * v_peft.abs().max()
 
 
+def bf16_policy(blocks=None):
+    """The tiny pipeline in bf16 with an active fp32 LoRA (B drawn N(0, 0.3): the adapter matters), gradient
+    checkpointing on, as train.py runs a GPU model; `blocks` keeps the first K transformer blocks."""
+    torch.manual_seed(0)
+    pipe = rollout.load_pipeline("tiny", torch_dtype=torch.bfloat16)
+    if blocks:
+        pipe.transformer.transformer_blocks = pipe.transformer.transformer_blocks[:blocks]
+    params = lora.add_lora(pipe.transformer, 4, 8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3, generator=g)
+    pipe.transformer.enable_gradient_checkpointing()
+    return pipe, params
+
+
+def rollouts_and_updates(pipe, params, steps):
+    """`steps` of train.py's inner loop by hand: a rollout of 2 candidates (3 steps, 2 in the SDE window) under
+    lora_precision, then policy_update with fixed advantages. Returns [(trajectory, stats)] per step."""
+    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "2"])
+    optimizer, out = torch.optim.AdamW(params, lr=1e-2), []
+    for step in range(steps):
+        pipe.transformer.eval()
+        with lora.lora_precision(pipe.transformer):
+            traj = rollout.sample(pipe, [design()], layers=2, group_size=2, num_inference_steps=3, noise_level=1.0,
+                                  resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(step))
+        pipe.transformer.train()
+        with lora.lora_precision(pipe.transformer):
+            stats = train.policy_update(pipe.transformer, [traj], torch.tensor([1.0, -1.0]), args, params, optimizer)
+        out.append((traj, stats))
+    return out
+
+
+def test_compiled_blocks_give_eager_numbers_in_bf16():
+    """--compile (rollout.speed_up: regional torch.compile of the repeated block, LoRA inside) on CPU inductor,
+    bf16 weights and fp32 LoRA as on a GPU: two steps of rollouts and updates give the eager run's log-probs, ratio
+    and trained LoRA exactly (inductor told to round where eager rounds; without that the log-probs differ from
+    eager's, and with both blocks the first ratio moved by 1.3e-4, more than --clip_range). One transformer block,
+    so each mode compiles one graph (about a minute on 2 cores with a cold inductor cache)."""
+    eager, compiled = bf16_policy(blocks=1), bf16_policy(blocks=1)
+    rollout.speed_up(compiled[0].transformer, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    a, b = rollouts_and_updates(*eager, steps=2), rollouts_and_updates(*compiled, steps=2)
+    for (traj_a, stats_a), (traj_b, stats_b) in zip(a, b):
+        assert torch.equal(traj_a.log_probs, traj_b.log_probs) and stats_b["diag/ratio_mean"] == 1.0
+        assert stats_b["train/grad_norm"] == stats_a["train/grad_norm"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(eager[1], compiled[1]))
+    assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 3  # made in step 1, reused in 2
+
+
+def test_attention_backend_keeps_the_numbers():
+    """--attention_backend (rollout.speed_up through diffusers' dispatcher): the math kernel against PyTorch's SDPA
+    choice on the same transitions: log-probs within 1e-3 in bf16 (measured 4.3e-4 at most: bf16 rounding inside the
+    attention), and the re-scoring's ratio under the chosen backend is 1 (rollout and update run the same kernel)."""
+    pipe, params = bf16_policy()
+    (traj, _), = rollouts_and_updates(pipe, params, steps=1)
+    pipe.transformer.eval()
+    with torch.no_grad(), lora.lora_precision(pipe.transformer):
+        sdpa = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
+        rollout.speed_up(pipe.transformer, attention_backend="_native_math")
+        math_ = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
+    assert 0 < (math_ - sdpa).abs().max() < 1e-3
+    (_, stats), = rollouts_and_updates(pipe, params, steps=1)
+    assert stats["diag/ratio_mean"] == 1.0
+
+
 def test_saved_lora_reproduces_the_trained_policy(run):
     """The final LoRA loads through diffusers' load_lora_weights, through peft, and through lora.load_lora,
     and each gives the trained policy's velocity."""
