@@ -17,6 +17,7 @@ LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transforme
     python bench.py --overlap 0.8                                   # judge latency hidden behind rollouts?
     python bench.py --overlap 0.8 --resolution 128                  # ... when a group's torch work > client work
     python bench.py --scaling                                       # images/s of train.py, 1 vs 2 gloo ranks (CPU)
+    python bench.py --levers --device cuda                          # speed levers against eager, in one run
     python bench.py --loop --device cuda                            # train.py's whole loop at full size: 2 steps
                                                                     # with a resume, time, memory, checkpoint
 
@@ -107,6 +108,11 @@ def parse_args(argv=None):
       "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio")
     a("--ratio", action="store_true", help="instead of the table: the on-policy ratio's distance from 1 when the "
       "rollout runs batch G and re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)")
+    a("--levers", action="store_true", help="instead of the table: the speed levers against eager in one run "
+      "(--attention_backend, default _native_cudnn on cuda; --compile; twice --train_batch_size): rollout step, "
+      "micro-step, one image's step, the on-policy ratio and the log-prob distance from eager under each")
+    a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="--levers: the attention "
+      "kernel to try (default _native_cudnn on cuda, _native_math on cpu)")
     a("--loop", action="store_true", help="instead of the table: train.py's whole loop on the released configuration "
       "with random weights (--pretrained_model_name_or_path random; --num_blocks K builds K blocks), one image per "
       "step, the vlm reward with the tiny judge: a step and its checkpoint, then a resumed second step; prints each "
@@ -354,6 +360,124 @@ def run(args):
                                          micro_steps=micro_steps))
 
 
+def levers(args):
+    """The speed levers against eager, in one run on one build (rollout.speed_up; train.py's flags): SDPA's own
+    kernel choice or --attention_backend (default _native_cudnn on CUDA), eager or --compile, the update at
+    --train_batch_size or twice it. Compilation cannot be undone, so the eager configurations run first. Per
+    configuration: the rollout step of G candidates with the LoRA on, the training micro-step (with the KL when
+    --beta > 0), one image's step from them (T rollout steps + ceil(G/B) K micro-steps; the decode, no lever's
+    business, left out), the first call's seconds (the compile), peak GiB reserved, and two numbers that must not
+    move: max |ratio - 1| of the rollout's log-probs (batch G, no grad) re-scored in micro-batches with gradients
+    (the on-policy ratio under that configuration), and max |log p - log p eager| of the same transition."""
+    device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
+    cuda = device.startswith("cuda")
+    if args.threads or (device == "cpu" and args.size == "toy"):
+        torch.set_num_threads(args.threads or 1)
+    pipe, blocks, total_blocks = build_pipeline(args, device, dtype)
+    transformer, cfg = pipe.transformer, pipe.transformer.config
+    traj, x = make_trajectory(pipe, args, device, dtype)
+    G, B, h, T, K = args.group_size, args.train_batch_size, args.resolution // 16, args.num_inference_steps, 1
+    n_img, n_txt = (args.layers + 2) * h * h, args.text_tokens
+    params = lora.add_lora(transformer, args.rank, args.lora_alpha)
+    with torch.no_grad():
+        for p in params:  # B = 0 would hide the adapter from the numbers
+            p.normal_(0, 0.02, generator=torch.Generator(device).manual_seed(args.seed))
+    transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=1e-4)  # lr 0: the whole update runs, weights stay
+    t, sigma, sigma_next = traj.timesteps[STEP], traj.sigmas[STEP], traj.sigmas[STEP + 1]
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in name), None)
+    flop = {kind: transformer_flops(cfg, n_img, n_txt, k, args.rank)[kind] for kind, k in
+            (("forward", blocks), ("train", blocks), ("train_kl", blocks))}
+    factor = transformer_flops(cfg, n_img, n_txt, total_blocks, args.rank)["forward"] / flop["forward"]
+    kind = "train_kl" if args.beta > 0 else "train"
+    backend = args.attention_backend or ("_native_cudnn" if cuda else "_native_math")
+    configs = [("eager", None, False, B), (f"eager, {backend}", backend, False, B), (f"eager, micro-batch {2 * B}", None,
+               False, 2 * B), ("compiled", None, True, B), (f"compiled, {backend}", backend, True, B),
+               (f"compiled, {backend}, micro-batch {2 * B}", backend, True, 2 * B)]
+    configs = [c for c in configs if c[3] <= G]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows, eager = [], None
+    for label, attention, compiled, batch in tqdm(configs, desc="levers"):
+        if compiled and not getattr(transformer, "_compiled", False):
+            rollout.speed_up(transformer, compile=True)
+            transformer._compiled = True
+        transformer.set_attention_backend(attention or "native")  # native: PyTorch's SDPA picks the kernel
+
+        def rollout_step(out={}):
+            transformer.eval()
+            with torch.no_grad(), lora.lora_precision(transformer):
+                v = rollout.predict_velocity(transformer, traj, x, t)  # (G, S, 64)
+                out["step"] = rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
+                                                            generator=torch.Generator(device).manual_seed(args.seed))
+            return out["step"]
+
+        t0 = time.perf_counter()
+        prev, old = rollout_step()[:2]  # the first call: compiles where compiled
+        sync()
+        first = time.perf_counter() - t0
+        full = dataclasses.replace(traj, latents=torch.stack([x, prev], 1), log_probs=old[:, None])
+        micro = dataclasses.replace(full, latents=full.latents[:batch], log_probs=full.log_probs[:batch],
+                                    image_latents=traj.image_latents[:batch], prompt_embeds=traj.prompt_embeds[:batch],
+                                    group_size=batch)
+        targs = SimpleNamespace(train_batch_size=batch, num_inner_epochs=1, clip_range=1e-4, beta=args.beta,
+                                max_grad_norm=1.0)
+        advantages = torch.randn(batch, generator=torch.Generator().manual_seed(args.seed))
+
+        def update():
+            transformer.train()
+            with lora.lora_precision(transformer):
+                train.policy_update(transformer, [micro], advantages, targs, params, optimizer)
+
+        transformer.train()  # the on-policy ratio: the rollout's log-probs re-scored in micro-batches, with gradients
+        with lora.lora_precision(transformer):
+            new = torch.cat([rollout.step_log_prob(transformer, full, 0, rows)[0].detach()
+                             for rows in torch.arange(G).split(batch)])
+        eager = eager or full  # the first configuration's transition, scored by every configuration's rollout graph
+        transformer.eval()
+        with torch.no_grad(), lora.lora_precision(transformer):
+            vs_eager = (rollout.step_log_prob(transformer, eager, 0)[0] - eager.log_probs[:, 0]).abs().max().item()
+        try:
+            roll_s, _, roll_gib = measure(rollout_step, device, args.warmup, args.repeats)
+            train_s, _, train_gib = measure(update, device, args.warmup + compiled, args.repeats)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append(dict(label=label, oom=True))
+            continue
+        tflops = batch * flop[kind] / train_s / 1e12
+        rows.append(dict(label=label, rollout_s=roll_s * factor, micro_step_s=train_s * factor, batch=batch,
+                         step_per_image_s=factor * (T * roll_s + math.ceil(G / batch) * args.sde_window * train_s),
+                         micro_step_pct_peak=100 * tflops / peak_tflops if peak_tflops else None,
+                         first_call_s=first, reserved_gib=max(roll_gib or 0, train_gib or 0) or None,
+                         ratio_max_abs_minus_1=(torch.exp(new - old).double() - 1).abs().max().item(),
+                         log_prob_max_abs_vs_eager=vs_eager))
+    transformer.set_attention_backend("native")  # diffusers keeps the last choice process-wide
+    base = next((r for r in rows if "oom" not in r), None)
+    for r in rows:
+        if base and "oom" not in r:
+            r["speedup_per_image"] = base["step_per_image_s"] / r["step_per_image_s"]
+    return dict(device=name, dtype=str(dtype).removeprefix("torch."), blocks_built=blocks, blocks_full=total_blocks,
+                resolution=args.resolution, layers=args.layers, group_size=G, rank=args.rank, beta=args.beta,
+                peak_tflops=peak_tflops, rows=rows)
+
+
+def format_levers(res):
+    lines = [f"device {res['device']} | {res['dtype']} | {res['blocks_built']} of {res['blocks_full']} blocks built "
+             f"(times scaled to {res['blocks_full']}) | {res['resolution']} px, {res['layers']} layers, G "
+             f"{res['group_size']}, LoRA r {res['rank']}, beta {res['beta']:g}",
+             "", f"{'configuration':<40}{'rollout s':>10}{'micro s':>9}{'B':>3}{'image s':>9}{'x eager':>8}{'% peak':>8}"
+                 f"{'1st call':>9}{'|r-1|':>9}{'|dlogp|':>9}{'resv GiB':>9}", "-" * 123]
+    for r in res["rows"]:
+        if r.get("oom"):
+            lines.append(f"{r['label']:<40}   out of GPU memory")
+            continue
+        lines.append(f"{r['label']:<40}{r['rollout_s']:>10.3g}{r['micro_step_s']:>9.3g}{r['batch']:>3}"
+                     f"{r['step_per_image_s']:>9.4g}{r['speedup_per_image']:>8.3f}{fmt(r['micro_step_pct_peak'], '.1f'):>8}"
+                     f"{r['first_call_s']:>9.3g}{r['ratio_max_abs_minus_1']:>9.2e}{r['log_prob_max_abs_vs_eager']:>9.2e}"
+                     f"{fmt(r['reserved_gib'], '.1f'):>9}")
+    return "\n".join(lines)
+
+
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -584,13 +708,13 @@ def main(argv=None):
     if mode:  # one line of figures
         res = mode(args)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-    else:  # the table
+    else:  # a table
         threads = torch.get_num_threads()
         try:
-            res = run(args)
+            res = levers(args) if args.levers else run(args)
         finally:
             torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
-        print(format_table(res))
+        print(format_levers(res) if args.levers else format_table(res))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -91,16 +91,22 @@ def speed_up(transformer, attention_backend=None, compile=False):
       The first step compiles the rollout's (batch G, no grad), the re-scoring's (micro-batch, gradients) and the
       KL reference's (adapters off) graphs; later steps reuse them.
     Both change the arithmetic's order, not what is computed: log-probs agree with the eager SDPA path to float
-    rounding (test_smoke.py states the bounds), and the rollout and its re-scoring run under the same levers."""
+    rounding (test_smoke.py states the bounds), and the rollout and its re-scoring run under the same levers.
+    diffusers keeps the attention choice process-wide: set_attention_backend("native") gives SDPA's back."""
     if attention_backend:
         transformer.set_attention_backend(attention_backend)
     if compile:
         # inductor keeps bf16 intermediates in fp32 inside fused kernels unless told to round where eager rounds:
         # without this, the rollout's (no-grad) and the re-scoring's (training) graphs fuse differently and the
         # first ratio moved by 1.3e-4 on CPU bf16, more than --clip_range; with it, 0 (test_smoke.py)
+        import torch._dynamo.config
         import torch._inductor.config
 
         torch._inductor.config.emulate_precision_casts = True
+        # graphs of the one block function: 2 block kinds (the last has fewer LoRA layers) x rollout, re-scoring (the
+        # first block's input needs no gradient, the others' do) and KL reference, x each shape (--layers, batch):
+        # past torch's default of 8, fullgraph would stop the run instead of compiling one more
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         transformer.compile_repeated_blocks(fullgraph=True)
 
 

@@ -417,13 +417,16 @@ def test_attention_backend_keeps_the_numbers():
     pipe, params = bf16_policy()
     (traj, _), = rollouts_and_updates(pipe, params, steps=1)
     pipe.transformer.eval()
-    with torch.no_grad(), lora.lora_precision(pipe.transformer):
-        sdpa = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
-        rollout.speed_up(pipe.transformer, attention_backend="_native_math")
-        math_ = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
-    assert 0 < (math_ - sdpa).abs().max() < 1e-3
-    (_, stats), = rollouts_and_updates(pipe, params, steps=1)
-    assert stats["diag/ratio_mean"] == 1.0
+    try:
+        with torch.no_grad(), lora.lora_precision(pipe.transformer):
+            sdpa = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
+            rollout.speed_up(pipe.transformer, attention_backend="_native_math")
+            math_ = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
+        assert 0 < (math_ - sdpa).abs().max() < 1e-3
+        (_, stats), = rollouts_and_updates(pipe, params, steps=1)
+        assert stats["diag/ratio_mean"] == 1.0
+    finally:
+        pipe.transformer.set_attention_backend("native")  # diffusers keeps the choice process-wide
 
 
 def test_saved_lora_reproduces_the_trained_policy(run):

@@ -28,11 +28,11 @@ defaults, and that the README shows the same table):
 
 | parameter | upstream | here | why |
 |---|---|---|---|
-| `--group_size` | 16 | 8 | one GPU: a rollout holds G candidates at once (simulated 54 GiB at G 8, about +11 GiB at 16) and a step costs G; noisier advantages |
-| `--images_per_step` | 8 | 4 | one GPU: 32 samples per optimizer step instead of 128, about 5 min per step on one H100 (estimate: 3.0e16 FLOP per image by bench.py's count, at 40% of 989 TFLOP/s); use 8 with 8 GPUs |
+| `--group_size` | 16 | 8 | one GPU: a rollout holds G candidates at once (45.0 GiB allocated at G 8, measured on one H200; about +11 GiB at 16, estimated) and a step costs G; noisier advantages |
+| `--images_per_step` | 8 | 4 | one GPU: 32 samples per optimizer step instead of 128, about 5.6 min per step on one H200 (83.6 s per image measured by bench.py, judge excluded); use 8 with 8 GPUs |
 | `--true_cfg_scale` | 4.0 | 1.0 | the released Stable-Layers setting (CFG off); CFG during RL collapses upstream; halves the forwards |
-| `--beta` | 0.0 | 0.04 | the Flow-GRPO paper's KL weight, kept as a guard against hacking a VLM judge (upstream answers grid artefacts and blur by raising beta); costs a reference forward per trained sample, +26% per micro-step (CPU, real width); --beta 0 is upstream |
-| `--train_batch_size` | 4 | 2 | memory: the update peaks at 56.7 GiB with 2 (simulated, 640 px, 4 layers); 4 does not leave room on 80 GB |
+| `--beta` | 0.0 | 0.04 | the Flow-GRPO paper's KL weight, kept as a guard against hacking a VLM judge (upstream answers grid artefacts and blur by raising beta); costs a reference forward per trained sample, +25% per micro-step (measured on one H200); --beta 0 is upstream |
+| `--train_batch_size` | 4 | 2 | memory: the update peaks at 59.3 GiB reserved with 2 and 69.3 with 4 (measured on one H200, 640 px, 4 layers); 2 is what cards under 80 GB need, 4 fits 80 GB with the judge elsewhere and is 5% faster per updated sample (1.8% of a step) |
 | rollout batch | 4 | G | one image's G candidates share one batch (Layer-3D RoPE needs same-size rows; fewer launches) |
 | sampler state between steps | bf16 | fp32 | exact log-probs of the stored transitions; the state is 0.3% of a step's memory |
 | advantage groups | prompt text | image | the prompt is fixed, so the image is what a group shares |
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
     a("--group_size", type=int, default=8, help="G: candidates per image")
     a("--images_per_step", type=int, default=4, help="images (groups) per optimizer step, over all ranks; about "
-      "5 min per step on one H100 at the defaults (estimate from the FLOP count)")
+      "84 s per image on one H200 at the defaults, judge excluded (measured by bench.py)")
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps during training rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (Flow-GRPO's Qwen-Image setting)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
