@@ -396,9 +396,10 @@ def rollouts_and_updates(pipe, params, steps):
 def test_compiled_blocks_give_eager_numbers_in_bf16():
     """--compile (rollout.speed_up: regional torch.compile of the repeated block, LoRA inside) on CPU inductor,
     bf16 weights and fp32 LoRA as on a GPU: two steps of rollouts and updates give the eager run's log-probs, ratio
-    and trained LoRA exactly (inductor told to round where eager rounds; without that the log-probs differ from
-    eager's, and with both blocks the first ratio moved by 1.3e-4, more than --clip_range). One transformer block,
-    so each mode compiles one graph (about a minute on 2 cores with a cold inductor cache)."""
+    and gradient norms exactly, and its trained LoRA within 1e-5 (one element of 40 tensors differed, by 5.4e-7:
+    the compiled backward's summation order). Inductor is told to round where eager rounds; without that the
+    log-probs differ from eager's, and with both blocks the first ratio moved by 1.3e-4, more than --clip_range. One
+    transformer block, so each mode compiles one graph (about a minute on 2 cores with a cold inductor cache)."""
     eager, compiled = bf16_policy(blocks=1), bf16_policy(blocks=1)
     rollout.speed_up(compiled[0].transformer, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -406,7 +407,7 @@ def test_compiled_blocks_give_eager_numbers_in_bf16():
     for (traj_a, stats_a), (traj_b, stats_b) in zip(a, b):
         assert torch.equal(traj_a.log_probs, traj_b.log_probs) and stats_b["diag/ratio_mean"] == 1.0
         assert stats_b["train/grad_norm"] == stats_a["train/grad_norm"] > 0
-    assert all(torch.equal(p, q) for p, q in zip(eager[1], compiled[1]))
+    assert max((p - q).abs().max().item() for p, q in zip(eager[1], compiled[1])) < 1e-5
     assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 3  # made in step 1, reused in 2
 
 

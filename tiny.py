@@ -2,11 +2,14 @@
 Qwen-Image-Layered configuration with random weights (`released_pipeline`: the real loop's speed and memory
 measured where the weights cannot be downloaded).
 
-Randomly initialised, seeded, with the real architecture flags and no download. The tests and the CPU dry
-runs use them through `rollout.load_pipeline("tiny")` and `reward.load_judge("tiny")`, which import this
-file lazily. Sizes and flags: ../shared/NOTES.md sections 4 and 5.
+Randomly initialised, seeded, with the real architecture flags and no download; the tiny pipeline's RGBA VAE alone
+has its weights set in code so that it reconstructs (`tiny_vae`: no training, no weights file), so the paper's
+per-layer L1 means something on the toy model. The tests and the CPU dry runs use them through
+`rollout.load_pipeline("tiny")` and `reward.load_judge("tiny")`, which import this file lazily. Sizes and flags:
+../shared/NOTES.md sections 4 and 5.
 
     python -c "import tiny; print(tiny.tiny_pipeline().transformer)"
+    python -c "import tiny; print(tiny.round_trip_l1())"   # the tiny VAE's round trip on 64 px synthetic designs
 """
 
 import torch
@@ -59,12 +62,120 @@ def tiny_judge(seed=0):
     return tiny_qwen2_5_vl(ids, len(tok), seed), tok, Qwen2VLImageProcessorPil()
 
 
+# ----------------------------------------------------------------------------- an RGBA VAE that reconstructs
+# Per-channel statistics of tiny_vae's latents (RGBA 4x4 block means; the same 4 values for each of the 4
+# sub-blocks) over the composites and layers of 600 synthetic 64 px designs (data.make_design with
+# numpy.random.default_rng([s, k]), s in 1..3, k < 200, L = 2, 3, 4 in turn; 2,397 frames), rounded: the pipeline
+# normalises latents with them, as the released VAE's config does with its own. Measured 2026-12-04.
+LATENTS_MEAN = [-0.36, -0.35, -0.36, 0.11] * 4
+LATENTS_STD = [0.57, 0.58, 0.57, 0.98] * 4
+BIG = 1e3  # the constant channel that sets each RMS norm (tiny_vae's heads)
+
+
+def _place(conv, entries):
+    """Zero a convolution (weight and bias), then weight[out, in, centre tap] = value for each (out, in, value).
+    A causal 3D convolution sees a single frame at its last temporal tap (the two before it are causal zero padding)."""
+    w = conv.weight
+    w.zero_()
+    conv.bias.zero_()
+    for out, inp, value in entries:
+        w[(out, inp) + ((-1,) if w.dim() == 5 else ()) + (w.shape[-2] // 2, w.shape[-1] // 2)] = value
+
+
+def _linear_head(last_block, norm, conv, n):
+    """Make a head (RMS norm over C channels -> SiLU -> conv) pass its first n channels through, given channels
+    n..2n-1 hold their negatives: the last residual block's (zeroed) convolution adds the constant BIG on channel 2n,
+    so the norm sqrt(BIG^2 + 2 |s|^2) is BIG to a relative |s|^2 / BIG^2 <= n * 1e-6 (each |s_k| <= 1);
+    gamma = BIG / sqrt(C) undoes the normalisation; SiLU(s) - SiLU(-s) = s exactly."""
+    last_block.conv2.bias[2 * n] = BIG
+    norm.gamma.zero_()
+    norm.gamma[: 2 * n] = BIG / norm.gamma.shape[0] ** 0.5
+    _place(conv, [(k, k, 1.0) for k in range(n)] + [(k, n + k, -1.0) for k in range(n)])
+
+
+def tiny_vae(seed=0, base_dim=12):
+    """An RGBA AutoencoderKLQwenImage (z_dim 16, 8x smaller sides) whose weights are set, not trained, so that it
+    reconstructs (round trip on 64 px synthetic designs: `round_trip_l1`):
+        encode: z = the 4x4 block means of R, G, B, A, space-to-depth: channel 4 p + c holds colour c of sub-block
+                p = 2 dy + dx of each 8x8 cell (the image at a quarter of its size, (B, 16, 1, H/8, W/8));
+        decode: every pixel of an 8x8 cell = the mean of the cell's 4 sub-blocks (its 8x8 block mean).
+    The decoder cannot place the sub-blocks (after a nearest upsampling, a convolution cannot tell which half of a
+    cell a pixel lies in), so it averages them. How the architecture becomes this map:
+    every residual block's last convolution and the attention's output projection are 0 (each block passes its
+    input through); conv_in, the 1x1 shortcuts, the stride-2 and upsampling convolutions and quant_conv copy,
+    average or rearrange channels; each head is made exact by `_linear_head`. The residual branches' first
+    convolutions keep their random weights, seeded by `seed`. base_dim >= 9: the encoder's last 4 base_dim channels
+    hold 16 latents, their negatives and BIG, the decoder's last base_dim 4 + 4 + 1. 1.47M parameters at 12."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (QwenImageAttentionBlock, QwenImageResample,
+                                                                        QwenImageResidualBlock)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(base_dim=base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], input_channels=4,
+                                     latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+    enc, dec = vae.encoder, vae.decoder
+    with torch.no_grad():
+        for block in vae.modules():
+            if isinstance(block, QwenImageResidualBlock):
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
+                if not isinstance(block.conv_shortcut, torch.nn.Identity):
+                    _place(block.conv_shortcut, [(c, c, 1.0) for c in range(8)])
+            elif isinstance(block, QwenImageAttentionBlock):
+                block.proj.weight.zero_()
+                block.proj.bias.zero_()
+        # encoder: RGBA on channels 0-3; each downsampling (right/bottom zero pad, 3x3 stride 2: taps 0 and 1 stay
+        # inside the image) takes 2x2 means twice, then lays the 2x2 sub-blocks out in depth, and their negatives
+        _place(enc.conv_in, [(c, c, 1.0) for c in range(4)])
+        down = [m.resample[1] for m in enc.down_blocks if isinstance(m, QwenImageResample)]  # 3 stride-2 Conv2d
+        for conv in down:
+            _place(conv, [])
+        for c in range(4):
+            for dy in range(2):
+                for dx in range(2):
+                    p = 2 * dy + dx
+                    down[0].weight[c, c, dy, dx] = down[1].weight[c, c, dy, dx] = 0.25
+                    down[2].weight[4 * p + c, c, dy, dx] = 1.0
+                    down[2].weight[16 + 4 * p + c, c, dy, dx] = -1.0
+        _linear_head(enc.mid_block.resnets[-1], enc.norm_out, enc.conv_out, 16)  # mean: channels 0-15; log-var 0
+        _place(vae.quant_conv, [(k, k, 1.0) for k in range(32)])
+        # decoder: the 4 sub-blocks' mean of each colour and its negative, carried through nearest upsamplings
+        _place(vae.post_quant_conv, [(k, k, 1.0) for k in range(16)])
+        _place(dec.conv_in, [(c + 4 * sign, 4 * p + c, 0.25 * (1 - 2 * sign))
+                             for sign in range(2) for p in range(4) for c in range(4)])
+        for m in dec.modules():
+            if isinstance(m, QwenImageResample):
+                _place(m.resample[1], [(c, c, 1.0) for c in range(8)])
+        _linear_head(dec.up_blocks[-1].resnets[-1], dec.norm_out, dec.conv_out, 4)
+    return vae
+
+
+def round_trip_l1(vae=None, num_samples=12, seed=0, size=64):
+    """How far decode(encode(layer)) is from the layer, over every layer of `python data.py synthetic --num_samples
+    12 --seed 0 --size 64` (by default; made in memory): (mean over pixels and the 4 straight RGBA channels in
+    [0, 1], mean over pixels and RGB over white: evaluate.py's per-layer L1 with the round trip as the prediction).
+    vae: the tiny pipeline's by default."""
+    import numpy as np
+
+    import data
+
+    vae = vae or tiny_vae()  # the seed only draws weights that multiply zeros: every tiny_vae maps alike
+    layers = torch.cat([torch.stack([data.pil_to_rgba(layer) for layer in data.make_design(
+        np.random.default_rng([seed, k]), (2, 3, 4)[k % 3], (size, size))[1]]) for k in range(num_samples)])
+    with torch.no_grad():  # (N, 4, H, W) in [0, 1], one frame each
+        z = vae.encode(layers[:, :, None] * 2 - 1).latent_dist.mode()
+        out = vae.decode(z).sample[:, :, 0] / 2 + 0.5
+    over_white = [(data.over_white(a) - data.over_white(b)).abs().mean() for a, b in zip(out, layers)]
+    return (out - layers).abs().mean().item(), torch.stack(over_white).mean().item()
+
+
 def tiny_pipeline(seed=0):
     """A QwenImageLayeredPipeline at toy sizes: layer-3D RoPE, the additional time condition, an RGBA VAE with
-    z_dim 16 (z_dim 4 would be mistaken for latents), the linear dynamic time shift; ~92K transformer
-    parameters. Every module is seeded from `seed`; the global RNG is left as it was."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    z_dim 16 (z_dim 4 would be mistaken for latents) that reconstructs (`tiny_vae`), the linear dynamic time shift;
+    ~92K transformer parameters. Every module is seeded from `seed`; the global RNG is left as it was."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline, QwenImageTransformer2DModel
 
     tok, ids = byte_level_tokenizer()
     text_encoder = tiny_qwen2_5_vl(ids, len(tok), seed)
@@ -73,9 +184,7 @@ def tiny_pipeline(seed=0):
         transformer = QwenImageTransformer2DModel(
             patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_layer3d_rope=True, use_additional_t_cond=True)
-        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True], input_channels=4,
-                                     latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    vae = tiny_vae(seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear",
                                                 base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
     return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
