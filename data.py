@@ -240,7 +240,8 @@ def _cutout(rng, size) -> Image.Image:
     light = 0.75 + 0.25 * (xx / max(W, 1) * rng.uniform(-1, 1) + yy / max(H, 1) * rng.uniform(-1, 1))
     palette = rng.random((3, 3))  # three colours mixed by a smooth field: a muted, photo-like texture
     weights = _smooth_field(rng, size, int(rng.integers(4, 9))) ** 3
-    rgb = (weights / weights.sum(-1, keepdims=True)) @ palette
+    total = weights.sum(-1, keepdims=True)  # 0 where the field is black in all three channels: an even mix there
+    rgb = np.divide(weights, total, out=np.full_like(weights, 1 / 3), where=total > 0) @ palette
     rgb = rgb * light[..., None] + 0.03 * rng.standard_normal((H, W, 3))
     cx, cy = rng.uniform(0.25, 0.75) * W, rng.uniform(0.25, 0.75) * H
     rx, ry = rng.uniform(0.15, 0.3) * W, rng.uniform(0.15, 0.3) * H
