@@ -195,11 +195,9 @@ def test_bad_input(image_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- two rewards
-def test_two_rewards_in_one_student(image_dir, tmp_path, monkeypatch):
+def test_two_rewards_in_one_student(image_dir, tmp_path):
     """Two teachers trained by train.py on two programmatic rewards (background opacity, reconstruction), distilled
-    into one student: on fixed evaluation seeds the student beats the base model on each reward. Printed, not
-    asserted: train.py on the sum of the two rewards with as many rollouts as the whole pipeline (teachers and
-    student together)."""
+    into one student: on fixed evaluation seeds the student beats the base model on each reward."""
     t0 = time.perf_counter()
     steps, distill_steps = 30, 20
     images = [data.open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
@@ -213,21 +211,13 @@ def test_two_rewards_in_one_student(image_dir, tmp_path, monkeypatch):
     figures = {"base": scores(tiny_pipe(), images)}
     for name in ("opaque_background", "recon", "student"):
         figures[name] = scores(tiny_pipe(tmp_path / name / "peft"), images)
-    t1 = time.perf_counter()
-
-    def summed(images, layers, group_size, **kw):
-        return sum(reward.REWARDS[n](images, layers, group_size)[0] for n in ("opaque_background", "recon")), {}
-
-    monkeypatch.setitem(reward.REWARDS, "summed", summed)
-    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "summed"), "--reward", "summed",
-                "--max_train_steps", str(2 * steps + distill_steps), "--beta", "0", "--learning_rate", "3e-2", *TINY])
-    figures["grpo_summed"] = scores(tiny_pipe(tmp_path / "summed" / "peft"), images)
     logged = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"\ntwo rewards, {2 * steps + distill_steps} rollout steps of G = 4 each way (fixed seeds, 2 images x 8):")
+    print(f"\ntwo rewards, {steps} teacher steps and {distill_steps} distillation steps of G = 4 (fixed seeds, "
+          "2 images x 8):")
     for model, s in figures.items():
         print(f"  {model:18s} opaque_background {s['opaque_background']:.4f}  recon {s['recon']:.4f}  "
               f"sum {sum(s.values()):.4f}")
     print(f"  student's last logged KL: opaque {logged['kl/opaque']:.3g}, recon {logged['kl/recon']:.3g}; "
-          f"time: teachers + student {t1 - t0:.0f} s, summed GRPO {time.perf_counter() - t1:.0f} s")
+          f"time {time.perf_counter() - t0:.0f} s")
     for name in ("opaque_background", "recon"):
         assert figures["student"][name] > figures["base"][name]
