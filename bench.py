@@ -18,6 +18,8 @@ LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transforme
     python bench.py --overlap 0.8 --resolution 128                  # ... when a group's torch work > client work
     python bench.py --scaling                                       # images/s of train.py, 1 vs 2 gloo ranks (CPU)
     python bench.py --levers --device cuda                          # speed levers against eager, in one run
+    python bench.py --device cuda --quantize int8                   # the table on the int8 base (48 GB class)
+    python bench.py --quant_error --num_blocks 2 --resolution 128   # --quantize's velocity error, CPU
     python bench.py --loop --device cuda                            # train.py's whole loop at full size: 2 steps
                                                                     # with a resume, time, memory, checkpoint
 
@@ -63,6 +65,7 @@ from tqdm.auto import tqdm
 import data
 import rollout
 import lora
+import quantize
 import tiny
 import train
 
@@ -92,6 +95,11 @@ def parse_args(argv=None):
     a("--num_inference_steps", type=int, default=10, help="T: the schedule, and the train-step estimate")
     a("--sde_window", type=int, default=2, help="trained steps per rollout, for the train-step estimate")
     a("--no_decode", action="store_true", help="skip the VAE decode row")
+    a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time (train.py's flag)")
+    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the transformer blocks quantized as "
+      "train.py --quantize does (quantize.py); the table then measures the quantized base")
+    a("--quant_error", action="store_true", help="instead of the table: the velocity of each --quantize kind against "
+      "the model dtype's on the same inputs (released configuration, --num_blocks K at full width; CPU is enough)")
     a("--judge_gib", type=float, default=0.0, help="hold this many GiB on the GPU all along, as a judge on the same "
       "GPU would (Qwen3.5-9B bf16: 18); out of memory then answers 'does not fit'")
     a("--warmup", type=int, default=2, help="untimed calls before the timed ones")
@@ -119,7 +127,7 @@ def parse_args(argv=None):
       "step's time and peak memory and the checkpoint's size and write time")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.size = args.size or ("full" if cuda or args.loop else "toy")
+    args.size = args.size or ("full" if cuda or args.loop or args.quant_error else "toy")
     args.resolution = args.resolution or (640 if args.size == "full" else 64)
     args.group_size = args.group_size or (8 if args.size == "full" else 4)
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
@@ -132,7 +140,8 @@ def parse_args(argv=None):
               (args.num_inference_steps >= 3, "--num_inference_steps must be >= 3"),
               (args.judge_gib == 0 or cuda, "--judge_gib needs --device cuda"),
               (args.warmup >= 0 and args.repeats >= 1, "--warmup must be >= 0 and --repeats >= 1"),
-              (not args.loop or args.size == "full", "--loop runs the released configuration: drop --size toy")]
+              (not args.loop or args.size == "full", "--loop runs the released configuration: drop --size toy"),
+              (args.decode_chunk >= 1, "--decode_chunk must be >= 1")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -140,8 +149,9 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- building
-def build_pipeline(args, device, dtype):
-    """(pipeline with no text encoder, blocks built, blocks of the model measured)."""
+def build_pipeline(args, device, dtype, kind=None):
+    """(pipeline with no text encoder, blocks built, blocks of the model measured); its blocks quantized by
+    `kind` (default --quantize)."""
     torch.manual_seed(args.seed)
     if args.size == "toy":
         pipe = tiny.tiny_pipeline(args.seed)
@@ -152,6 +162,9 @@ def build_pipeline(args, device, dtype):
     blocks, full = args.num_blocks or tiny.FULL_TRANSFORMER["num_layers"], tiny.FULL_TRANSFORMER["num_layers"]
     pipe = tiny.released_pipeline(blocks, device, dtype, seed=args.seed)
     pipe.text_encoder = None  # as above: prompt embeddings are random, the encoder is not part of a step
+    quantize.quantize_blocks(pipe.transformer, kind or args.quantize)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return pipe, blocks, full
 
 
@@ -194,10 +207,10 @@ def transformer_flops(cfg, n_img, n_txt, blocks, rank=0):
 
 
 def block_bytes(transformer):
-    """(parameter bytes, trainable (LoRA) parameter bytes) of block 0."""
-    params = list(transformer.transformer_blocks[0].parameters())
-    return (sum(p.numel() * p.element_size() for p in params),
-            sum(p.numel() * p.element_size() for p in params if p.requires_grad))
+    """(parameter bytes as stored, quantized ones too; trainable (LoRA) parameter bytes) of block 0."""
+    block = transformer.transformer_blocks[0]
+    trainable = sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+    return quantize.weight_bytes(block), trainable
 
 
 def measure(fn, device, warmup, repeats, setup=None):
@@ -302,7 +315,8 @@ def run(args):
 
         def decode():
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-                return rollout.decode_layers(pipe, final, args.resolution, args.resolution, args.layers)
+                return rollout.decode_layers(pipe, final, args.resolution, args.resolution, args.layers,
+                                             args.decode_chunk)
         record("decode", f"decode G x {args.layers} layers (decode_layers, autocast)", G * args.layers, decode, None,
                weights)
     # 4-5. one training micro-step, as train.py runs it: B candidates, one trained timestep
@@ -392,9 +406,10 @@ def levers(args):
     factor = transformer_flops(cfg, n_img, n_txt, total_blocks, args.rank)["forward"] / flop["forward"]
     kind = "train_kl" if args.beta > 0 else "train"
     backend = args.attention_backend or ("_native_cudnn" if cuda else "_native_math")
-    configs = [("eager", None, False, B), (f"eager, {backend}", backend, False, B), (f"eager, micro-batch {2 * B}", None,
-               False, 2 * B), ("compiled", None, True, B), (f"compiled, {backend}", backend, True, B),
-               (f"compiled, {backend}, micro-batch {2 * B}", backend, True, 2 * B)]
+    configs = [("eager", None, False, B), (f"eager, {backend}", backend, False, B),
+               (f"eager, micro-batch {2 * B}", None, False, 2 * B), ("compiled", None, True, B),
+               (f"compiled, {backend}", backend, True, B), (f"compiled, {backend}, micro-batch {2 * B}", backend, True,
+                                                           2 * B)]
     configs = [c for c in configs if c[3] <= G]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows, eager = [], None
@@ -465,17 +480,38 @@ def format_levers(res):
     lines = [f"device {res['device']} | {res['dtype']} | {res['blocks_built']} of {res['blocks_full']} blocks built "
              f"(times scaled to {res['blocks_full']}) | {res['resolution']} px, {res['layers']} layers, G "
              f"{res['group_size']}, LoRA r {res['rank']}, beta {res['beta']:g}",
-             "", f"{'configuration':<40}{'rollout s':>10}{'micro s':>9}{'B':>3}{'image s':>9}{'x eager':>8}{'% peak':>8}"
-                 f"{'1st call':>9}{'|r-1|':>9}{'|dlogp|':>9}{'resv GiB':>9}", "-" * 123]
+             "", f"{'configuration':<40}{'rollout s':>10}{'micro s':>9}{'B':>3}{'image s':>9}{'x eager':>8}"
+                 f"{'% peak':>8}{'1st call':>9}{'|r-1|':>9}{'|dlogp|':>9}{'resv GiB':>9}", "-" * 123]
     for r in res["rows"]:
         if r.get("oom"):
             lines.append(f"{r['label']:<40}   out of GPU memory")
             continue
         lines.append(f"{r['label']:<40}{r['rollout_s']:>10.3g}{r['micro_step_s']:>9.3g}{r['batch']:>3}"
-                     f"{r['step_per_image_s']:>9.4g}{r['speedup_per_image']:>8.3f}{fmt(r['micro_step_pct_peak'], '.1f'):>8}"
-                     f"{r['first_call_s']:>9.3g}{r['ratio_max_abs_minus_1']:>9.2e}{r['log_prob_max_abs_vs_eager']:>9.2e}"
+                     f"{r['step_per_image_s']:>9.4g}{r['speedup_per_image']:>8.3f}"
+                     f"{fmt(r['micro_step_pct_peak'], '.1f'):>8}{r['first_call_s']:>9.3g}"
+                     f"{r['ratio_max_abs_minus_1']:>9.2e}{r['log_prob_max_abs_vs_eager']:>9.2e}"
                      f"{fmt(r['reserved_gib'], '.1f'):>9}")
     return "\n".join(lines)
+
+
+def quant_error(args):
+    """The price of --quantize in accuracy: the velocity of the quantized base against the model dtype's, on the same
+    random inputs and the same random weights of the released configuration (--num_blocks K at full width):
+    relative L2 error ||v_q - v|| / ||v|| and max |v_q - v| / max |v|, per kind."""
+    device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
+    out = {"blocks": args.num_blocks or 60, "dtype": args.mixed_precision, "resolution": args.resolution}
+    for kind in quantize.QUANTIZE:
+        pipe, _, _ = build_pipeline(args, device, dtype, kind)  # the same seed: the same weights before quantizing
+        traj, x = make_trajectory(pipe, args, device, dtype)
+        with torch.no_grad():
+            v = rollout.predict_velocity(pipe.transformer, traj, x, traj.timesteps[STEP]).float()
+        if kind == "none":
+            reference = v
+            continue
+        out[f"{kind}_rel_l2"] = ((v - reference).norm() / reference.norm()).item()
+        out[f"{kind}_rel_max"] = ((v - reference).abs().max() / reference.abs().max()).item()
+        del pipe
+    return out
 
 
 def fmt(value, spec):
@@ -703,8 +739,10 @@ def loop(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    quantize.check(args.quantize, args.device)  # one line if this machine cannot run it
     mode = next((f for flag, f in ((args.loop, loop), (args.overlap is not None, lambda a: overlap(a, a.overlap)),
-                                    (args.scaling, scaling), (args.ratio, onpolicy_ratio)) if flag), None)
+                                    (args.scaling, scaling), (args.ratio, onpolicy_ratio),
+                                    (args.quant_error, quant_error)) if flag), None)
     if mode:  # one line of figures
         res = mode(args)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))

@@ -279,16 +279,18 @@ def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_sample
 def predict_with_model(references, runs: dict, output_dir, pretrained_model_name_or_path: str, sampler: str = "heun",
                        num_inference_steps: int = 50, resolution: int = 640, true_cfg_scale: float = 1.0,
                        seed: int = 0, device=None, mixed_precision: str = "bf16", max_samples=None,
-                       sizing: str = "longest") -> dict:
+                       sizing: str = "longest", quantize: str = "none") -> dict:
     """Decompose every reference image with layers = its L, once per run {name: LoRA path or None (base)}.
 
     Writes output_dir/predictions/<run>/<sample>/layer_<i>.png (+ image.png, the input) and <run>/meta.json
     (settings, seconds per sample); returns {run: predictions folder}. Sample k uses torch.Generator().manual_seed(
     seed + k), so all runs see the same initial noise. device defaults to cuda when available, else cpu; the model
     dtype is mixed_precision (bf16 / fp16 / no = float32) on a GPU and float32 on cpu. A fresh pipeline is loaded
-    for each run that follows a LoRA run (loading a LoRA cannot be undone in place for every format).
+    for each run that follows a LoRA run (loading a LoRA cannot be undone in place for every format). quantize: the
+    base's blocks in int8 or nf4 (quantize.py), for cards the bf16 model does not fit.
     """
     import lora  # lazy: predictions mode works without diffusers
+    import quantize as q
     import rollout
 
     samples = list_references(references)[:max_samples]
@@ -297,10 +299,12 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             raise FileNotFoundError(f"--lora {name}={adapter}: no such file or folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision] if device != "cpu" else None
+    q.check(quantize, device)
     folders, pipe, dirty = {}, None, False
     for name, adapter in runs.items():
         if pipe is None or dirty:
-            pipe = rollout.load_pipeline(pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+            pipe = rollout.load_pipeline(pretrained_model_name_or_path, torch_dtype=dtype, device=device,
+                                         quantize=quantize)
         if adapter is not None:
             lora.load_lora(pipe, adapter)
         dirty = adapter is not None
@@ -319,7 +323,8 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             image.save(root / folder.name / "image.png")
         meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": adapter, "sampler": sampler,
                 "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
-                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision, "seconds_per_sample": seconds}
+                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision, "quantize": quantize,
+                "seconds_per_sample": seconds}
         (root / "meta.json").write_text(json.dumps(meta, indent=2))
         folders[name] = str(root)
     return folders
@@ -367,6 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="device for model mode (default: cuda when available, else cpu)")
     p.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"],
                    help="model dtype on a GPU (the CPU always runs float32)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="the base transformer's "
+                   "blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards (quantize.py)")
     p.add_argument("--output_dir", default="outputs/eval", help="where results.json, per_sample.csv, the PNGs and "
                                                                 "model predictions go")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N reference samples")
@@ -389,7 +396,7 @@ def main(argv=None) -> None:
             runs.update(predict_with_model(args.references, model_runs, args.output_dir,
                                            args.pretrained_model_name_or_path, args.sampler, args.num_inference_steps,
                                            args.resolution, args.true_cfg_scale, args.seed, args.device,
-                                           args.mixed_precision, args.max_samples, args.sizing))
+                                           args.mixed_precision, args.max_samples, args.sizing, args.quantize))
         evaluate(args.references, runs, args.output_dir, not args.no_layerd, args.max_samples, args.num_examples)
         print(f"results in {args.output_dir}")
     except (ValueError, FileNotFoundError, ImportError) as err:

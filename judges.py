@@ -121,6 +121,7 @@ class Judge:
     prompts: object  # reward.Prompts: the templates and criteria the reward asks with
     panel_size: int = 1024  # longest side (px) of a stage-1 panel as sent to the judge
     grid_size: int = 1024  # longest side (px) of a stage-2 grid as sent to the judge
+    weight_bytes: int = 0  # its weights' bytes on the training GPU while it scores (local judges), for memory.py
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
@@ -330,7 +331,8 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
                                batch_size=options.get("batch_size", 16))
         return Judge("text_encoder", type(enc).__name__, scorer, prompts, **sizes)
     if kind == "local":
-        return Judge("local", str(model), _load_local(model, **options), prompts, **sizes)
+        scorer, weight_bytes = _load_local(model, **options)
+        return Judge("local", str(model), scorer, prompts, **sizes, weight_bytes=weight_bytes)
     if kind == "http":
         if not url:
             raise ValueError("--judge http needs --judge_url (e.g. http://localhost:8000/v1)")
@@ -367,7 +369,8 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
         raise ValueError(f"--judge_model {model}: could not load it as a Qwen-VL image-text-to-text model "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     warn_slow_kernels(vlm.config, device)
-    return _local_scorer(vlm, tokenizer, image_processor, batch_size, "cpu" if offload else None)
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*vlm.parameters(), *vlm.buffers()])
+    return _local_scorer(vlm, tokenizer, image_processor, batch_size, "cpu" if offload else None), weight_bytes
 
 
 def warn_slow_kernels(config, device):

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+import quantize  # noqa: F401 (first: it keeps the quantization backends' import-time warnings quiet)
 from diffusers import QwenImageLayeredPipeline
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from quantize import quantize_blocks  # first: it keeps the quantization backends' import-time warnings quiet
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from diffusers.utils.torch_utils import randn_tensor
@@ -42,11 +43,14 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  #
 
 
 # ----------------------------------------------------------------------------- loading
-def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False):
+def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False,
+                  quantize="none"):
     """A QwenImageLayeredPipeline from a hub id or local folder; "tiny" for the tiny random one, "random" for the
     released configuration with random weights (built on `device`; "random:K" builds K of the 60 blocks).
 
     The captioning processor is skipped unless `captioning` (it needs torchvision; only auto-captions use it).
+    quantize ("int8", "nf4"; quantize.py): the transformer blocks' linears are quantized on their way to `device`,
+    so the model dtype's weights never need to fit it.
     """
     name = pretrained_model_name_or_path
     if name == "tiny":
@@ -70,8 +74,11 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
         except (OSError, ValueError) as e:
             raise ValueError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
                              f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.") from None
+    quantize_blocks(pipe.transformer, quantize, device)  # "random" was built on `device`: quantized in place
     if device is not None:
         pipe.to(device)
+    if quantize != "none" and str(device).startswith("cuda"):
+        torch.cuda.empty_cache()  # the model dtype's blocks are gone: let the memory figures show it
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -319,7 +326,7 @@ def _start(pipe, images, layers, group_size, num_inference_steps, resolution, pr
 @torch.no_grad()
 def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_level=1.2, resolution=640,
            prompt=DEFAULT_PROMPT, true_cfg_scale=1.0, negative_prompt=" ", cfg_normalize=True, sde_window=None,
-           sde_type="sde", generator=None, decode=True, progress=False, sizing="longest"):
+           sde_type="sde", generator=None, decode=True, progress=False, sizing="longest", decode_chunk=8):
     """Sample group_size candidate decompositions of each image with the Flow-GRPO SDE sampler.
 
     Steps sde_window = (start, end) (default: every step but the last, 0..T-2, as upstream) take
@@ -328,7 +335,7 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
     trains it. Each image is repeated group_size times with independent initial noise (rows i*G..i*G+G-1 are
     image i's group). prompt=None auto-captions each image. cfg_normalize (used when true_cfg_scale > 1)
     rescales the guided velocity to the conditional one's norm per token, as upstream's Qwen-Image trainer.
-    Returns a Trajectory with layers (B, layers, 4, H, W) in [0, 1] if decode.
+    Returns a Trajectory with layers (B, layers, 4, H, W) in [0, 1] if decode (decode_chunk frames at a time).
     """
     traj, x = _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
                      negative_prompt, cfg_normalize, generator, sizing)
@@ -354,7 +361,7 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
     traj.latents = torch.stack(states, dim=1)  # (B, K+1, S, 64)
     traj.log_probs = torch.stack(log_probs, dim=1)  # (B, K)
     if decode:
-        traj.layers = decode_layers(pipe, x, traj.height, traj.width, layers)
+        traj.layers = decode_layers(pipe, x, traj.height, traj.width, layers, decode_chunk)
     return traj
 
 

@@ -273,7 +273,7 @@ def out_of_memory(phase, output_dir):
 CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
                  "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
                  "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
-                 "weighting_scheme", "gradient_accumulation_steps", "init_lora"]
+                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
 
 
 def _public(value):

@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import quantize  # first: it keeps the quantization backends' import-time warnings quiet
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -340,6 +341,8 @@ def parse_args(argv=None):
     a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="attention kernel through "
       "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen transformer blocks in fewer "
+      "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N steps")
@@ -380,7 +383,9 @@ def main(argv=None):
         held_out = (folder_specs(args.validation_data, args.max_layers, "--validation_data") if args.validation_data
                     else synthetic_specs(args.validation_synthetic, args.seed, args.layers, args.resolution, True))
         torch.manual_seed(args.seed)
-        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+        quantize.check(args.quantize, device)
+        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
+                                     quantize=args.quantize)
         if args.eval_lora:
             lora.load_lora(pipe, args.eval_lora)
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)

@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
 
 import data
+import memory
 import reward
 import rollout
 import runs
@@ -107,8 +108,8 @@ def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path):
 
 def _torchrun(nproc, argv, **kw):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py",
-                           *argv], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          **kw)
+                           *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
 def test_torchrun_puts_each_rank_on_its_gpu_and_refuses_more_ranks_than_gpus(image_dir, tmp_path):
@@ -122,3 +123,13 @@ def test_torchrun_puts_each_rank_on_its_gpu_and_refuses_more_ranks_than_gpus(ima
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and lines == [f"error: {n + 1} ranks on this node but {n} GPU(s) visible: use "
                                              f"--nproc_per_node {n} (or --device cpu for gloo ranks)"]
+
+
+def test_memory_plan_says_what_fits_this_card():
+    """train.py's start-up check (memory.check): a setup that fits gets one line with the planned peak and the card's
+    budget; one that cannot fit any card (60 blocks at 2048 px, G 64) is refused in one line naming what would."""
+    line = memory.check(memory.Setup(num_blocks=2, resolution=64, group_size=2), "cuda", 0)
+    assert line.startswith("memory plan: ~") and "GiB on cuda" in line
+    with pytest.raises(ValueError, match=r"more than the .* GiB cuda has for this run; what fits: ") as e:
+        memory.check(memory.Setup(resolution=2048, group_size=64), "cuda", 0)
+    assert "\n" not in str(e.value)

@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 import data
 import grpo
 import lora
+import memory
+import quantize
 import reward
 import rollout
 import runs
@@ -129,11 +131,17 @@ def parse_args(argv=None):
     a("--rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / r)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
+    a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time after a rollout (memory: about "
+      "1.3 GiB per frame at 640 px, memory.py)")
+    a("--memory_check", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, compare memory.py's "
+      "plan for these flags with the card at start-up and stop with one line if it does not fit")
     a("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the "
       "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)")
     a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="attention kernel through "
       "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
+    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen transformer blocks in fewer "
+      "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
       "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks")
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
@@ -157,6 +165,7 @@ def parse_args(argv=None):
               (args.images_per_step >= 1, "--images_per_step must be >= 1"),
               (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
               (args.judge_max_failed_steps >= 1, "--judge_max_failed_steps must be >= 1"),
+              (args.decode_chunk >= 1, "--decode_chunk must be >= 1"),
               (not (args.judge_url and args.judge != "http"), f"--judge {args.judge} with --judge_url: the URL is "
                "for --judge http; drop one of them"),
               (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
@@ -311,6 +320,17 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
     return stats
 
 
+def memory_setup(args, pipe):
+    """memory.Setup of this run: its flags, the LoRA's real rank (--init_lora's may differ), the prompt's tokens."""
+    transformer = pipe.transformer
+    return memory.Setup(num_blocks=len(transformer.transformer_blocks), resolution=args.resolution,
+                        layers=max(args.layers), group_size=args.group_size, train_batch_size=args.train_batch_size,
+                        rank=transformer.peft_config["default"].r, quantize=args.quantize, beta=args.beta,
+                        decode_chunk=args.decode_chunk,
+                        text_tokens=max((e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()),
+                                        default=memory.Setup.text_tokens))
+
+
 def load_judge(args, device, dtype):
     """The VLM judge of --judge, checked now (before the expensive model load); None for other rewards."""
     if args.reward != "vlm" or args.judge == "text_encoder":
@@ -337,9 +357,10 @@ def main(argv=None):
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
             runs.check_attention(device, dtype)
+        quantize.check(args.quantize, device)
         judge = load_judge(args, device, dtype)
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
-                                     captioning=args.prompt == "")
+                                     captioning=args.prompt == "", quantize=args.quantize)
         prompt = args.prompt or None
         if prompt is not None:
             rollout.encode_prompt(pipe, prompt)  # cached on the pipeline: the text encoder is needed once
@@ -358,6 +379,11 @@ def main(argv=None):
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         rollout.speed_up(transformer, args.attention_backend, args.compile)
+        if device.startswith("cuda") and args.memory_check:  # the plan for these flags against this card, now
+            line = memory.check(memory_setup(args, pipe), device, torch.cuda.memory_allocated(device) - 4 * sum(
+                p.numel() for p in params), judge.weight_bytes if judge and args.judge_offload else 0)
+            if rank == 0:
+                print(line)
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer,
                                      writer=rank == 0) if args.resume_from_checkpoint else 0
@@ -416,6 +442,7 @@ def main(argv=None):
                                           noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
                                           resolution=args.resolution, sizing=args.sizing,
                                           true_cfg_scale=args.true_cfg_scale, cfg_normalize=args.cfg_normalize,
+                                          decode_chunk=args.decode_chunk,
                                           generator=torch.Generator(device).manual_seed(seeds[k]))
                 traj.layers = traj.layers.cpu()
                 trajectories.append(traj)
@@ -467,13 +494,15 @@ def main(argv=None):
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
-            reserved = {"mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30} if device.startswith("cuda") else {}
+            cuda = device.startswith("cuda")
+            reserved = {"mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30} if cuda else {}
             log.log({"step": step + 1, "reward/mean": rewards.mean().item(),
                      "reward/std": rewards.std(unbiased=False).item(),
                      **{f"reward/{k}" if "/" not in k else k: v for k, v in scalars.items()}, **stats,
                      "layers": layers, "window": list(window), "time/rollout_s": rollout_s,
                      "time/reward_s": sum(s for _, _, s in scored), "time/judge_wait_s": wait_s,
-                     "time/train_s": t3 - t2 - (wait_s - waited), "time/step_s": t3 - t0, "mem/peak_gb": peak, **reserved})
+                     "time/train_s": t3 - t2 - (wait_s - waited), "time/step_s": t3 - t0, "mem/peak_gb": peak,
+                     **reserved})
             bar.set_postfix(reward=f"{rewards.mean().item():.3f}", loss=f"{stats['loss/policy']:.2e}")
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 picture = runs.save_group_png(output_dir / "samples" / f"step-{step + 1:06d}.png", trajectories[0],

@@ -1,0 +1,328 @@
+"""GPU memory of a train.py step, stated before the run: the plan (arithmetic) and the simulation that checks it.
+
+    python memory.py                                   # the plan for train.py's defaults and the three card classes
+    python memory.py --quantize nf4 --rank 16 --train_batch_size 1 --group_size 4      # one set of flags
+    python memory.py --simulate --num_blocks 4         # the simulation beside the plan (CPU, seconds)
+
+simulate() runs this project's own code (rollout.predict_velocity and the SDE step, rollout.decode_layers,
+rollout.step_log_prob with gradients and gradient checkpointing, the KL reference, backward, AdamW) on 'meta' tensors,
+which carry shapes and dtypes but no data, so the full 60-block model at 640 px costs no memory and no arithmetic,
+and counts the bytes of every tensor storage alive after each operation (a TorchDispatchMode; a storage is freed
+when the last tensor on it dies). Attention runs through the memory-efficient kernel's own op (output and
+log-sum-exp, no N x N matrix), as flash or cuDNN attention does on a GPU. The quantized weights' bytes are counted,
+not simulated: quantize.weight_bytes of one quantized block (built on the CPU) times the blocks. What it does not
+see: the CUDA context, the caching allocator's rounding and fragmentation (reserved - allocated: 4-6 GiB measured on
+the H200, taken as RESERVED_OVERHEAD), and kernel workspaces.
+
+plan() is the same memory in closed form (bytes per candidate and per token, from the architecture: hidden
+D = 3072, MLP 4D, N tokens per candidate), so the check at train.py's start-up costs nothing; test_smoke.py checks
+plan against simulate on configurations the constants were not taken from. Measured on one H200 (2026-12-04, bf16,
+G 8, micro-batch 2): rollout 54.1 / 59.6 GiB allocated / reserved, update 55.2 / 59.3.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import types
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+GIB = 2**30
+RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks the H200 measured (59.6 / 54.1, 59.3 / 55.2)
+CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge elsewhere)
+    "80 GB (H100, A100 80GB)": (76, {}),
+    "48 GB (L40S, A6000, RTX 6000 Ada)": (44, {"quantize": "int8"}),
+    "24 GB (RTX 4090, 3090)": (22, {"quantize": "nf4", "rank": 16, "train_batch_size": 1, "group_size": 4,
+                                    "decode_chunk": 2}),
+}
+
+
+@dataclasses.dataclass
+class Setup:
+    """What sets a step's memory: train.py's flags of the same names."""
+    num_blocks: int = 60
+    resolution: int = 640
+    layers: int = 4
+    group_size: int = 8
+    train_batch_size: int = 2
+    rank: int = 64
+    quantize: str = "none"
+    beta: float = 0.04
+    decode_chunk: int = 8
+    text_tokens: int = 11  # the fixed prompt after the template's drop
+
+    @property
+    def tokens(self):  # per candidate: L + 1 noise frames + the condition frame of (res/16)^2 tokens, + text
+        return (self.layers + 2) * (self.resolution // 16) ** 2 + self.text_tokens
+
+
+# ----------------------------------------------------------------------------- the plan
+D, FF = 3072, 12288  # the released transformer's hidden size and MLP width
+# bf16 tensors of D per candidate per token alive at a phase's peak, and the decoder's bytes per pixel and frame;
+# read off simulate() at the defaults (60 blocks, 640 px, 4 layers, G 8, micro-batch 2, r 64) and checked against it
+# on other sizes in test_smoke.py
+ROLLOUT_C = 19.1  # inside a block, no gradient (the LoRA's transients included)
+UPDATE_C = 31.3  # the last block's recompute and backward, with its LoRA's
+UPDATE_FIXED = 0.3 * GIB  # ... and a part that does not grow with the micro-batch
+CHECKPOINT_C = 0.88  # each block's checkpointed input (image and text streams)
+DECODE_C = 3500  # bytes per output pixel per VAE frame at the decoder's peak
+BYTES_PER_WEIGHT = {"none": 2.0, "int8": 1 + 5 / D, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}  # the blocks' linears:
+# bf16; int8 + an fp32 scale and int8 zero point per output row (~ 1 / in_features); packed 4 bits + a uint8 absmax
+# per 64 weights + an fp32 statistic per 256 absmax (double quantisation)
+
+
+def counts(num_blocks=60):
+    """Parameters of the released configuration, counted from the modules (built on 'meta'): (the blocks' linear
+    weights, every other transformer parameter and buffer, the VAE's)."""
+    pipe = _meta_pipeline(num_blocks, torch.bfloat16)
+    linear = sum(m.weight.numel() for b in pipe.transformer.transformer_blocks for m in b.modules()
+                 if isinstance(m, torch.nn.Linear))
+    total = sum(t.numel() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
+    return linear, total - linear, sum(t.numel() for t in [*pipe.vae.parameters(), *pipe.vae.buffers()])
+
+
+def lora_parameters(rank, num_blocks=60):
+    """n_lora = 2 r D (18 K - 7): per block 8 attention linears of D -> D and 4 MLP ones of D <-> 4D (36 r D), less
+    the last block's text query, text attention output and text MLP (14 r D), which lora.add_lora leaves out."""
+    return 2 * rank * D * (18 * num_blocks - 7)
+
+
+def plan(setup, weight_bytes=None, judge_bytes=0):
+    """GiB allocated at each phase's peak for `setup` (bf16 activations):
+        resident = weights (weight_bytes if given, e.g. counted on the loaded model; else counts() x bytes per weight)
+                   + 12 n_lora (fp32 LoRA, AdamW's two fp32 moments)
+        rollout  = resident + 2 n_lora (autocast's bf16 LoRA copy) + ROLLOUT_C G N D 2
+        decode   = resident + 2 n_lora + DECODE_C min(decode_chunk, G L) res^2
+        update   = resident + 2 n_lora + 4 n_lora (fp32 gradients) + (K CHECKPOINT_C + UPDATE_C) B N D 2
+                   + UPDATE_FIXED
+        judge    = resident + judge_bytes (a local judge's weights while it scores; 0 for a judge elsewhere)
+    with N = (L + 2) (res / 16)^2 + text tokens. "peak" is their max, "reserved" = peak x RESERVED_OVERHEAD."""
+    if weight_bytes is None:
+        linear, other, vae = counts(setup.num_blocks)
+        weight_bytes = linear * BYTES_PER_WEIGHT[setup.quantize] + 2 * (other + vae)
+    n_lora, token = lora_parameters(setup.rank, setup.num_blocks), setup.tokens * D * 2  # bytes of one token's state
+    resident = weight_bytes + 12 * n_lora
+    phases = {"resident": resident,
+              "rollout": resident + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
+              "decode": resident + 2 * n_lora + DECODE_C * min(setup.decode_chunk, setup.group_size * setup.layers)
+              * setup.resolution ** 2,
+              "update": resident + 6 * n_lora + (setup.num_blocks * CHECKPOINT_C + UPDATE_C) * setup.train_batch_size
+              * token + UPDATE_FIXED,
+              "judge": resident + judge_bytes}
+    phases = {k: v / GIB for k, v in phases.items()}
+    phases["peak"] = max(phases.values())
+    phases["reserved"] = phases["peak"] * RESERVED_OVERHEAD
+    return phases
+
+
+def check(setup, device, weight_bytes, judge_bytes=0):
+    """train.py's start-up check on CUDA: the plan for these flags against what `device` has for this run (its free
+    memory plus what this process already holds). Returns the one line to print if it fits; raises ValueError
+    (one line: the peak, the budget, the card classes' flag sets that fit) if it does not."""
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = (free + torch.cuda.memory_reserved(device)) / GIB
+    planned = plan(setup, weight_bytes, judge_bytes)
+    phase = max(("rollout", "decode", "update", "judge"), key=planned.get)
+    if planned["reserved"] <= budget:
+        return (f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, of {budget:.1f} GiB on "
+                f"{device} (python memory.py for the phases)")
+    fits = fitting(setup, budget) or [("none of the card classes' flag sets", 0)]
+    raise ValueError(f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, more than the "
+                     f"{budget:.1f} GiB {device} has for this run; what fits: "
+                     + "; ".join(f"{f} (~{r:.0f} GiB)" if r else f for f, r in fits)
+                     + " (a judge elsewhere; --no-memory_check runs anyway)")
+
+
+def fitting(setup, budget_gib):
+    """The card classes' flag sets (CARDS), each applied on top of `setup`, whose planned reserved peak fits
+    `budget_gib`: [(flags as command-line text, reserved GiB)]; their weights counted from the modules."""
+    out = []
+    for _, (_, flags) in CARDS.items():
+        reserved = plan(dataclasses.replace(setup, **flags))["reserved"]
+        if reserved <= budget_gib:
+            out.append((" ".join(f"--{k} {v}" for k, v in flags.items()) or "the defaults", reserved))
+    return out
+
+
+# ----------------------------------------------------------------------------- the simulation
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive: a storage is counted when an operation first returns a tensor on
+    it and uncounted when the last such tensor dies (autograd's saved tensors keep theirs alive). `peak` is the
+    largest sum seen; `reset_peak()` starts a phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.total, self.peak = {}, 0, 0
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.total -= entry[0]
+            del self.live[key]
+
+    def track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.total += storage.nbytes()
+            self.peak = max(self.peak, self.total)
+        self.live[key][1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def reset_peak(self):
+        self.peak = self.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """scaled_dot_product_attention through the memory-efficient kernel's op, which meta tensors run as a GPU
+    fused kernel would store (output + log-sum-exp); the plain SDPA would take the math path on 'meta'."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None:
+            raise ValueError("the simulation assumes no attention mask (every text token real), as Qwen-Image passes")
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, grad,
+                                                                       is_causal=is_causal, scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def simulate(setup, dtype=torch.bfloat16):
+    """Peak GiB allocated per phase of one full-size step (`setup`'s blocks), this code on meta tensors: resident
+    (weights, VAE, LoRA + its autocast copy, AdamW's moments after the first step), rollout step (G candidates, no
+    gradient, LoRA on), decode (G x L layers), update micro-step (B candidates: forward with checkpointing, the KL
+    reference, backward, then AdamW)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    import lora
+    import quantize
+    import rollout
+    import tiny
+
+    pipe = _meta_pipeline(setup.num_blocks, dtype)
+    transformer = pipe.transformer
+    params = lora.add_lora(transformer, setup.rank, 2 * setup.rank)
+    transformer.enable_gradient_checkpointing(lambda module, *a: torch.utils.checkpoint.checkpoint(
+        module.__call__, *a, use_reentrant=False, preserve_rng_state=False))  # no RNG state to keep on meta
+    n_lora = sum(p.numel() for p in params)
+    for p in params:  # meta runs no autocast: the LoRA runs in the model dtype, its fp32 bytes are added below
+        p.data = p.data.to(dtype)
+    frozen = [t for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad] + \
+        [*pipe.vae.parameters(), *pipe.vae.buffers()]
+    resident = sum(t.numel() * t.element_size() for t in frozen) + n_lora * (4 + 8)  # fp32 LoRA, AdamW's 2 moments
+    if setup.quantize != "none":  # counted, not simulated: one real block (zeros: the bytes do not depend on the
+        # values), quantized, times the blocks
+        with torch.device("meta"):
+            block = QwenImageTransformerBlock(dim=D, num_attention_heads=tiny.FULL_TRANSFORMER["num_attention_heads"],
+                                              attention_head_dim=tiny.FULL_TRANSFORMER["attention_head_dim"])
+        block = torch.nn.ModuleList([block.to_empty(device="cpu").to(dtype)])
+        for p in block.parameters():
+            p.data.zero_()
+        before = sum(p.numel() * p.element_size() for p in block.parameters())
+        quantize.quantize_blocks(types.SimpleNamespace(transformer_blocks=block), setup.quantize)
+        resident -= (before - quantize.weight_bytes(block)) * setup.num_blocks
+    autocast_copy = n_lora * 2  # bf16 copies of the LoRA weights while autocast runs (rollout, decode, update)
+    G, B, h = setup.group_size, setup.train_batch_size, setup.resolution // 16
+    phases = {"resident": resident}
+    mode = LiveBytes()
+    with mode, fused_attention(), torch.device("meta"):
+        traj = rollout.Trajectory(
+            latents=None, log_probs=None, window=(0, 1), sigmas=torch.tensor([1.0, 0.9, 0.0]),
+            timesteps=torch.tensor([1000.0, 900.0]), image_latents=torch.empty(G, h * h, 64, dtype=dtype),
+            prompt_embeds=torch.empty(G, setup.text_tokens, 3584, dtype=dtype), prompt_embeds_mask=None,
+            negative_prompt_embeds=None, negative_prompt_embeds_mask=None, layers=None, images=[],
+            num_layers=setup.layers, height=setup.resolution, width=setup.resolution, group_size=G, noise_level=1.2,
+            true_cfg_scale=1.0, cfg_normalize=False, sde_type="sde")
+        x = torch.empty(G, (setup.layers + 1) * h * h, 64)  # the sampler state, fp32
+        mode.reset_peak()
+        transformer.eval()
+        with torch.no_grad():
+            v = rollout.predict_velocity(transformer, traj, x, traj.timesteps[0])
+            prev, old, _, _ = rollout.sde_step_with_logprob(v, x, traj.sigmas[0], traj.sigmas[1], 1.2)
+        del v
+        phases["rollout"] = resident + autocast_copy + mode.peak
+        mode.reset_peak()
+        rollout.decode_layers(pipe, prev, setup.resolution, setup.resolution, setup.layers, setup.decode_chunk)
+        phases["decode"] = resident + autocast_copy + mode.peak
+        traj.latents, traj.log_probs = torch.stack([x, prev], 1)[:B], old[:B, None]
+        traj.image_latents, traj.prompt_embeds = traj.image_latents[:B], traj.prompt_embeds[:B]
+        del x, prev
+        mode.reset_peak()
+        transformer.train()
+        log_prob, prev_mean, std_dev_t = rollout.step_log_prob(transformer, traj, 0)
+        loss = -(torch.exp(log_prob - traj.log_probs[:, 0])).mean()  # the clipped objective's memory: (B,) tensors
+        if setup.beta > 0:
+            import grpo
+            import train
+
+            with torch.no_grad(), train.reference_policy(transformer):
+                _, ref_mean, _ = rollout.step_log_prob(transformer, traj, 0)
+            loss = loss + setup.beta * grpo.kl_loss(prev_mean, ref_mean, std_dev_t)
+        loss.backward()
+        phases["update"] = resident + autocast_copy + mode.peak + n_lora * 2  # + fp32 gradients' other half
+    return {k: v / GIB for k, v in phases.items()}
+
+
+def _meta_pipeline(num_blocks, dtype):
+    """The released configuration on 'meta' (no memory): the transformer, the VAE and a scheduler."""
+    import tiny
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                           QwenImageTransformer2DModel)
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in dtype (diffusers warns about a .to(dtype) cast)
+    try:
+        with torch.device("meta"):
+            transformer = QwenImageTransformer2DModel(**{**tiny.FULL_TRANSFORMER, "num_layers": num_blocks})
+            vae = AutoencoderKLQwenImage(**tiny.FULL_VAE)
+    finally:
+        torch.set_default_dtype(old)
+    return QwenImageLayeredPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, processor=None, transformer=transformer)
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    p = argparse.ArgumentParser(description="GPU memory of a train.py step by phase: the plan (arithmetic), the card "
+                                "classes' flag sets, and optionally the simulation (this code on meta tensors).")
+    for field in dataclasses.fields(Setup):
+        p.add_argument(f"--{field.name}", type=type(field.default) if field.name != "quantize" else str,
+                       default=field.default, help=f"train.py's --{field.name} (default {field.default})")
+    p.add_argument("--simulate", action="store_true", help="also run simulate() for each row (about 30 s per row at "
+                   "60 blocks on a CPU)")
+    args = vars(p.parse_args(argv))
+    simulate_too = args.pop("simulate")
+    setup = Setup(**args)
+    rows = [("these flags", setup)] + [(f"{card}: " + (" ".join(f"--{k} {v}" for k, v in flags.items()) or
+                                                       "the defaults"), dataclasses.replace(setup, **flags))
+                                       for card, (_, flags) in CARDS.items()]
+    print(f"GiB allocated at each phase's peak (plan{' / simulation' if simulate_too else ''}); reserved = peak x "
+          f"{RESERVED_OVERHEAD}; judge elsewhere")
+    for name, row in rows:
+        planned, simulated = plan(row), simulate(row) if simulate_too else None
+        cells = [f"{k} {planned[k]:.1f}" + (f" / {simulated[k]:.1f}" if simulated and k in simulated else "")
+                 for k in ("resident", "rollout", "decode", "update")]
+        print(f"{name}\n    " + ", ".join(cells) + f"; reserved {planned['reserved']:.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
