@@ -30,16 +30,6 @@ TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--sizi
         "--checkpointing_steps", "1000", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: on 2 cores shared with other jobs, 2 OpenMP threads made these tiny
-    forwards 10-20x slower (measured: 10 train.py steps 3.5 s with 1 thread, 37-71 s with 2, same load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")

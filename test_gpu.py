@@ -13,7 +13,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
 
-import data
 import memory
 import reward
 import rollout
@@ -27,19 +26,12 @@ TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--laye
         "--images_per_step", "1", "--report_to", "none", "--sample_every", "0", "--reward", "recon", "--device", "cuda"]
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    data.write_references(folder, 2, seed=0, size=(64, 48), images_only=True)
-    return folder
-
-
-def test_bf16_loop_with_tf32_and_fp32_lora(image_dir, tmp_path):
+def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
     """train.py at --mixed_precision bf16 on CUDA: the frozen weights in bf16, the LoRA (the optimizer's copy) in
     fp32, TF32 on for the fp32 parts (upstream's setting), and the first ratio 1 within bf16's re-scoring error
     (re-scored at the rollout's batch shape, as here, it is 1 to float precision; in micro-batches bf16 rounding
     moves it by ~2e-6 at full size: bench.py --ratio)."""
-    pipe = train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--max_train_steps", "2",
+    pipe = train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "2",
                        "--mixed_precision", "bf16", "--learning_rate", "1e-2", *TINY])
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     lora = [p for n, p in pipe.transformer.named_parameters() if "lora_" in n]
@@ -64,7 +56,7 @@ def test_attention_check_and_the_rollout_runs_on_flash_alone():
     assert traj.prompt_embeds_mask is None and torch.isfinite(traj.log_probs).all()
 
 
-def test_a_real_cuda_out_of_memory_gives_one_actionable_line(image_dir, tmp_path, capsys):
+def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_path, capsys):
     """A real CUDA OOM in the loop (the process capped at 0.25 GiB, a 1024 px rollout of 16 candidates): one line
     naming the phase and the flags that lower it, exit 2."""
     torch.cuda.empty_cache()
@@ -72,7 +64,7 @@ def test_a_real_cuda_out_of_memory_gives_one_actionable_line(image_dir, tmp_path
     torch.cuda.set_per_process_memory_fraction(cap)
     try:
         with pytest.raises(SystemExit) as e:
-            train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--max_train_steps", "1",
+            train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "1",
                         *TINY, "--resolution", "1024", "--group_size", "16"])
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -112,10 +104,10 @@ def _torchrun(nproc, argv, **kw):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def test_torchrun_puts_each_rank_on_its_gpu_and_refuses_more_ranks_than_gpus(image_dir, tmp_path):
+def test_torchrun_puts_each_rank_on_its_gpu_and_refuses_more_ranks_than_gpus(design_images, tmp_path):
     """One rank per GPU (rank k on cuda:k, nccl); one rank more than the node's GPUs: one line, no rendezvous."""
     n = torch.cuda.device_count()
-    common = ["--images", str(image_dir), "--max_train_steps", "1", *TINY, "--images_per_step", str(n)]
+    common = ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--images_per_step", str(n)]
     ok = _torchrun(n, [*common, "--output_dir", str(tmp_path / "ok")])
     assert ok.returncode == 0, ok.stderr[-800:]
     assert f"{n} rank(s), device cuda" in ok.stdout  # cuda:0 .. cuda:n-1 (one rank: plain cuda)

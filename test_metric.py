@@ -7,7 +7,6 @@ import contextlib
 import io
 
 import numpy as np
-import pytest
 import torch
 
 import data
@@ -18,15 +17,6 @@ import rollout
 import sft
 import tiny
 import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: toy-sized ops on two shared cores (see test_sft.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_vae_reconstructs_rgba_layers():

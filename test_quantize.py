@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import lora
 import memory
 import rollout
@@ -21,34 +20,19 @@ TINY = ["--pretrained_model_name_or_path", "tiny", "--device", "cpu", "--resolut
         "--train_batch_size", "2", "--images_per_step", "1", "--report_to", "none", "--sample_every", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    data.write_references(folder, 2, seed=0, size=(64, 48), images_only=True)
-    return folder
-
-
 def velocity(transformer, traj):
     with torch.no_grad():
         return rollout.predict_velocity(transformer, traj, traj.latents[:, 1], traj.timesteps[1])
 
 
 @pytest.mark.parametrize("kind, error", [("int8", 0.01), ("nf4", 0.1)])
-def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(image_dir, tmp_path, kind, error):
+def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(design_images, tmp_path, kind, error):
     """--quantize: one GRPO step (with the KL) on the tiny model with its blocks quantized: ratio 1, the LoRA moves
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
     trained policy's velocity up to the quantization's own error, the base's velocity error, measured on the same
     inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too."""
     out = tmp_path / "grpo"
-    pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--quantize", kind,
+    pipe = train.main(["--images", str(design_images), "--output_dir", str(out), "--reward", "recon", "--quantize", kind,
                        "--max_train_steps", "1", "--learning_rate", "3e-2", *TINY])
     record = json.loads((out / "metrics.jsonl").read_text())
     assert abs(record["diag/ratio_mean"] - 1) < 1e-6 and record["train/skipped_updates"] == 0
@@ -77,13 +61,13 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(ima
     assert rows[-1]["train/grad_norm"] > 0
 
 
-def test_an_unavailable_quantization_is_refused_in_one_line(image_dir, tmp_path, monkeypatch, capsys):
+def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_path, monkeypatch, capsys):
     """A backend that is not installed (bitsandbytes made unimportable, as Python does for a None entry in
     sys.modules): one line naming what to install and the quantization that would work, exit 2, before any model is
     loaded."""
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--quantize", "nf4",
+        train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--reward", "recon", "--quantize", "nf4",
                     *TINY])
     out, err = capsys.readouterr()
     assert e.value.code == 2 and "Traceback" not in err and "LoRA parameters" not in out

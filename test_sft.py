@@ -13,15 +13,6 @@ import rollout
 import sft
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on two busy cores, torch's spinning thread pool made these runs 4-9x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vae_alone(vae, frame):
     """decode(encode(frame)) by the VAE alone, no normalisation or packing: (4, H, W) in [-1, 1] -> [0, 1]."""
     with torch.no_grad():

@@ -33,18 +33,21 @@ def byte_level_tokenizer():
     return tok, {s: tok.convert_tokens_to_ids(s) for s in SPECIALS}
 
 
-def tiny_qwen2_5_vl(ids, vocab_size, seed=0):
-    """A randomly initialised Qwen2.5-VL (text hidden 16, 2 layers, 2 heads, M-RoPE sections [1, 1, 2]; vision
-    depth 2, hidden 16), the architecture of both the pipeline's text encoder and the default judge."""
+def tiny_qwen2_5_vl(ids, vocab_size, seed=0, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=2,
+                    mrope_section=(1, 1, 2)):
+    """A randomly initialised Qwen2.5-VL (by default text hidden 16, 2 layers, 2 heads, M-RoPE sections [1, 1, 2];
+    vision depth 2, hidden 16), the architecture of both the pipeline's text encoder and the default judge;
+    released_pipeline asks for the released text width (3584, 28 heads, 4 KV heads) in one layer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                        "mrope_section": list(mrope_section)},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
                            fullatt_block_indexes=[1], window_size=56),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -211,19 +214,8 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
     tokenizer: 0.3% more tokens in a 9,611-token forward)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
                            QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok, ids = byte_level_tokenizer()
-    text = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=3584, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=3584,
-                           fullatt_block_indexes=[0], window_size=56),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     old = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -232,7 +224,8 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
             transformer = QwenImageTransformer2DModel(**{**FULL_TRANSFORMER,
                                                          "num_layers": num_blocks or FULL_TRANSFORMER["num_layers"]})
             vae = AutoencoderKLQwenImage(**FULL_VAE)
-            text_encoder = Qwen2_5_VLForConditionalGeneration(text).eval()
+            text_encoder = tiny_qwen2_5_vl(ids, len(tok), seed, hidden=3584, intermediate=128, layers=1, heads=28,
+                                           kv_heads=4, mrope_section=(16, 24, 24))
         finally:
             torch.set_default_dtype(old)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5,
