@@ -30,6 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import quantize  # before diffusers (imported lazily here): it keeps the quantization backends' warnings quiet
+
 GIB = 2**30
 RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks the H200 measured (59.6 / 54.1, 59.3 / 55.2)
 CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge elsewhere)
@@ -53,6 +55,7 @@ class Setup:
     beta: float = 0.04
     decode_chunk: int = 8
     text_tokens: int = 11  # the fixed prompt after the template's drop
+    hidden: int = 3072  # the transformer's width: 3072 released (the tiny pipeline's is 32)
 
     @property
     def tokens(self):  # per candidate: L + 1 noise frames + the condition frame of (res/16)^2 tokens, + text
@@ -84,10 +87,10 @@ def counts(num_blocks=60):
     return linear, total - linear, sum(t.numel() for t in [*pipe.vae.parameters(), *pipe.vae.buffers()])
 
 
-def lora_parameters(rank, num_blocks=60):
+def lora_parameters(rank, num_blocks=60, hidden=D):
     """n_lora = 2 r D (18 K - 7): per block 8 attention linears of D -> D and 4 MLP ones of D <-> 4D (36 r D), less
     the last block's text query, text attention output and text MLP (14 r D), which lora.add_lora leaves out."""
-    return 2 * rank * D * (18 * num_blocks - 7)
+    return 2 * rank * hidden * (18 * num_blocks - 7)
 
 
 def plan(setup, weight_bytes=None, judge_bytes=0):
@@ -103,7 +106,8 @@ def plan(setup, weight_bytes=None, judge_bytes=0):
     if weight_bytes is None:
         linear, other, vae = counts(setup.num_blocks)
         weight_bytes = linear * BYTES_PER_WEIGHT[setup.quantize] + 2 * (other + vae)
-    n_lora, token = lora_parameters(setup.rank, setup.num_blocks), setup.tokens * D * 2  # bytes of one token's state
+    n_lora = lora_parameters(setup.rank, setup.num_blocks, setup.hidden)
+    token = setup.tokens * setup.hidden * 2  # bytes of one token's hidden state
     resident = weight_bytes + 12 * n_lora
     phases = {"resident": resident,
               "rollout": resident + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
@@ -213,7 +217,6 @@ def simulate(setup, dtype=torch.bfloat16):
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
     import lora
-    import quantize
     import rollout
     import tiny
 

@@ -14,6 +14,8 @@ per-layer L1 means something on the toy model. The tests and the CPU dry runs us
 
 import torch
 
+import quantize  # noqa: F401 (before diffusers, imported lazily: keeps the quantization backends' warnings quiet)
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
 

@@ -326,7 +326,7 @@ def memory_setup(args, pipe):
     return memory.Setup(num_blocks=len(transformer.transformer_blocks), resolution=args.resolution,
                         layers=max(args.layers), group_size=args.group_size, train_batch_size=args.train_batch_size,
                         rank=transformer.peft_config["default"].r, quantize=args.quantize, beta=args.beta,
-                        decode_chunk=args.decode_chunk,
+                        decode_chunk=args.decode_chunk, hidden=transformer.inner_dim,
                         text_tokens=max((e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()),
                                         default=memory.Setup.text_tokens))
 
