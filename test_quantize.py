@@ -11,6 +11,7 @@ from PIL import Image
 
 import lora
 import memory
+import quantize
 import rollout
 import sft
 import train
@@ -31,6 +32,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(des
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
     trained policy's velocity up to the quantization's own error, the base's velocity error, measured on the same
     inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too."""
+    pytest.importorskip(quantize.PACKAGE[kind][0], reason="requirements.txt installs it; a GPU image may lack it")
     out = tmp_path / "grpo"
     pipe = train.main(["--images", str(design_images), "--output_dir", str(out), "--reward", "recon", "--quantize", kind,
                        "--max_train_steps", "1", "--learning_rate", "3e-2", *TINY])
@@ -65,6 +67,7 @@ def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_p
     """A backend that is not installed (bitsandbytes made unimportable, as Python does for a None entry in
     sys.modules): one line naming what to install and the quantization that would work, exit 2, before any model is
     loaded."""
+    pytest.importorskip("torchao", reason="the line names the installed alternative")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(SystemExit) as e:
         train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--reward", "recon", "--quantize", "nf4",
@@ -82,6 +85,8 @@ def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_p
 def test_memory_plan_matches_the_simulation(setup):
     """memory.plan (arithmetic) against memory.simulate (this code on meta tensors, the quantized weights counted
     on a real quantized block) on configurations its constants were not read from: every phase within 6 %."""
+    if setup.quantize != "none":
+        pytest.importorskip(quantize.PACKAGE[setup.quantize][0], reason="requirements.txt installs it")
     simulated, planned = memory.simulate(setup), memory.plan(setup)
     print({k: f"plan {planned[k]:.3f} / simulated {v:.3f} GiB" for k, v in simulated.items()})
     assert all(planned[k] == pytest.approx(v, rel=0.06) for k, v in simulated.items())

@@ -183,8 +183,8 @@ def init_distributed(device):
     Returns (rank, world_size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)  # torch.cuda's memory figures read the current device
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(device)  # cuda:N: torch.cuda's memory figures read the current device
         return 0, 1, device
     local, cuda = int(os.environ["LOCAL_RANK"]), device.startswith("cuda")
     if cuda and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
