@@ -893,20 +893,16 @@ def _lora(folder):
 def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(image_dir, tmp_path):
     """gloo on CPU: 2 ranks x 1 image per step train the LoRA of 1 process x 2 images; a 2-rank run stopped at
     step 2 resumes to 4 on 1 rank, equal to 4 uninterrupted steps; only rank 0 writes. (Resuming on the same number
-    of ranks is test_resume_gives_the_same_run's case: the checkpoint holds nothing rank-specific.)"""
+    of ranks is test_resume_gives_the_same_run's case: the checkpoint holds nothing rank-specific.) The one-process
+    runs are in this process (one thread, as the ranks have)."""
     common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--sample_every", "2",
               "--checkpointing_steps", "1", "--checkpoints_total_limit", "10", *TINY, "--images_per_step", "2"]
-    env1 = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "train.py", *common, "--output_dir", str(tmp_path / "one"),
-                          "--max_train_steps", "4"], capture_output=True, text=True, timeout=240, env=env1)
-    assert one.returncode == 0, one.stderr[-800:]
+    train.main([*common, "--output_dir", str(tmp_path / "one"), "--max_train_steps", "4"])
     two = _torchrun(2, [*common, "--output_dir", str(tmp_path / "two"), "--max_train_steps", "2"])
     assert two.returncode == 0, two.stderr[-800:]
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
-    done = subprocess.run([sys.executable, "train.py", *common, "--output_dir", str(tmp_path / "two_then_one"),
-                           "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], capture_output=True,
-                          text=True, env=env1)
-    assert done.returncode == 0, done.stderr[-800:]
+    train.main([*common, "--output_dir", str(tmp_path / "two_then_one"), "--max_train_steps", "4",
+                "--resume_from_checkpoint", "latest"])
     ref = {k: _lora(tmp_path / "one" / f"checkpoint-{s}") for k, s in (("2", 2), ("4", 4))}
     two_at_2 = _lora(tmp_path / "two" / "checkpoint-2")
     dw = max((ref["2"][k] - two_at_2[k]).abs().max().item() for k in ref["2"])
