@@ -390,19 +390,19 @@ def levers(args):
     pipe, blocks, total_blocks = build_pipeline(args, device, dtype)
     transformer, cfg = pipe.transformer, pipe.transformer.config
     traj, x = make_trajectory(pipe, args, device, dtype)
-    G, B, h, T, K = args.group_size, args.train_batch_size, args.resolution // 16, args.num_inference_steps, 1
+    G, B, h, T = args.group_size, args.train_batch_size, args.resolution // 16, args.num_inference_steps
     n_img, n_txt = (args.layers + 2) * h * h, args.text_tokens
     params = lora.add_lora(transformer, args.rank, args.lora_alpha)
+    g = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
         for p in params:  # B = 0 would hide the adapter from the numbers
-            p.normal_(0, 0.02, generator=torch.Generator(device).manual_seed(args.seed))
+            p.normal_(0, 0.02, generator=g)
     transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=1e-4)  # lr 0: the whole update runs, weights stay
     t, sigma, sigma_next = traj.timesteps[STEP], traj.sigmas[STEP], traj.sigmas[STEP + 1]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in name), None)
-    flop = {kind: transformer_flops(cfg, n_img, n_txt, k, args.rank)[kind] for kind, k in
-            (("forward", blocks), ("train", blocks), ("train_kl", blocks))}
+    flop = transformer_flops(cfg, n_img, n_txt, blocks, args.rank)
     factor = transformer_flops(cfg, n_img, n_txt, total_blocks, args.rank)["forward"] / flop["forward"]
     kind = "train_kl" if args.beta > 0 else "train"
     backend = args.attention_backend or ("_native_cudnn" if cuda else "_native_math")
@@ -414,18 +414,16 @@ def levers(args):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows, eager = [], None
     for label, attention, compiled, batch in tqdm(configs, desc="levers"):
-        if compiled and not getattr(transformer, "_compiled", False):
+        if compiled and label == "compiled":  # the first compiled configuration (the list runs eager ones first)
             rollout.speed_up(transformer, compile=True)
-            transformer._compiled = True
         transformer.set_attention_backend(attention or "native")  # native: PyTorch's SDPA picks the kernel
 
-        def rollout_step(out={}):
+        def rollout_step():
             transformer.eval()
             with torch.no_grad(), lora.lora_precision(transformer):
                 v = rollout.predict_velocity(transformer, traj, x, t)  # (G, S, 64)
-                out["step"] = rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
-                                                            generator=torch.Generator(device).manual_seed(args.seed))
-            return out["step"]
+                return rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
+                                                     generator=torch.Generator(device).manual_seed(args.seed))
 
         t0 = time.perf_counter()
         prev, old = rollout_step()[:2]  # the first call: compiles where compiled

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers, to_image
+from quantize import QUANTIZE, check as check_quantize  # torch only: predictions mode needs no diffusers
 
 
 def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
@@ -290,7 +291,6 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
     base's blocks in int8 or nf4 (quantize.py), for cards the bf16 model does not fit.
     """
     import lora  # lazy: predictions mode works without diffusers
-    import quantize as q
     import rollout
 
     samples = list_references(references)[:max_samples]
@@ -299,7 +299,7 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             raise FileNotFoundError(f"--lora {name}={adapter}: no such file or folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision] if device != "cpu" else None
-    q.check(quantize, device)
+    check_quantize(quantize, device)
     folders, pipe, dirty = {}, None, False
     for name, adapter in runs.items():
         if pipe is None or dirty:
@@ -323,7 +323,8 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             image.save(root / folder.name / "image.png")
         meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": adapter, "sampler": sampler,
                 "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
-                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision, "quantize": quantize,
+                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision,
+                "quantize": quantize,
                 "seconds_per_sample": seconds}
         (root / "meta.json").write_text(json.dumps(meta, indent=2))
         folders[name] = str(root)
@@ -372,7 +373,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="device for model mode (default: cuda when available, else cpu)")
     p.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"],
                    help="model dtype on a GPU (the CPU always runs float32)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="the base transformer's "
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="the base transformer's "
                    "blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards (quantize.py)")
     p.add_argument("--output_dir", default="outputs/eval", help="where results.json, per_sample.csv, the PNGs and "
                                                                 "model predictions go")

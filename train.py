@@ -492,9 +492,9 @@ def main(argv=None):
             phase = "logging and checkpointing"
             scalars = {k: float(np.mean([i[k] for i in infos])) for k, v in infos[0].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
             cuda = device.startswith("cuda")
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
             reserved = {"mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30} if cuda else {}
             log.log({"step": step + 1, "reward/mean": rewards.mean().item(),
                      "reward/std": rewards.std(unbiased=False).item(),
