@@ -6,7 +6,7 @@ and evaluate.py load as --pretrained_model_name_or_path random), or K of its blo
 with the figures scaled to 60. On a CPU the default is tiny.tiny_pipeline (seconds).
 Everything timed is the project's own code: rollout.predict_velocity + rollout.sde_step_with_logprob (a
 rollout step), rollout.decode_layers, train.policy_update (rollout.step_log_prob + grpo.policy_loss, + the
-KL with train.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on lora.add_lora's
+KL with lora.reference_policy, backward with gradient checkpointing, grad clip, AdamW) on lora.add_lora's
 LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transformer + scheduler.step).
 
     python bench.py                                                 # CPU, toy size, ~10 s

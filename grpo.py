@@ -39,7 +39,8 @@ def policy_loss(log_prob, old_log_prob, advantages, clip_range):
         loss  = MEAN over the batch of max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range))
 
     log_prob, old_log_prob, advantages: (B,). At ratio 1 the loss is -mean(A); where the clip binds the
-    gradient is zero. Returns (loss, stats) with stats computed without gradients:
+    gradient is zero. Returns (loss, stats) with stats 0-dim tensors computed without gradients (read them with
+    float(); they stay tensors so that memory.py can run this on shape-only 'meta' tensors):
         diag/ratio_mean = mean(ratio); diag/clipfrac = mean(|ratio - 1| > clip_range);
         diag/approx_kl  = 0.5 * mean((log_prob - old_log_prob)^2)
     """
@@ -50,9 +51,9 @@ def policy_loss(log_prob, old_log_prob, advantages, clip_range):
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
         stats = {
-            "diag/ratio_mean": ratio.mean().item(),
-            "diag/clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean().item(),
-            "diag/approx_kl": 0.5 * (log_ratio**2).mean().item(),
+            "diag/ratio_mean": ratio.mean(),
+            "diag/clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "diag/approx_kl": 0.5 * (log_ratio**2).mean(),
         }
     return loss, stats
 

@@ -103,6 +103,21 @@ def active_adapter(transformer, name):
         transformer.set_adapter("default")
 
 
+@contextmanager
+def reference_policy(transformer):
+    """The KL reference: the same transformer with its LoRA disabled (no second copy of the weights), or the
+    frozen --init_lora adapter when training started from one."""
+    if "reference" in getattr(transformer, "peft_config", {}):
+        with active_adapter(transformer, "reference"):
+            yield
+        return
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
 def load_lora(pipe, path):
     """Load a LoRA into pipe.transformer: a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder
     holding one) or a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the released

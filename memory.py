@@ -222,6 +222,7 @@ def simulate(setup, dtype=torch.bfloat16):
     reference, backward). AdamW's moments, the fp32 LoRA and its fp32 gradients are counted, not simulated."""
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
+    import grpo
     import lora
     import rollout
     import tiny
@@ -277,12 +278,9 @@ def simulate(setup, dtype=torch.bfloat16):
         mode.reset_peak()
         transformer.train()
         log_prob, prev_mean, std_dev_t = rollout.step_log_prob(transformer, traj, 0)
-        loss = -(torch.exp(log_prob - traj.log_probs[:, 0])).mean()  # the clipped objective's memory: (B,) tensors
+        loss, _ = grpo.policy_loss(log_prob, traj.log_probs[:, 0], torch.ones(B), clip_range=1e-4)
         if setup.beta > 0:
-            import grpo
-            import train
-
-            with torch.no_grad(), train.reference_policy(transformer):
+            with torch.no_grad(), lora.reference_policy(transformer):
                 _, ref_mean, _ = rollout.step_log_prob(transformer, traj, 0)
             loss = loss + setup.beta * grpo.kl_loss(prev_mean, ref_mean, std_dev_t)
         loss.backward()

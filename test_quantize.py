@@ -44,7 +44,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(des
                            resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(0), decode=False)
     trained = velocity(pipe.transformer, probe)
     with lora.lora_precision(pipe.transformer), pipe.transformer.disable_adapter() \
-            if hasattr(pipe.transformer, "disable_adapter") else train.reference_policy(pipe.transformer):
+            if hasattr(pipe.transformer, "disable_adapter") else lora.reference_policy(pipe.transformer):
         quantized_base = velocity(pipe.transformer, probe)
     full_base = velocity(rollout.load_pipeline("tiny").transformer, probe)
     base_error = ((quantized_base - full_base).norm() / full_base.norm()).item()

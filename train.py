@@ -46,7 +46,6 @@ import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -223,21 +222,6 @@ def all_gather(obj):
 
 
 # ----------------------------------------------------------------------------- setup
-@contextmanager
-def reference_policy(transformer):
-    """The KL reference: the same transformer with its LoRA disabled (no second copy of the weights), or the
-    frozen --init_lora adapter when training started from one."""
-    if "reference" in getattr(transformer, "peft_config", {}):
-        with lora.active_adapter(transformer, "reference"):
-            yield
-        return
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
-
-
 def step_plan(args, step, num_images):
     """Everything random about step `step`, from (seed, step) alone: image indices (epoch-wise permutations),
     layer count, window, and one rollout seed per image position k (so no draw depends on the rank)."""
@@ -287,7 +271,7 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
                     loss_pg, diag = grpo.policy_loss(log_prob, traj.log_probs[rows, j], adv, args.clip_range)
                     loss_kl = torch.zeros((), device=log_prob.device)
                     if args.beta > 0:
-                        with torch.no_grad(), reference_policy(transformer):
+                        with torch.no_grad(), lora.reference_policy(transformer):
                             _, ref_mean, _ = rollout.step_log_prob(transformer, traj, j, rows)
                         loss_kl = grpo.kl_loss(prev_mean, ref_mean, std_dev_t)
                     loss = loss_pg + args.beta * loss_kl
@@ -295,8 +279,8 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
                     finite = finite and bool(torch.isfinite(loss))
                     if finite:
                         (loss * weight).backward()
-                    for key, value in [("loss/policy", loss_pg.item()), ("loss/kl", loss_kl.item()), *diag.items()]:
-                        stats[key] += value * weight / args.num_inner_epochs
+                    for key, value in [("loss/policy", loss_pg), ("loss/kl", loss_kl), *diag.items()]:
+                        stats[key] += float(value) * weight / args.num_inner_epochs
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flag = torch.tensor([float(finite)], device=grads[0].device)
         all_reduce_(grads + [flag])  # the sum over ranks of the weighted gradients; finite only if every rank is
