@@ -56,6 +56,7 @@ import lora
 import reward
 import rollout
 import runs
+import scoring
 import train
 
 
@@ -108,9 +109,12 @@ def parse_args(argv=None):
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--sample_every", type=int, default=10, help="write a PNG of one group every N steps (0 = never)")
     a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
-    a("--judge", default="local", choices=["local", "http", "tiny"], help="judge if a --teacher_reward is vlm")
-    a("--judge_model", default=None, help=f"vlm judge: hub id/folder (local, default {train.DEFAULT_JUDGE}) or name")
-    a("--judge_url", default=None, help="vlm judge over http: OpenAI-compatible base URL")
+    a("--judge", default=None, choices=["local", "http", "tiny"], help="VLM judge, built when named here or when a "
+      "--teacher_reward uses one (default: http when --judge_url is given, else local)")
+    a("--judge_model", default=None, help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served name")
+    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    a("--prompts_dir", default=str(reward.PROMPTS_DIR), help="the judge's prompt set (criteria.txt, stage1.txt, "
+      "stage2.txt; a file it lacks comes from prompts/)")
     args = p.parse_args(argv)
     T = args.num_inference_steps
     args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it
@@ -247,11 +251,8 @@ def main(argv=None):
     with runs.input_errors():
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
         paths, W = image_pool(args)
-        judge = None
-        if any(t["reward"] == "vlm" for t in args.teachers.values()):
-            options = {"local": {"device": device, "dtype": dtype}}.get(args.judge, {})
-            model = args.judge_model or (train.DEFAULT_JUDGE if args.judge == "local" else None)
-            judge = reward.load_judge(args.judge, model=model, url=args.judge_url, **options)
+        judge = scoring.load_judge(args, [reward.REWARDS[t["reward"]] for t in args.teachers.values() if t["reward"]],
+                                   device, dtype)
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
         rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
         pipe.text_encoder = None

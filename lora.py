@@ -82,7 +82,7 @@ def trainable_lora(transformer, name="default"):
 def lora_precision(transformer):
     """Frozen bf16/fp16 weights with fp32 LoRA weights (the optimizer's master copy): run the LoRA matmuls in
     the model dtype under autocast, instead of peft's default of upcasting every adapted layer's input to
-    fp32 (bench.py, real width on CPU: ~20% slower rollout steps, ~2x transient activation memory).
+    fp32, which is slower and holds twice the transient activations (docs/performance.md has bench.py's figures).
     Gradients still reach the fp32 weights. A no-op for an fp32 model (the CPU tests)."""
     from peft.helpers import disable_input_dtype_casting
 

@@ -11,13 +11,13 @@ and counts the bytes of every tensor storage alive after each operation (a Torch
 when the last tensor on it dies). Attention runs through the memory-efficient kernel's own op (output and
 log-sum-exp, no N x N matrix), as flash or cuDNN attention does on a GPU. The quantized weights' bytes are counted,
 not simulated: quantize.weight_bytes of one quantized block (built on the CPU) times the blocks. What it does not
-see: the CUDA context, the caching allocator's rounding and fragmentation (reserved - allocated: 4-6 GiB measured on
-the H200, taken as RESERVED_OVERHEAD), and kernel workspaces.
+see: the CUDA context, the caching allocator's rounding and fragmentation (reserved - allocated, taken as the ratio
+RESERVED_OVERHEAD a GPU measured), and kernel workspaces.
 
 plan() is the same memory in closed form (bytes per candidate and per token, from the architecture: hidden
 D = 3072, MLP 4D, N tokens per candidate), so the check at train.py's start-up costs nothing; test_quantize.py checks
-plan against simulate on configurations the constants were not taken from. Measured on one H200 (2026-12-04, bf16,
-G 8, micro-batch 2): rollout 54.1 / 59.6 GiB allocated / reserved, update 55.2 / 59.3.
+plan against simulate on configurations the constants were not taken from. docs/performance.md sets both beside what
+a GPU measured.
 """
 
 import argparse
@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 import quantize  # before diffusers (imported lazily here): it keeps the quantization backends' warnings quiet
 
 GIB = 2**30
-RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks the H200 measured (59.6 / 54.1, 59.3 / 55.2)
+RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks a GPU measured (docs/performance.md)
 CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge elsewhere)
     "80 GB (H100, A100 80GB)": (76, {}),
     "48 GB (L40S, A6000, RTX 6000 Ada)": (44, {"quantize": "int8"}),
@@ -140,6 +140,21 @@ def check(setup, device, weight_bytes, judge_bytes=0):
                      f"{budget:.1f} GiB {device} has for this run; what fits: "
                      + "; ".join(f"{f} (~{r:.0f} GiB)" if r else f for f, r in fits)
                      + " (a judge elsewhere; --no-memory_check runs anyway)")
+
+
+def check_run(args, pipe, params, judge=None):
+    """check() for train.py's run as loaded: its flags, the LoRA's real rank (--init_lora's may differ), the
+    transformer's width, the prompt's tokens, the weights this process holds now (less the fp32 LoRA, which the
+    plan counts) and, with --judge_offload, the local judge's weights while it scores."""
+    transformer, device = pipe.transformer, pipe.transformer.device
+    setup = Setup(num_blocks=len(transformer.transformer_blocks), resolution=args.resolution, layers=max(args.layers),
+                  group_size=args.group_size, train_batch_size=args.train_batch_size,
+                  rank=transformer.peft_config["default"].r, quantize=args.quantize, beta=args.beta,
+                  decode_chunk=args.decode_chunk, hidden=transformer.inner_dim,
+                  text_tokens=max((e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()),
+                                  default=Setup.text_tokens))
+    weight_bytes = torch.cuda.memory_allocated(device) - 4 * sum(p.numel() for p in params)
+    return check(setup, device, weight_bytes, judge.weight_bytes if judge and args.judge_offload else 0)
 
 
 def fitting(setup, budget_gib):
@@ -313,8 +328,8 @@ def main(argv=None):
     for field in dataclasses.fields(Setup):
         p.add_argument(f"--{field.name}", type=type(field.default) if field.name != "quantize" else str,
                        default=field.default, help=f"train.py's --{field.name} (default {field.default})")
-    p.add_argument("--simulate", action="store_true", help="also run simulate() for each row (about 30 s per row at "
-                   "60 blocks on a CPU)")
+    p.add_argument("--simulate", action="store_true", help="also run simulate() for each row (this code on "
+                   "meta tensors: tens of seconds per row at 60 blocks on a CPU)")
     args = vars(p.parse_args(argv))
     simulate_too = args.pop("simulate")
     setup = Setup(**args)

@@ -26,6 +26,8 @@ Fallbacks (counted in info, never raised): a candidate whose stage 1 failed gets
 successful candidates, or 5 (mid-scale) if none succeeded; a group whose stage 2 failed uses t for all its
 candidates. A group scored by one constant therefore gets zero advantage. Rewards live on the 1..9 scale.
 info["judge/answered"] counts the queries answered; train.py trains no step in which the judge answered none.
+A reward of your own may call vlm_reward and add a term; marked @uses_judge, it gets the default judge from
+train.py as judge= (README, "Forking a reward"). prompts/ is the default prompt set; --prompts_dir another.
 Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it barely moves the within-group
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
@@ -49,6 +51,7 @@ import judges
 from judges import HIGH, LOW, Judge, Query
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+DEFAULT_JUDGE = "Qwen/Qwen3.5-9B"  # the open judge the released LoRA was retrained with (the paper's is Gemini)
 LETTERS = string.ascii_uppercase
 MID = 5.0  # the score a group with no answer gets (mid-scale of LOW..HIGH)
 COMBINE = ("calibrated", "mean", "stage1")
@@ -63,25 +66,29 @@ class Prompts:
 
 
 def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
-    """Read criteria.txt, stage1.txt, stage2.txt; fail now (naming the file) rather than at step 1."""
-    d, texts, criteria = Path(prompts_dir), {}, {}
+    """Read criteria.txt, stage1.txt and stage2.txt from prompts_dir, each one it does not hold from prompts/ (so a
+    folder with only a criteria.txt is a new set of criteria); fail now, naming the file, rather than at step 1."""
+    d, texts, criteria, paths = Path(prompts_dir), {}, {}, {}
+    if not d.is_dir():
+        raise FileNotFoundError(f"--prompts_dir {d}: no such folder (it holds criteria.txt, stage1.txt, stage2.txt)")
+    if unknown := sorted(p.name for p in d.glob("*.txt") if p.stem not in ("criteria", "stage1", "stage2")):
+        raise ValueError(f"--prompts_dir {d}: {unknown} is not one of criteria.txt, stage1.txt, stage2.txt")
     for name in ("criteria", "stage1", "stage2"):
-        if not (d / f"{name}.txt").is_file():
-            raise FileNotFoundError(f"--prompts_dir {d}: missing {name}.txt (copy it from {PROMPTS_DIR})")
-        texts[name] = (d / f"{name}.txt").read_text(encoding="utf-8")
+        paths[name] = d / f"{name}.txt" if (d / f"{name}.txt").is_file() else PROMPTS_DIR / f"{name}.txt"
+        texts[name] = paths[name].read_text(encoding="utf-8")
     for line in texts["criteria"].splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, sep, desc = line.partition(":")
             if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
-                raise ValueError(f"{d / 'criteria.txt'}: line {line[:40]!r} is not 'key: description'")
+                raise ValueError(f"{paths['criteria']}: line {line[:40]!r} is not 'key: description'")
             criteria[key.strip()] = desc.strip()
     if not criteria:
-        raise ValueError(f"{d / 'criteria.txt'}: no criteria found (one 'key: description' per line)")
+        raise ValueError(f"{paths['criteria']}: no criteria found (one 'key: description' per line)")
     for name, ok in (("stage1", {"num_layers", "criteria", "answer_format"}),
                      ("stage2", {"num_candidates", "num_layers", "labels", "criteria", "answer_format"})):
         fields = {f for _, f, _, _ in string.Formatter().parse(texts[name]) if f is not None}
         if fields - ok or "answer_format" not in fields:
-            raise ValueError(f"{d / (name + '.txt')}: placeholders must be among {sorted(ok)} and include "
+            raise ValueError(f"{paths[name]}: placeholders must be among {sorted(ok)} and include "
                              f"{{answer_format}}; found {sorted(fields)} (write literal braces as {{{{ }}}})")
     return Prompts(texts["stage1"], texts["stage2"], criteria)
 
@@ -165,23 +172,107 @@ def _check(images, layers, group_size):
         raise ValueError(f"layers has {layers.shape[0]} rows but {len(images)} images x group_size {group_size}")
 
 
+def uses_judge(fn):
+    """Mark a reward that scores with the VLM judge (it reads kwargs["judge"]): train.py and distill.py then build
+    the default judge for it even when none is named on the command line. A judge that is named (--judge,
+    --judge_url) is built and passed as judge= to every reward."""
+    fn.uses_judge = True
+    return fn
+
+
+def needs_judge(fn):
+    return getattr(fn, "uses_judge", False)
+
+
+@uses_judge
 def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, combine="calibrated", save_dir=None,
                **_):
-    """The two-stage Stable-Layers reward (formulas in the module docstring). weights: {criterion: w} or a list
-    in criteria order; combine: calibrated | mean | stage1; save_dir: write the panels, grids and prompts
-    exactly as sent to the judge."""
+    """The two-stage Stable-Layers reward, term by term (formulas in the module docstring): the judge's queries
+    (one panel per candidate, one grid per group), its answers as s_bk and c_b, then `combine_scores` gives r_b.
+    weights: {criterion: w} or a list in criteria order; combine: calibrated | mean | stage1; save_dir: write the
+    panels, grids and prompts exactly as sent to the judge."""
     _check(images, layers, group_size)
     if judge is None:
-        raise ValueError("the 'vlm' reward needs judge=load_judge(...) (train.py: --judge)")
+        raise ValueError("this reward scores with a VLM judge and needs judge=load_judge(...) (train.py builds it)")
     if combine not in COMBINE:
         raise ValueError(f"combine={combine!r}: choose one of {COMBINE}")
     t0 = time.perf_counter()
+    B, G, keys = layers.shape[0], group_size, list(judge.prompts.criteria)
+    w = _criterion_weights(weights, keys)  # (K,)
+    queries, perms = judge_queries(images, layers, G, judge, seed, grid=combine != "stage1", save_dir=save_dir)
+    t_judge = time.perf_counter()
+    answers, stats = judge.score(queries)
+    t_judge = time.perf_counter() - t_judge
+    s = torch.tensor([[a[k] for k in keys] if a else [math.nan] * len(keys) for a in answers[:B]])  # (B, K) s_bk
+    c = torch.full((B,), math.nan)  # (B,) c_b: grid position p of group i shows candidate perm_i[p]
+    for i, (perm, a) in enumerate(zip(perms, answers[B:])):
+        if a is not None:
+            for p, cand in enumerate(perm):
+                c[i * G + cand] = a[LETTERS[p]]
+    rewards, t, fallback = combine_scores(s, c, w, G, combine)
+    info = judge_metrics(s, t, c, rewards, fallback, keys, G)
+    info.update({"judge/failed_stage2": float(sum(a is None for a in answers[B:])),
+                 "judge/requests": float(stats["requests"]), "judge/retries": float(stats["retries"]),
+                 "judge/answered": float(sum(a is not None for a in answers)),  # queries answered, of B + groups
+                 "time/judge_s": t_judge, "time/reward_s": time.perf_counter() - t0,
+                 "judge_last_error": stats.get("last_error")})  # the last failure's text or None (train.py names it)
+    for b, cand in enumerate(info["candidates"]):  # its letter in the grid
+        cand["label"] = LETTERS[perms[b // G].index(b % G)] if combine != "stage1" else None
+    return rewards.float(), info
+
+
+def combine_scores(s, c, w, group_size, combine="calibrated"):
+    """The reward r_b from the two stages (module docstring), NaN marking a query the judge did not answer:
+
+        t_b = sum_k w_k s_bk / sum_k w_k             the stage-1 total; a failed candidate gets the mean t of its
+                                                     group's scored ones, or MID if none was scored
+        r_b = c_b (calibrated) | (t_b + c_b) / 2 (mean) | t_b (stage1);   r_b = t_b where c_b failed
+
+    s: (B, K) criterion scores, c: (B,) calibrated scores, w: (K,) weights; B = groups x group_size.
+    Returns (rewards (B,), t (B,) with NaN where stage 1 failed, fallback (B,) bool: r_b rests on a fill-in)."""
+    t = (s * w).sum(1) / w.sum()  # (B,) t_b
+    groups = t.view(-1, group_size)  # (num_groups, G)
+    scored = ~groups.isnan()
+    group_mean = torch.where(scored, groups, 0).sum(1, keepdim=True) / scored.sum(1, keepdim=True).clamp_min(1)
+    filled = torch.where(scored, groups, torch.where(scored.any(1, keepdim=True), group_mean, MID)).view(-1)
+    ok_t, ok_c = ~t.isnan(), ~c.isnan()
+    rewards, fallback = {"calibrated": (torch.where(ok_c, c, filled), ~ok_c),
+                         "mean": (torch.where(ok_c, (filled + c) / 2, filled), ~ok_c | ~ok_t),
+                         "stage1": (filled, ~ok_t)}[combine]
+    return rewards, t, fallback
+
+
+def judge_metrics(s, t, c, rewards, fallback, keys, group_size):
+    """What is logged of one call: each criterion's and each stage's mean over the scored candidates, the mean
+    within-group std of t and c (how much the group is told apart), failures and fallbacks, and per candidate its
+    scores (train.py's sample pictures, reward.py's table)."""
+    ok_t, ok_c, G = ~t.isnan(), ~c.isnan(), group_size
+
+    def mean(x, ok):  # mean over the scored candidates, 0 if none
+        return float(x[ok].mean()) if ok.any() else 0.0
+
+    def group_std(x, ok):  # mean over groups (with every member scored) of the population std within the group
+        stds = [x[i:i + G].std(unbiased=False) for i in range(0, len(x), G) if ok[i:i + G].all()]
+        return float(torch.stack(stds).mean()) if stds else 0.0
+
+    info = {f"stage1/{k}": mean(s[:, j], ok_t) for j, k in enumerate(keys)}
+    info.update({"stage1/total": mean(t, ok_t), "stage1/group_std": group_std(t, ok_t),
+                 "stage2/score": mean(c, ok_c), "stage2/group_std": group_std(c, ok_c),
+                 "reward/mean": float(rewards.mean()), "judge/failed_stage1": float((~ok_t).sum()),
+                 "judge/fallbacks": float(fallback.sum())})
+    info["candidates"] = [{"criteria": {k: (float(s[b, j]) if ok_t[b] else None) for j, k in enumerate(keys)},
+                           "stage1": float(t[b]) if ok_t[b] else None, "stage2": float(c[b]) if ok_c[b] else None,
+                           "reward": float(rewards[b]), "fallback": bool(fallback[b])} for b in range(len(t))]
+    return info
+
+
+def judge_queries(images, layers, group_size, judge, seed, grid=True, save_dir=None):
+    """The judge's queries: stage 1, one panel per candidate b (the input and its N layers on a checkerboard) asking
+    for the criteria; stage 2 (grid), one grid per image i with its G panels in the order perm_i = randperm(G)
+    (a torch generator seeded with `seed`, one draw per group), labelled A, B, ... by position, asking for a score
+    per letter. Returns (queries: B panels then the grids, perms); save_dir: write them as sent."""
     B, N, G, P = layers.shape[0], layers.shape[1], group_size, judge.prompts
     keys, labels = list(P.criteria), list(LETTERS[:G])
-    w = torch.tensor([float(weights.get(k, 1.0)) for k in keys] if isinstance(weights, dict) else
-                     ([1.0] * len(keys) if weights is None else [float(x) for x in weights]))
-    if isinstance(weights, dict) and set(weights) - set(keys) or len(w) != len(keys) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights {weights}: give non-negative weights for the criteria {keys}, not all zero")
     if G > len(LETTERS):
         raise ValueError(f"group_size {G} > 26: the grid cannot label more than A-Z")
     prompt = {"stage1": _fill(P.stage1, P, keys, num_layers=N)}
@@ -190,68 +281,26 @@ def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, com
     queries = [Query(_fit(panel, judge.panel_size), prompt["stage1"], keys) for panel in panels]
     gen = torch.Generator().manual_seed(int(seed))
     perms = [torch.randperm(G, generator=gen).tolist() for _ in range(len(images))]  # position p shows perm[p]
-    if combine != "stage1":
+    if grid:
         prompt["stage2"] = _fill(P.stage2, P, labels, num_candidates=G, num_layers=N, labels=", ".join(labels))
         grids = [render_group_grid(images[i], layers[i * G:(i + 1) * G][perm], labels, tile=tile(judge.grid_size))
                  for i, perm in enumerate(perms)]
-        queries += [Query(_fit(grid, judge.grid_size), prompt["stage2"], labels) for grid in grids]
+        queries += [Query(_fit(g, judge.grid_size), prompt["stage2"], labels) for g in grids]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         for j, q in enumerate(queries):
             q.image.save(Path(save_dir) / (f"stage1_panel_{j:02d}.png" if j < B else f"stage2_grid_{j - B:02d}.png"))
         for stage, text in prompt.items():
             (Path(save_dir) / f"{stage}_prompt.txt").write_text(text, encoding="utf-8")
-    t_judge = time.perf_counter()
-    answers, stats = judge.score(queries)
-    t_judge = time.perf_counter() - t_judge
+    return queries, perms
 
-    s1 = torch.full((B, len(keys)), float("nan"))  # (B, K) expected criterion scores, nan = failed
-    for b, a in enumerate(answers[:B]):
-        if a is not None:
-            s1[b] = torch.tensor([a[k] for k in keys])
-    ok1 = ~s1.isnan().any(1)  # (B,)
-    total = (s1 * w).sum(1) / w.sum()  # (B,) t_b
-    filled = total.clone()
-    for i in range(len(images)):
-        g, okg = slice(i * G, (i + 1) * G), ok1[i * G:(i + 1) * G]
-        filled[g] = torch.where(okg, total[g], total[g][okg].mean() if okg.any() else MID)
-    s2 = torch.full((B,), float("nan"))  # (B,) c_b, mapped back from grid positions to candidates
-    for i, (perm, a) in enumerate(zip(perms, answers[B:])):
-        if a is not None:
-            for p, cand in enumerate(perm):
-                s2[i * G + cand] = a[labels[p]]
-    ok2 = ~s2.isnan()
-    rewards, fallback = {"calibrated": (torch.where(ok2, s2, filled), ~ok2),
-                         "mean": (torch.where(ok2, (filled + s2) / 2, filled), ~ok2 | ~ok1),
-                         "stage1": (filled, ~ok1)}[combine]
 
-    def mean(x, ok):  # mean over the scored candidates, 0 if none
-        return float(x[ok].mean()) if ok.any() else 0.0
-
-    def group_std(x, ok):  # mean over groups (with every member scored) of the population std within the group
-        stds = [x[i * G:(i + 1) * G].std(unbiased=False) for i in range(len(images)) if ok[i * G:(i + 1) * G].all()]
-        return float(torch.stack(stds).mean()) if stds else 0.0
-
-    info = {f"stage1/{k}": mean(s1[:, j], ok1) for j, k in enumerate(keys)}
-    info.update({
-        "stage1/total": mean(total, ok1), "stage1/group_std": group_std(total, ok1),
-        "stage2/score": mean(s2, ok2), "stage2/group_std": group_std(s2, ok2),
-        "reward/mean": float(rewards.mean()),
-        "judge/failed_stage1": float((~ok1).sum()),
-        "judge/failed_stage2": float(sum(a is None for a in answers[B:])),
-        "judge/fallbacks": float(fallback.sum()),
-        "judge/requests": float(stats["requests"]), "judge/retries": float(stats["retries"]),
-        "judge/answered": float(sum(a is not None for a in answers)),  # queries answered, of B + groups
-        "time/judge_s": t_judge, "time/reward_s": time.perf_counter() - t0,
-    })
-    info["judge_last_error"] = stats.get("last_error")  # the last failure's text, or None (train.py names it)
-    info["candidates"] = [{
-        "criteria": {k: (float(s1[b, j]) if ok1[b] else None) for j, k in enumerate(keys)},
-        "stage1": float(total[b]) if ok1[b] else None, "stage2": float(s2[b]) if ok2[b] else None,
-        "reward": float(rewards[b]), "fallback": bool(fallback[b]),
-        "label": labels[perms[b // G].index(b % G)] if combine != "stage1" else None,  # its letter in the grid
-    } for b in range(B)]
-    return rewards.float(), info
+def _criterion_weights(weights, keys):
+    w = torch.tensor([float(weights.get(k, 1.0)) for k in keys] if isinstance(weights, dict) else
+                     ([1.0] * len(keys) if weights is None else [float(x) for x in weights]))
+    if isinstance(weights, dict) and set(weights) - set(keys) or len(w) != len(keys) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights {weights}: give non-negative weights for the criteria {keys}, not all zero")
+    return w
 
 
 def composite(layers: torch.Tensor, background=1.0) -> torch.Tensor:

@@ -89,7 +89,7 @@ ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient", "_n
 def speed_up(transformer, attention_backend=None, compile=False):
     """The transformer's speed levers, applied once its LoRA is in place (bench.py --levers measures them):
     - attention_backend: a kernel of diffusers' attention dispatcher (set_attention_backend), e.g. "_native_cudnn",
-      cuDNN's fused attention (reported 1.7-2.3x faster than flash for Hopper training shapes); None keeps
+      cuDNN's fused attention (reported faster than flash for Hopper training shapes); None keeps
       PyTorch's own SDPA choice. Qwen-Image passes no attention mask when every text token is real, so the fused
       kernels apply (test_gpu.py runs a rollout with flash alone allowed);
     - compile: regional compilation of the repeated block (diffusers' compile_repeated_blocks; fullgraph, so a graph
@@ -166,6 +166,13 @@ def encode_prompt(pipe, prompt):
         with torch.no_grad():
             cache[prompt] = pipe.encode_prompt(prompt, device=pipe.text_encoder.device, max_sequence_length=512)
     return cache[prompt]
+
+
+def free_text_encoder(pipe):
+    """Drop the text encoder (16 GiB on the real model) once the fixed prompt is encoded and cached."""
+    pipe.text_encoder = None
+    if pipe.transformer.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def caption(pipe, image):

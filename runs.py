@@ -16,6 +16,7 @@ Shared by train.py, sft.py and distill.py, so each of these exists once:
 import fcntl
 import json
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 import lora
+import parallel
 import reward
 import rollout
 
@@ -66,6 +68,74 @@ def fail(message):
     """Stop with one line on stderr and exit code 2 (argparse's code for bad input)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- stopping with a resumable state
+class Stop(Exception):
+    """The run cannot go on for now (a judge that answers nothing): the message says why; `guard` saves the state
+    after step `trained` and stops every rank with one line that ends with how to go on (`hint`)."""
+
+    def __init__(self, message, trained, hint):
+        super().__init__(message)
+        self.trained, self.hint = trained, hint
+
+
+@contextmanager
+def guard(output_dir, timer, save, close):
+    """Around the training loop, its two ways to stop with one line (exit 2) and a resumable state:
+    - Stop: rank 0 writes checkpoint-<trained> with save(trained) unless it exists, every rank waits for it (no rank
+      may exit, and so make torchrun stop the others, before it is written), then every rank stops;
+    - CUDA out of memory: the line names the phase (timer.phase), the flags that lower it and the checkpoint to
+      resume from.
+    close() runs first (the progress bar, the folder's lock), so the line stands alone and the folder is free."""
+    try:
+        yield
+    except Stop as stop:
+        if parallel.rank() == 0 and not (Path(output_dir) / f"checkpoint-{stop.trained}").is_dir():
+            save(stop.trained)
+        parallel.barrier()
+        if parallel.rank() != 0:
+            raise SystemExit(2) from None
+        close()
+        fail(f"{stop} Saved checkpoint-{stop.trained} in {output_dir}: {stop.hint}, rerun with "
+             "--resume_from_checkpoint latest")
+    except torch.OutOfMemoryError:
+        close()
+        fail(out_of_memory(timer.phase, output_dir))
+
+
+class Timer:
+    """Seconds spent in each phase of a step, logged as time/<phase>_s, and the phase running now, which an
+    out-of-memory error names (a phase that raises stays the current one). `with timer("rollout"): ...`;
+    figures() returns the step's, with time/step_s since the previous call, and starts the next step.""" 
+
+    def __init__(self):
+        self.phase, self.seconds, self.start = "setup", {}, time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase):
+        outer, self.phase, t = self.phase, phase, time.perf_counter()
+        yield
+        if t >= self.start:  # a phase that was running when figures() was taken counts in neither step
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+        self.phase = outer
+
+    def figures(self):
+        now = time.perf_counter()
+        out = {**{f"time/{k}_s": v for k, v in self.seconds.items()}, "time/step_s": now - self.start}
+        self.seconds, self.start = {}, now
+        return out
+
+
+def memory_figures(device):
+    """mem/peak_gb since the last call: GPU memory allocated at its peak (and mem/reserved_gb), or on the CPU the
+    process's peak resident set (which never resets)."""
+    if not str(device).startswith("cuda"):
+        return {"mem/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"mem/peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+           "mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -246,8 +316,8 @@ def save_group_png(path, traj, rewards, advantages, candidates):
 
 
 def check_attention(device, dtype):
-    """At 640 px only flash or memory-efficient attention fits (the math path needs 102.8 GiB for an update,
-    simulated): check on CUDA that one of them runs, and say how to fix it if not."""
+    """At 640 px only flash or memory-efficient attention fits (the math path's N x N scores do not: docs/performance.md):
+    check on CUDA that one of them runs, and say how to fix it if not."""
     if not str(device).startswith("cuda"):
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -264,6 +334,7 @@ def check_attention(device, dtype):
 
 def out_of_memory(phase, output_dir):
     found = checkpoints(output_dir)
+    phase = {"train": "update", "judge_wait": "scoring", "log": "logging and checkpointing"}.get(phase, phase)
     return (f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
             "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
             f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}")
