@@ -433,7 +433,7 @@ def _probe(url, model, api_key_env, timeout=60.0):
 
     try:
         served = [m.get("id") for m in _request(url + "/models", api_key_env, 10.0).get("data", [])]
-        listed = f"it lists {len(served)} models {served[:8]}"
+        listed = f"it lists {len(served)}: {served[:8]}"
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {key_hint}") from None
