@@ -102,7 +102,7 @@ def save_served_judge(folder):
 
 
 def get(url, timeout=2.0):
-    """(status, JSON body) of a GET, HTTP errors included."""
+    """(status, JSON body or error text) of a GET, HTTP errors included."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -112,8 +112,8 @@ def get(url, timeout=2.0):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`transformers serve FOLDER` on a free port, its hub cache an empty folder; yields (url, folder, hub, log
-    path) once GET /v1/models answers, and ends the process (its own id) whatever the test did."""
+    """`transformers serve FOLDER` on a free port, with no hub cache folder yet; yields (url, folder, hub cache
+    folder, log path, prompts) once GET /v1/models answers, and ends the process (its own) whatever the tests did."""
     root = tmp_path_factory.mktemp("serve")
     folder, hub, log_path = root / "judge", root / "hf" / "hub", root / "serve.log"
     prompts = save_served_judge(folder)
