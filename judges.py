@@ -254,15 +254,17 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                 error = f"unparseable answer {str(text)[:120]!r}"
                 log.warning("judge answer unparseable (attempt %d): %r", attempts, str(text)[:120])
             except urllib.error.HTTPError as e:
-                if e.code == 400 and "logprobs" in body:  # this request asked for them (others may have too)
-                    use_logprobs = False
-                    log.warning("judge server rejected logprobs (HTTP 400); asking for plain answers from now on")
+                detail = _error_text(e)
+                if e.code in (400, 422) and "logprobs" in body and "logprob" in detail.lower():  # rejects the field
+                    use_logprobs = False  # (other 400s, e.g. a prompt too long, leave logprobs on for the rest)
+                    log.warning("judge server rejected logprobs (HTTP %d); asking for plain answers from now on",
+                                e.code)
                     attempts -= 1  # not the answer's fault: this try is free
                     continue
-                error = f"HTTP {e.code} {e.reason}"
-                log.warning("judge HTTP %d (attempt %d)", e.code, attempts)
-                if e.code in (401, 403, 404):
-                    return None, attempts, error  # will not change on retry
+                error = f"HTTP {e.code} {e.reason}: {detail}"[:300]
+                log.warning("judge %s (attempt %d)", error, attempts)
+                if e.code in (400, 401, 403, 404, 422):
+                    return None, attempts, error  # the same request gets the same answer: no retry
             except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # URLError is one
                 error = f"{type(e).__name__}: {e}"[:200]
                 log.warning("judge request failed (attempt %d): %s", attempts, error)
@@ -281,6 +283,22 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                                         "last_error": errors[-1] if errors else None}
 
     return score
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    """The server's own words for an HTTP error, on one line: FastAPI's {"detail"}, OpenAI's and vLLM's
+    {"error": {"message"}}, or the start of the raw body."""
+    try:
+        raw = e.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
+    try:
+        j = json.loads(raw)
+        err = j.get("error", j.get("detail", raw)) if isinstance(j, dict) else raw
+        text = err.get("message", err) if isinstance(err, dict) else err
+    except ValueError:
+        text = raw
+    return " ".join(str(text).split())[:200]
 
 
 def _request(url, api_key_env, timeout, body=None):
@@ -340,7 +358,7 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
                                    "backoff": 1.0, "concurrency": 16, "max_tokens": 512, "logprobs": True,
                                    "extra_body": None, "probe": True, **options}
         if o.pop("probe"):
-            model = _probe(url, model, o["api_key_env"])
+            model = _probe(url, model, o["api_key_env"], o["timeout"])
         if not model:
             raise ValueError("--judge http needs --judge_model (the model name the server serves)")
         return Judge("http", f"{model} @ {url}", _http_scorer(url, model, **o), prompts, **sizes)
@@ -390,20 +408,52 @@ def warn_slow_kernels(config, device):
     return warn
 
 
-def _probe(url, model, api_key_env):
-    """GET {url}/models with a short timeout; returns the model name to use (the only one served if None)."""
+def _probe(url, model, api_key_env, timeout=60.0):
+    """Check the server before any expensive work; returns the model name to use (the only one listed if None).
+    GET {url}/models (10 s timeout) lists the served names on vLLM, SGLang and Gemini. Some servers list something
+    else: `transformers serve` lists the models in its hub cache (HTTP 500 when there is none), not the one it
+    serves, and answers HTTP 400 to a request for another. So a name the list does not hold, or one taken from
+    the list for the user, is tried with one chat request of one token (`timeout`). Bad input (URL, key, name)
+    stops here with one line."""
+    key_hint = f"set the API key in ${api_key_env} (or --api_key_env)"
+
+    def ask(name):  # -> (answered, HTTP status of a refusal or None, what happened)
+        body = {"model": name, "messages": [{"role": "user", "content": "Answer with one digit."}],
+                "max_tokens": 1, "temperature": 0}
+        try:
+            return "choices" in _request(url + "/chat/completions", api_key_env, timeout, body), None, \
+                "a one-token chat request got no choices back"
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise ValueError(f"--judge_url {url}: POST /chat/completions answered HTTP {e.code}; "
+                                 f"{key_hint}") from None
+            return False, e.code, f"a one-token chat request answered HTTP {e.code}: {_error_text(e)}"
+        except (OSError, ValueError, AttributeError) as e:
+            return False, None, f"a one-token chat request failed ({type(e).__name__}: {getattr(e, 'reason', e)})"
+
     try:
         served = [m.get("id") for m in _request(url + "/models", api_key_env, 10.0).get("data", [])]
+        listed = f"it lists {len(served)}: {served[:8]}"
     except urllib.error.HTTPError as e:
-        hint = f"set the API key in ${api_key_env} (or --api_key_env)" if e.code in (401, 403) else "fix the URL"
-        raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {hint}") from None
+        if e.code in (401, 403):
+            raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {key_hint}") from None
+        served, listed = None, f"GET /models answered HTTP {e.code}"
     except (OSError, ValueError, AttributeError) as e:  # URLError and timeouts are OSErrors
         raise ValueError(f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
                          f"{getattr(e, 'reason', e)}); start it or fix the URL") from None
     if not model:
-        if len(served) != 1:
-            raise ValueError(f"--judge_model is required: {url} serves {len(served)} models {served[:8]}")
+        if served is None or len(served) != 1:
+            raise ValueError(f"--judge_model is required: the model name {url} serves ({listed})")
+        _, refused, why = ask(served[0])  # only a refusal counts against the guess: a busy server may time out
+        if refused is not None and 400 <= refused < 500:
+            raise ValueError(f"--judge_model is required: {url} lists only {served[0]} but refuses it ({why})")
         return served[0]
-    if served and model not in served and f"models/{model}" not in served:
-        raise ValueError(f"--judge_model {model}: not served at {url} (it serves {served[:8]})")
+    if served is not None and (model in served or f"models/{model}" in served):
+        return model
+    answered, _, why = ask(model)
+    if not answered:  # with no list to go by, the URL may be the wrong one as well
+        head = f"--judge_model {model}: not served at {url}" if served is not None else \
+            f"--judge_url {url} --judge_model {model}: no judge answers there"
+        raise ValueError(f"{head} ({listed}; {why}); fix the URL or the model name")
+    log.info("judge %s: not listed by GET %s/models (%s), but it answers", model, url, listed)
     return model
