@@ -111,7 +111,7 @@ def parse_args(argv=None):
     a("--json", default=None, help="also write the numbers to this JSON file (any mode)")
     a("--overlap", type=float, default=None, metavar="D", help="instead of the table: train.py's step time on the tiny "
       "model (--resolution, default 64; --threads, default 1), 4 images per step, with a loopback HTTP judge "
-      "answering after D seconds: serial, overlapped, overlapped with --adv_std group, and the lower bounds")
+      "answering after D seconds: serial, overlapped, and the lower bound")
     a("--scaling", action="store_true", help="instead of the table: images/s of train.py on the tiny model as 1 "
       "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio")
     a("--ratio", action="store_true", help="instead of the table: the on-policy ratio's distance from 1 when the "
@@ -631,12 +631,10 @@ def overlap(args, delay, steps=4, images=4):
     """train.py on the tiny model (G 4, 4 images per step) against a real OpenAI-compatible judge on 127.0.0.1 (its
     own process, as a judge elsewhere would be) that answers every request after `delay` seconds. Median step
     time and time the loop waited for the judge, with each group judged after its rollout in the main thread
-    (serial), in threads while the next groups roll out (overlapped, the default), and overlapped with
-    --adv_std group (a group's re-scoring also starts as soon as its own rewards are in). The first step is left
-    out. The bounds use the serial run's parts, R (rollouts), U (update) and c (a group's judge time beyond D):
-        gpu_s          = R + U                                   the torch work alone
-        bound_global_s = R + c + D + U                           the update needs every group's rewards
-        bound_group_s  = R + max(c + D, U (images-1)/images) + U / images     only the last group's update waits
+    (serial) and in threads while the next groups roll out (overlapped, the default). The first step is left out.
+    The bound uses the serial run's parts, R (rollouts), U (update) and c (a group's judge time beyond D):
+        gpu_s   = R + U                  the torch work alone
+        bound_s = R + c + D + U          the update needs every group's rewards (either --adv_std)
     """
     import multiprocessing
     import socket
@@ -648,8 +646,7 @@ def overlap(args, delay, steps=4, images=4):
     server = multiprocessing.get_context("spawn").Process(target=_serve_judge, args=(port, delay), daemon=True)
     server.start()
     url, out = f"http://127.0.0.1:{port}/v1", {}
-    modes = {"serial": ["--no-judge_overlap"], "overlapped": ["--judge_overlap"],
-             "overlapped_group": ["--judge_overlap", "--adv_std", "group"]}
+    modes = {"serial": ["--no-judge_overlap"], "overlapped": ["--judge_overlap"]}
     side, threads = args.resolution or 64, torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)  # as the table's toy rows; the other core is the judge client's
     try:
@@ -674,10 +671,8 @@ def overlap(args, delay, steps=4, images=4):
         server.terminate()
         torch.set_num_threads(threads)
     R, U, c = out["serial_rollout_s"], out["serial_train_s"], out["serial_judge_wait_s"] / images - delay
-    out.update(delay_s=delay, gpu_s=R + U, bound_global_s=R + c + delay + U,
-               bound_group_s=R + max(c + delay, U * (images - 1) / images) + U / images)
-    out.update(overlapped_over_bound=out["overlapped_step_s"] / out["bound_global_s"],
-               overlapped_group_over_bound=out["overlapped_group_step_s"] / out["bound_group_s"])
+    out.update(delay_s=delay, gpu_s=R + U, bound_s=R + c + delay + U)
+    out.update(overlapped_over_bound=out["overlapped_step_s"] / out["bound_s"])
     return out
 
 

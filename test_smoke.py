@@ -1821,7 +1821,7 @@ def _documented_commands():
                 line = line.split("&&")[-1].split(" #")[0].strip()
                 words = shlex.split(line) if line else []
                 scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
-                if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]):
+                if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]) and words[1:2] != ["-m"]:
                     i = scripts[0]
                     found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1:]))
     return found
