@@ -255,7 +255,7 @@ def main(argv=None):
                                    device, dtype)
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
         rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
-        pipe.text_encoder = None
+        rollout.free_text_encoder(pipe)
         transformer = pipe.transformer
         transformer.requires_grad_(False)
         if args.student_init:

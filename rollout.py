@@ -87,19 +87,16 @@ ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient", "_n
 
 
 def speed_up(transformer, attention_backend=None, compile=False):
-    """The transformer's speed levers, applied once its LoRA is in place (bench.py --levers measures them):
-    - attention_backend: a kernel of diffusers' attention dispatcher (set_attention_backend), e.g. "_native_cudnn",
-      cuDNN's fused attention (reported faster than flash for Hopper training shapes); None keeps
-      PyTorch's own SDPA choice. Qwen-Image passes no attention mask when every text token is real, so the fused
-      kernels apply (test_gpu.py runs a rollout with flash alone allowed);
+    """The transformer's speed levers, applied once its LoRA is in place (bench.py --levers measures them;
+    docs/performance.md):
+    - attention_backend: a kernel of diffusers' attention dispatcher (set_attention_backend), e.g. "_native_cudnn";
+      None keeps PyTorch's own SDPA choice. Qwen-Image passes no attention mask when every text token is real, so
+      the fused kernels apply;
     - compile: regional compilation of the repeated block (diffusers' compile_repeated_blocks; fullgraph, so a graph
-      break fails loudly instead of running slowly): one graph per block shape and mode, shared by the 60 blocks,
-      with peft's LoRA layers traced into it (lora_dropout is 0: peft + dropout + checkpointing + compile fails).
-      The first step compiles the rollout's (batch G, no grad), the re-scoring's (micro-batch, gradients) and the
-      KL reference's (adapters off) graphs; later steps reuse them.
-    Both change the arithmetic's order, not what is computed: log-probs agree with the eager SDPA path to float
-    rounding (test_smoke.py states the bounds), and the rollout and its re-scoring run under the same levers.
-    diffusers keeps the attention choice process-wide: set_attention_backend("native") gives SDPA's back."""
+      break fails loudly), peft's LoRA layers traced into it; the first step compiles the rollout's, the
+      re-scoring's and the KL reference's graphs.
+    Both change the arithmetic's order, not what is computed (test_smoke.py states the bounds on the log-probs), and
+    the rollout and its re-scoring run under the same levers. diffusers keeps the attention choice process-wide."""
     if attention_backend:
         transformer.set_attention_backend(attention_backend)
     if compile:

@@ -390,9 +390,7 @@ def main(argv=None):
             lora.load_lora(pipe, args.eval_lora)
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)
     prompt = (embeds.to(device, dtype), None if mask is None else mask.to(device))  # (1, T, D), (1, T)
-    pipe.text_encoder = None  # 16 GiB on the real model, needed no more
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    rollout.free_text_encoder(pipe)
     tables = {}  # the shifted sigma table of each condition token count
     held_out = Samples(held_out, args.resolution, pipe.image_processor)
     held_out = [prepare(pipe, held_out[j][1], args, torch.Generator().manual_seed(rng_seed(args.seed, 1, j)), tables)
