@@ -10,6 +10,10 @@ function of (seed, step, image position), never of the rank, so the ranks only h
 Rank 0 alone writes (metrics, pictures, checkpoints). With one process every function here is a no-op. --device
 cpu runs gloo ranks: the same code, tested without a GPU.
 
+With --fsdp, `shard` also splits the frozen transformer's weights across the ranks (PyTorch's FSDP2, fully_shard per
+block and the root), so each GPU holds 1/N of them; the LoRA stays whole on every rank, as above. The algorithm and
+the checkpoints are unchanged: a sharded run resumes without --fsdp and the other way round.
+
     torchrun --nproc_per_node 2 train.py --images examples --pretrained_model_name_or_path tiny --device cpu ...
 """
 
@@ -85,11 +89,80 @@ def sum_gradients(params, finite):
     return flag.item() == world_size()
 
 
+def all_true(flag):
+    """True only if `flag` is True on every rank (one collective), so the ranks take the same branch: with sharded
+    weights every forward and backward is a collective, and a rank that skipped a backward would hang the others."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() == dist.get_world_size()
+
+
 def sum_floats(values, device="cpu"):
     """{name: float} summed over ranks (float64, one collective; on `device`, which nccl needs to be a GPU)."""
     summed = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     all_reduce_([summed])
     return dict(zip(values, summed.tolist()))
+
+
+# ----------------------------------------------------------------------------- the frozen weights sharded (--fsdp)
+def check_fsdp(fsdp, world, quantize, compile):
+    """--fsdp's combinations, refused at start-up with one line where they are not supported."""
+    if not fsdp:
+        return
+    if world < 2:
+        raise ValueError("--fsdp shards the frozen transformer across torchrun's ranks: run under "
+                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    if quantize != "none":
+        raise ValueError(f"--fsdp with --quantize {quantize}: the quantized weights do not shard (torchao's int8 "
+                         "weight-only tensor cannot, ao#2127; bitsandbytes' NF4 needs a bf16 quant storage this "
+                         "project does not use); use --fsdp alone (bf16) or --quantize alone")
+    if compile:
+        raise ValueError("--fsdp with --compile: not yet tested together here; use one of them")
+
+
+def in_turn(fn, turns=True):
+    """fn() on each rank, one rank after another (turns=True), else on all at once. Loading a model for --fsdp: each
+    rank holds the whole transformer in CPU memory until its shards are on its GPU, so a node holds one copy at a time
+    instead of one per rank."""
+    if not (turns and dist.is_initialized()):
+        return fn()
+    for turn in range(dist.get_world_size()):
+        if turn == dist.get_rank():
+            out = fn()
+        dist.barrier()
+    return out
+
+
+def shard(transformer, lora_params, device):
+    """FSDP2 over the ranks: fully_shard each transformer block, then the root (the layers outside the blocks).
+    - Sharded: the frozen base weights, 1/N per rank (dim-0 shards), all-gathered for each block's forward and freed
+      after it (reshard_after_forward), so a rank holds its shard plus the blocks in flight; the root's few weights
+      stay gathered after the first forward (it would otherwise gather them twice per forward).
+    - Not sharded: the LoRA (ignored_params). It stays fp32 and whole on every rank, so one FSDP group never mixes
+      its fp32 with the base's bf16, its updates of ~1e-4 are not rounded to bf16, the optimizer and the
+      checkpoints are those of an unsharded run, and sum_gradients sums its gradients as without sharding.
+    - Prefetch: block i's forward starts the all-gather of block i+1 (and the backward block i-1's), so the
+      transfer runs under the compute. Every forward then costs an all-gather of the frozen transformer: docs/
+      performance.md has the estimate by link.
+    Gradient checkpointing must be on before (diffusers calls the block through torch.utils.checkpoint, so the
+    recomputation gathers again); the KL reference is the same module with the adapter off.
+    The transformer may sit on the CPU: each block moves to `device` whole, then keeps only its shard there, so a GPU
+    never holds the whole model. No collective runs here (in_turn may call it one rank at a time)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh(torch.device(device).type, list(range(dist.get_world_size())))  # the world group's ranks
+    ignored, blocks = set(lora_params), list(transformer.transformer_blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([block])
+    for p in lora_params:  # FSDP moves what it manages, not what it ignores
+        p.data = p.data.to(device)
 
 
 def close():

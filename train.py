@@ -147,6 +147,9 @@ def parse_args(argv=None):
       "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
       "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks")
+    a("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: shard the frozen "
+      "transformer across the ranks (FSDP2), so that several smaller GPUs train the bf16 model; the LoRA, the "
+      "algorithm and the checkpoints are unchanged (parallel.shard)")
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
@@ -251,7 +254,7 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
                         loss_kl = grpo.kl_loss(prev_mean, ref_mean, std_dev_t)
                     loss = loss_pg + args.beta * loss_kl
                     weight = len(rows) / total
-                    finite = finite and bool(torch.isfinite(loss))
+                    finite = parallel.all_true(finite and bool(torch.isfinite(loss)))  # every rank backward, or none
                     if finite:
                         (loss * weight).backward()
                     for key, value in [("loss/policy", loss_pg), ("loss/kl", loss_kl), *diag.items()]:
@@ -288,6 +291,33 @@ def log_step(log, step, plan, scores, advantages, stats, traj, args, timer, devi
         log.image("samples/group", picture, step + 1)
 
 
+def build_policy(args, device, dtype):
+    """The pipeline with its trainable LoRA: the model loaded (with --fsdp on the CPU, so that a GPU never holds the
+    whole transformer), the fixed prompt encoded once (then the text encoder freed, unless it is the judge), the LoRA
+    added (fresh, or --init_lora's), gradient checkpointing, the speed levers, and with --fsdp the frozen weights
+    sharded. Returns (pipe, LoRA parameters)."""
+    pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=None if args.fsdp
+                                 else device, captioning=args.prompt == "", quantize=args.quantize)
+    if args.prompt:  # a fixed prompt: encoded once, cached on the pipeline
+        for prompt in [args.prompt, " "] if args.true_cfg_scale > 1 else [args.prompt]:
+            rollout.encode_prompt(pipe, prompt)
+        if args.judge != "text_encoder":
+            rollout.free_text_encoder(pipe)  # needed no more
+    transformer = pipe.transformer
+    torch.manual_seed(args.seed)  # the LoRA's gaussian init
+    params = lora.add_init_lora(transformer, args.init_lora) if args.init_lora else \
+        lora.add_lora(transformer, args.rank, args.lora_alpha)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    rollout.speed_up(transformer, args.attention_backend, args.compile)
+    if args.fsdp:
+        parallel.shard(transformer, params, device)
+        for module in (pipe.vae, pipe.text_encoder):  # the rest of the pipeline, whole on every rank
+            if module is not None:
+                module.to(device)
+    return pipe, params
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -296,6 +326,7 @@ def main(argv=None):
     with runs.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
         rank, world, device = parallel.init_distributed(device)
+        parallel.check_fsdp(args.fsdp, world, args.quantize, args.compile)
         if args.images_per_step % world:
             raise runs.InputError(f"--images_per_step {args.images_per_step} must be a multiple of the number of "
                                   f"ranks ({world})")
@@ -308,21 +339,9 @@ def main(argv=None):
         G, per_rank = args.group_size, args.images_per_step // world
         judge = scoring.load_judge(args, [reward_fn], device, dtype, concurrency=args.judge_concurrency or
                                    per_rank * (G + 1))  # checked before the model load; all of a step's requests
-        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
-                                     captioning=args.prompt == "", quantize=args.quantize)
-        if args.prompt:  # a fixed prompt: encoded once, cached on the pipeline
-            for prompt in [args.prompt, " "] if args.true_cfg_scale > 1 else [args.prompt]:
-                rollout.encode_prompt(pipe, prompt)
-        judge = judge or scoring.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
-        if args.prompt and args.judge != "text_encoder":
-            rollout.free_text_encoder(pipe)  # the text encoder is needed no more
+        pipe, params = parallel.in_turn(lambda: build_policy(args, device, dtype), turns=args.fsdp)
         transformer = pipe.transformer
-        torch.manual_seed(args.seed)  # the LoRA's gaussian init
-        params = lora.add_init_lora(transformer, args.init_lora) if args.init_lora else \
-            lora.add_lora(transformer, args.rank, args.lora_alpha)
-        if args.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        rollout.speed_up(transformer, args.attention_backend, args.compile)
+        judge = judge or scoring.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
         if device.startswith("cuda") and args.memory_check:  # the plan for these flags against this rank's card
             line = memory.check_run(args, pipe, params, judge)
             if rank == 0:
