@@ -435,11 +435,14 @@ def run(args):
 def hold_above(card_gib, device):
     """Hold (allocate, never touch) all of the GPU's memory above card_gib GiB, so the rest of the run has what a card
     of that size would have left with the same model on it: total - card_gib GiB, the model and the CUDA context
-    counted in the part that stays. Returns the held tensor (free it to give the memory back)."""
+    counted in the part that stays. Returns the held tensor (free it to give the memory back), or None where this GPU
+    is no larger than the card."""
+    torch.cuda.empty_cache()  # what the build left cached counts as free: a card would have it
     free, total = torch.cuda.mem_get_info(device)
     hold = total - int(card_gib * 2**30)
     if hold <= 0:
-        raise ValueError(f"--card_gib {card_gib:g}: this GPU has only {total / 2**30:.1f} GiB")
+        print(f"--card_gib {card_gib:g}: this GPU has {total / 2**30:.2f} GiB, no more than the card: nothing held")
+        return None
     if hold > free:  # the weights and the context are already more than the card
         raise ValueError(f"--card_gib {card_gib:g}: the model built here and the CUDA context already take "
                          f"{(total - free) / 2**30:.1f} GiB: it does not fit a {card_gib:g} GiB card at all")
