@@ -77,7 +77,8 @@ import quantize
 import tiny
 import train
 
-# --levers' configurations: (attention backend or None for SDPA's own choice, compiled, micro-batch x B), by set
+# --levers' configurations by set: eager or compiled (--compile), "attention" --attention_backend (else SDPA's own
+# kernel choice), "micro-batch" twice --train_batch_size; eager ones first (compiling cannot be undone)
 LEVER_SETS = {"all": ["eager", "eager, attention", "eager, micro-batch", "compiled", "compiled, attention",
                       "compiled, attention, micro-batch"],
               "eager": ["eager", "eager, attention", "eager, micro-batch"],
