@@ -18,10 +18,15 @@ LoRA; beside it the loop body of diffusers' QwenImageLayeredPipeline (transforme
     python bench.py --overlap 0.8 --resolution 128                  # ... when a group's torch work > client work
     python bench.py --scaling                                       # images/s of train.py, 1 vs 2 gloo ranks (CPU)
     python bench.py --levers --device cuda                          # speed levers against eager, in one run
+    python bench.py --levers eager --device cuda                    # ... its eager half; --levers compiled the other
     python bench.py --device cuda --quantize int8                   # the table on the int8 base (48 GB class)
+    python bench.py --device cuda --quantize int8 --card_gib 44.99  # ... as on a 48 GB L40S: the rest held away
     python bench.py --quant_error --num_blocks 2 --resolution 128   # --quantize's velocity error, CPU
     python bench.py --loop --device cuda                            # train.py's whole loop at full size: 2 steps
                                                                     # with a resume, time, memory, checkpoint
+Every row is printed and written to --json as soon as it is measured (a run stopped by a timeout keeps the rows
+before); a row that raises is recorded ("out of GPU memory" is an answer; another error prints its traceback, and
+the run exits 1 at the end) and the next row runs.
 
 FLOP (2 per multiply-add) per sample; K blocks, hidden D = heads * head_dim, N = N_img + N_txt tokens (noise +
 condition + text), r = LoRA rank. One forward F = L + A + R + O:
@@ -49,10 +54,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import re
+import shutil
 import statistics
 import sys
+import sysconfig
 import time
-import re
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,7 +69,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tqdm.auto import tqdm
 
 import data
 import rollout
@@ -69,6 +77,12 @@ import quantize
 import tiny
 import train
 
+# --levers' configurations by set: eager or compiled (--compile), "attention" --attention_backend (else SDPA's own
+# kernel choice), "micro-batch" twice --train_batch_size; eager ones first (compiling cannot be undone)
+LEVER_SETS = {"all": ["eager", "eager, attention", "eager, micro-batch", "compiled", "compiled, attention",
+                      "compiled, attention, micro-batch"],
+              "eager": ["eager", "eager, attention", "eager, micro-batch"],
+              "compiled": ["eager", "compiled", "compiled, attention"]}
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312)]  # bf16 dense
 STEP = 1  # the schedule step that is timed (the cost does not depend on it)
 
@@ -102,6 +116,9 @@ def parse_args(argv=None):
       "the model dtype's on the same inputs (released configuration, --num_blocks K at full width; CPU is enough)")
     a("--judge_gib", type=float, default=0.0, help="hold this many GiB on the GPU all along, as a judge on the same "
       "GPU would (Qwen3.5-9B bf16: 18); out of memory then answers 'does not fit'")
+    a("--card_gib", type=float, default=None, help="the table as on a smaller card: once the model is built, all of "
+      "the GPU's memory above this many GiB (the card's total as nvidia-smi gives it; docs/performance.md lists the "
+      "classes') is held away, so a row that would not fit that card says so; its GiB figures leave the held memory out")
     a("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     a("--repeats", type=int, default=3, help="timed calls; the median is reported")
     a("--peak_tflops", type=float, default=None, help="device bf16 dense peak (default: from the device name)")
@@ -116,9 +133,11 @@ def parse_args(argv=None):
       "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio")
     a("--ratio", action="store_true", help="instead of the table: the on-policy ratio's distance from 1 when the "
       "rollout runs batch G and re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)")
-    a("--levers", action="store_true", help="instead of the table: the speed levers against eager in one run "
-      "(--attention_backend, default _native_cudnn on cuda; --compile; twice --train_batch_size): rollout step, "
-      "micro-step, one image's step, the on-policy ratio and the log-prob distance from eager under each")
+    a("--levers", nargs="?", const="all", default=None, choices=list(LEVER_SETS), help="instead of the table: the "
+      "speed levers against eager in one run (--attention_backend, default _native_cudnn on cuda; --compile; twice "
+      "--train_batch_size): rollout step, micro-step, one image's step, the on-policy ratio and the log-prob "
+      "distance from eager under each. 'eager' or 'compiled' runs one half (each fits a lent GPU's part; "
+      "'compiled' starts with eager, its reference)")
     a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="--levers: the attention "
       "kernel to try (default _native_cudnn on cuda, _native_math on cpu)")
     a("--loop", action="store_true", help="instead of the table: train.py's whole loop on the released configuration "
@@ -139,6 +158,7 @@ def parse_args(argv=None):
                "--num_blocks needs --size full and a value in 1..60"),
               (args.num_inference_steps >= 3, "--num_inference_steps must be >= 3"),
               (args.judge_gib == 0 or cuda, "--judge_gib needs --device cuda"),
+              (args.card_gib is None or (cuda and args.card_gib > 0), "--card_gib needs --device cuda and a value > 0"),
               (args.warmup >= 0 and args.repeats >= 1, "--warmup must be >= 0 and --repeats >= 1"),
               (not args.loop or args.size == "full", "--loop runs the released configuration: drop --size toy"),
               (args.decode_chunk >= 1, "--decode_chunk must be >= 1")]
@@ -237,9 +257,41 @@ def measure(fn, device, warmup, repeats, setup=None):
     return statistics.median(times), *gib
 
 
+# ----------------------------------------------------------------------------- results as they come
+def write_json(path, res):
+    """res to `path` now, whole: written beside it and renamed over it, so the file is valid JSON at any moment and a
+    run killed later (a timeout) leaves every row measured before."""
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(res, indent=2))
+        part.replace(path)
+
+
+def failure(error):
+    """A row whose configuration raised: out of GPU memory is an answer ("does not fit"); anything else is recorded in
+    one line and its traceback printed, and the benchmark goes on with the next row."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return {"oom": True}
+    traceback.print_exception(error)
+    return {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"}
+
+
+def compiler_missing(device):
+    """What torch.compile needs and this machine lacks, '' if nothing: a C compiler (Triton builds each kernel's
+    launcher with it on CUDA; inductor's C++ kernels need a C++ one on the CPU) and Python.h, which both include."""
+    cuda = device.startswith("cuda")
+    names = [os.environ.get("CC"), "gcc", "clang", "cc"] if cuda else [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    missing = [] if any(n and shutil.which(n) for n in names) else [f"a {'C' if cuda else 'C++'} compiler ({names[1]})"]
+    header = Path(sysconfig.get_paths()["include"], "Python.h")
+    return " and ".join(missing + ([] if header.exists() else [f"{header} (python3-dev)"]))
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def run(args):
-    """Build, time every row, and return the results (what --json writes)."""
+    """Build, then time every row, print it and write --json as soon as it is measured; return the results (what
+    --json holds at the end)."""
     device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
     if args.threads or (device == "cpu" and args.size == "toy"):
         torch.set_num_threads(args.threads or 1)
@@ -247,6 +299,8 @@ def run(args):
     pipe, blocks, total_blocks = build_pipeline(args, device, dtype)
     transformer, cfg = pipe.transformer, pipe.transformer.config
     traj, x = make_trajectory(pipe, args, device, dtype)
+    card = hold_above(args.card_gib, device) if args.card_gib else None  # the built (quantized) model stays below
+    held = card.numel() / 2**30 if card is not None else 0.0
     G, B, h, D = args.group_size, args.train_batch_size, args.resolution // 16, transformer.inner_dim
     n_noise, n_txt = (args.layers + 1) * h * h, args.text_tokens
     n_img = n_noise + h * h
@@ -258,27 +312,35 @@ def run(args):
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in name), None)
     rows, out = {}, {}
-    bar = tqdm(total=6 - args.no_decode, desc="bench")
+    res = dict(device=name, dtype=str(dtype).removeprefix("torch."), size=args.size, quantize=args.quantize,
+               blocks_built=blocks, blocks_full=total_blocks, hidden=D, resolution=args.resolution, layers=args.layers,
+               tokens=dict(noise=n_noise, condition=h * h, text=n_txt), group_size=G, train_batch_size=B,
+               rank=args.rank, judge_gib=args.judge_gib, card_gib=args.card_gib, peak_tflops=peak_tflops,
+               warmup=args.warmup, repeats=args.repeats, threads=torch.get_num_threads(), rows=rows, complete=False)
+    print("\n".join(table_head(res)), flush=True)
 
     def record(key, label, batch, fn, flop_of, resident_bytes, setup=None):
-        """Time one row; flop_of(k) is its FLOP with k blocks; resident_bytes is what one block keeps resident."""
-        bar.set_postfix_str(key)
+        """Time one row, print it, write --json; flop_of(k) is its FLOP with k blocks; resident_bytes is what one
+        block keeps resident. A row that raises is recorded as such and the next one runs."""
         try:
             seconds, alloc, reserved = measure(fn, device, args.warmup, args.repeats, setup)
-        except torch.cuda.OutOfMemoryError:  # the answer to "does it fit": a row of the table, not a crash
-            torch.cuda.empty_cache()
-            rows[key] = dict(label=label, batch=batch, oom=True)
-            return bar.update()
-        flop = flop_of(blocks) if flop_of else None
-        factor = flop_of(total_blocks) / flop if flop_of else 1.0  # ~ total_blocks / blocks
-        extra = (total_blocks - blocks) * resident_bytes / 2**30
-        tflops = flop / seconds / 1e12 if flop else None
-        rows[key] = dict(label=label, batch=batch, seconds=seconds * factor, flop=flop and flop * factor, tflops=tflops,
-                         pct_peak=100 * tflops / peak_tflops if tflops and peak_tflops else None,
-                         alloc_gib=alloc and alloc + extra, reserved_gib=reserved and reserved + extra,
-                         measured=dict(seconds=seconds, flop=flop, alloc_gib=alloc, reserved_gib=reserved),
-                         resident_bytes_per_block=resident_bytes)
-        bar.update()
+        except Exception as e:  # out of memory answers "does not fit"; any other error is this row's, not the run's
+            rows[key] = dict(label=label, batch=batch, **failure(e))
+        else:
+            alloc, reserved = (alloc and alloc - held), (reserved and reserved - held)  # the run's own memory
+            flop = flop_of(blocks) if flop_of else None
+            factor = flop_of(total_blocks) / flop if flop_of else 1.0  # ~ total_blocks / blocks
+            extra = (total_blocks - blocks) * resident_bytes / 2**30
+            tflops = flop / seconds / 1e12 if flop else None
+            rows[key] = dict(label=label, batch=batch, seconds=seconds * factor, flop=flop and flop * factor,
+                             tflops=tflops, pct_peak=100 * tflops / peak_tflops if tflops and peak_tflops else None,
+                             alloc_gib=alloc and alloc + extra, reserved_gib=reserved and reserved + extra,
+                             measured=dict(seconds=seconds, flop=flop, alloc_gib=alloc, reserved_gib=reserved),
+                             resident_bytes_per_block=resident_bytes)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # after a failure: what its frames held is free now
+        print(table_row(rows[key], args.card_gib), flush=True)
+        write_json(args.json, res)
 
     # 1-2. one rollout step of G candidates: ours, then diffusers' loop body (transformer + scheduler.step)
     weights, _ = block_bytes(transformer)
@@ -307,7 +369,8 @@ def run(args):
            lambda k: G * flops(k, "forward"), weights,
            setup=lambda: set_schedule(scheduler, args, device).set_begin_index(STEP))
     if "step" not in out:
-        raise RuntimeError("out of GPU memory in the first rollout step; try --num_blocks, --group_size, --judge_gib")
+        raise RuntimeError("the first rollout step did not run (its row says why); the rows after it need its output: "
+                           "try --num_blocks, --group_size, --judge_gib")
     # 3. decode the G x N layers (VAE frames in chunks of 8), under the autocast that lora.lora_precision holds
     #    around rollout.sample in training (a bf16 model: the decode runs inside it)
     if not args.no_decode:
@@ -351,10 +414,9 @@ def run(args):
 
     record("rollout_lora", f"rollout step, ours, LoRA r {args.rank} on", G, ours_lora,
            lambda k: G * flops(k, "forward", args.rank), weights + 2 * lora_bytes, setup=transformer.eval)
-    bar.close()
-    del judge
+    del judge, card
 
-    s = {k: v["measured"]["seconds"] for k, v in rows.items() if "oom" not in v}
+    s = {k: v["measured"]["seconds"] for k, v in rows.items() if "measured" in v}
 
     def ratio(a, b):
         return s[a] / s[b] if a in s and b in s else None
@@ -362,27 +424,44 @@ def run(args):
     micro_steps, train_key = math.ceil(G / B) * args.sde_window, "train_kl" if args.beta > 0 else "train_no_kl"
     estimate = (args.num_inference_steps * rows["rollout_lora"]["seconds"] + rows.get("decode", {}).get("seconds", 0)
                 + micro_steps * rows[train_key]["seconds"]) if {"rollout_lora", train_key} <= set(s) else None
-    return dict(device=name, dtype=str(dtype).removeprefix("torch."), size=args.size, blocks_built=blocks,
-                blocks_full=total_blocks, hidden=D, resolution=args.resolution, layers=args.layers,
-                tokens=dict(noise=n_noise, condition=h * h, text=n_txt), group_size=G, train_batch_size=B,
-                rank=args.rank, judge_gib=args.judge_gib, peak_tflops=peak_tflops, warmup=args.warmup,
-                repeats=args.repeats, threads=torch.get_num_threads(), rows=rows,
-                ratios={"rollout ours / diffusers": ratio("rollout_ours", "rollout_diffusers"),
-                        "rollout LoRA on / off": ratio("rollout_lora", "rollout_ours"),
-                        "train with KL / without KL": ratio("train_kl", "train_no_kl")},
-                train_step_estimate=dict(seconds=estimate, rollout_steps=args.num_inference_steps,
-                                         micro_steps=micro_steps))
+    res.update(ratios={"rollout ours / diffusers": ratio("rollout_ours", "rollout_diffusers"),
+                       "rollout LoRA on / off": ratio("rollout_lora", "rollout_ours"),
+                       "train with KL / without KL": ratio("train_kl", "train_no_kl")},
+               train_step_estimate=dict(seconds=estimate, rollout_steps=args.num_inference_steps,
+                                        micro_steps=micro_steps), complete=True)
+    print("\n".join(table_tail(res)), flush=True)
+    return res
+
+
+def hold_above(card_gib, device):
+    """Hold (allocate, never touch) all of the GPU's memory above card_gib GiB, so the rest of the run has what a card
+    of that size would have left with the same model on it: total - card_gib GiB, the model and the CUDA context
+    counted in the part that stays. Returns the held tensor (free it to give the memory back), or None where this GPU
+    is no larger than the card."""
+    torch.cuda.empty_cache()  # what the build left cached counts as free: a card would have it
+    free, total = torch.cuda.mem_get_info(device)
+    hold = total - int(card_gib * 2**30)
+    if hold <= 0:
+        print(f"--card_gib {card_gib:g}: this GPU has {total / 2**30:.2f} GiB, no more than the card: nothing held")
+        return None
+    if hold > free:  # the weights and the context are already more than the card
+        raise ValueError(f"--card_gib {card_gib:g}: the model built here and the CUDA context already take "
+                         f"{(total - free) / 2**30:.1f} GiB: it does not fit a {card_gib:g} GiB card at all")
+    return torch.empty(hold, dtype=torch.uint8, device=device)
 
 
 def levers(args):
     """The speed levers against eager, in one run on one build (rollout.speed_up; train.py's flags): SDPA's own
     kernel choice or --attention_backend (default _native_cudnn on CUDA), eager or --compile, the update at
-    --train_batch_size or twice it. Compilation cannot be undone, so the eager configurations run first. Per
-    configuration: the rollout step of G candidates with the LoRA on, the training micro-step (with the KL when
-    --beta > 0), one image's step from them (T rollout steps + ceil(G/B) K micro-steps; the decode, no lever's
-    business, left out), the first call's seconds (the compile), peak GiB reserved, and two numbers that must not
-    move: max |ratio - 1| of the rollout's log-probs (batch G, no grad) re-scored in micro-batches with gradients
-    (the on-policy ratio under that configuration), and max |log p - log p eager| of the same transition."""
+    --train_batch_size or twice it; --levers eager / compiled runs one half (LEVER_SETS). Compilation cannot be
+    undone, so the eager configurations run first. Per configuration: the rollout step of G candidates with the LoRA
+    on, the training micro-step (with the KL when --beta > 0), one image's step from them (T rollout steps +
+    ceil(G/B) K micro-steps; the decode, no lever's business, left out), first_calls_s (the first rollout step,
+    re-scoring and update of the configuration: where compiled, every graph's compile), peak GiB reserved, and two
+    numbers that must not move: max |ratio - 1| of the rollout's log-probs (batch G, no grad) re-scored in
+    micro-batches with gradients (the on-policy ratio under that configuration), and max |log p - log p eager| of
+    the same transition. Each configuration's row is printed and written to --json as soon as it is measured; one
+    that raises is recorded as such and the next one runs."""
     device, dtype = args.device, rollout.DTYPES[args.mixed_precision]
     cuda = device.startswith("cuda")
     if args.threads or (device == "cpu" and args.size == "toy"):
@@ -406,90 +485,105 @@ def levers(args):
     factor = transformer_flops(cfg, n_img, n_txt, total_blocks, args.rank)["forward"] / flop["forward"]
     kind = "train_kl" if args.beta > 0 else "train"
     backend = args.attention_backend or ("_native_cudnn" if cuda else "_native_math")
-    configs = [("eager", None, False, B), (f"eager, {backend}", backend, False, B),
-               (f"eager, micro-batch {2 * B}", None, False, 2 * B), ("compiled", None, True, B),
-               (f"compiled, {backend}", backend, True, B), (f"compiled, {backend}, micro-batch {2 * B}", backend, True,
-                                                           2 * B)]
+    configs = [(c.replace("attention", backend).replace("micro-batch", f"micro-batch {2 * B}"),
+                backend if "attention" in c else None, c.startswith("compiled"), 2 * B if "micro-batch" in c else B)
+               for c in LEVER_SETS[args.levers]]
     configs = [c for c in configs if c[3] <= G]
+    missing = compiler_missing(device)
+    if missing and any(c[2] for c in configs):
+        print(f"skipping the compiled configurations: torch.compile needs {missing}, which this machine lacks")
+        configs = [c for c in configs if not c[2]]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows, eager = [], None
-    for label, attention, compiled, batch in tqdm(configs, desc="levers"):
-        if compiled and label == "compiled":  # the first compiled configuration (the list runs eager ones first)
-            rollout.speed_up(transformer, compile=True)
-        transformer.set_attention_backend(attention or "native")  # native: PyTorch's SDPA picks the kernel
+    rows, eager, compiled_yet = [], None, False
+    res = dict(device=name, dtype=str(dtype).removeprefix("torch."), blocks_built=blocks, blocks_full=total_blocks,
+               resolution=args.resolution, layers=args.layers, group_size=G, rank=args.rank, beta=args.beta,
+               peak_tflops=peak_tflops, levers=args.levers, rows=rows, complete=False)
+    print("\n".join(levers_head(res)), flush=True)
+    for label, attention, compiled, batch in configs:
+        try:
+            if compiled and not compiled_yet:  # the first compiled configuration (the eager ones ran before)
+                rollout.speed_up(transformer, compile=True)
+                compiled_yet = True
+            transformer.set_attention_backend(attention or "native")  # native: PyTorch's SDPA picks the kernel
 
-        def rollout_step():
+            def rollout_step():
+                transformer.eval()
+                with torch.no_grad(), lora.lora_precision(transformer):
+                    v = rollout.predict_velocity(transformer, traj, x, t)  # (G, S, 64)
+                    return rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
+                                                         generator=torch.Generator(device).manual_seed(args.seed))
+
+            t0 = time.perf_counter()  # first calls: where compiled, they compile every graph this configuration runs
+            prev, old = rollout_step()[:2]
+            full = dataclasses.replace(traj, latents=torch.stack([x, prev], 1), log_probs=old[:, None])
+            micro = dataclasses.replace(full, latents=full.latents[:batch], log_probs=full.log_probs[:batch],
+                                        image_latents=traj.image_latents[:batch],
+                                        prompt_embeds=traj.prompt_embeds[:batch], group_size=batch)
+            targs = SimpleNamespace(train_batch_size=batch, num_inner_epochs=1, clip_range=1e-4, beta=args.beta,
+                                    max_grad_norm=1.0)
+            advantages = torch.randn(batch, generator=torch.Generator().manual_seed(args.seed))
+
+            def update():
+                transformer.train()
+                with lora.lora_precision(transformer):
+                    train.policy_update(transformer, [micro], advantages, targs, params, optimizer)
+
+            transformer.train()  # the on-policy ratio: the rollout's log-probs re-scored in micro-batches, with grads
+            with lora.lora_precision(transformer):
+                new = torch.cat([rollout.step_log_prob(transformer, full, 0, part)[0].detach()
+                                 for part in torch.arange(G).split(batch)])
+            update()
+            sync()
+            first = time.perf_counter() - t0
+            eager = eager or full  # the first configuration's transition, scored by every configuration's rollout graph
             transformer.eval()
             with torch.no_grad(), lora.lora_precision(transformer):
-                v = rollout.predict_velocity(transformer, traj, x, t)  # (G, S, 64)
-                return rollout.sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
-                                                     generator=torch.Generator(device).manual_seed(args.seed))
-
-        t0 = time.perf_counter()
-        prev, old = rollout_step()[:2]  # the first call: compiles where compiled
-        sync()
-        first = time.perf_counter() - t0
-        full = dataclasses.replace(traj, latents=torch.stack([x, prev], 1), log_probs=old[:, None])
-        micro = dataclasses.replace(full, latents=full.latents[:batch], log_probs=full.log_probs[:batch],
-                                    image_latents=traj.image_latents[:batch], prompt_embeds=traj.prompt_embeds[:batch],
-                                    group_size=batch)
-        targs = SimpleNamespace(train_batch_size=batch, num_inner_epochs=1, clip_range=1e-4, beta=args.beta,
-                                max_grad_norm=1.0)
-        advantages = torch.randn(batch, generator=torch.Generator().manual_seed(args.seed))
-
-        def update():
-            transformer.train()
-            with lora.lora_precision(transformer):
-                train.policy_update(transformer, [micro], advantages, targs, params, optimizer)
-
-        transformer.train()  # the on-policy ratio: the rollout's log-probs re-scored in micro-batches, with gradients
-        with lora.lora_precision(transformer):
-            new = torch.cat([rollout.step_log_prob(transformer, full, 0, rows)[0].detach()
-                             for rows in torch.arange(G).split(batch)])
-        eager = eager or full  # the first configuration's transition, scored by every configuration's rollout graph
-        transformer.eval()
-        with torch.no_grad(), lora.lora_precision(transformer):
-            vs_eager = (rollout.step_log_prob(transformer, eager, 0)[0] - eager.log_probs[:, 0]).abs().max().item()
-        try:
+                vs_eager = (rollout.step_log_prob(transformer, eager, 0)[0] - eager.log_probs[:, 0]).abs().max().item()
             roll_s, _, roll_gib = measure(rollout_step, device, args.warmup, args.repeats)
-            train_s, _, train_gib = measure(update, device, args.warmup + compiled, args.repeats)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows.append(dict(label=label, oom=True))
-            continue
-        tflops = batch * flop[kind] / train_s / 1e12
-        rows.append(dict(label=label, rollout_s=roll_s * factor, micro_step_s=train_s * factor, batch=batch,
-                         step_per_image_s=factor * (T * roll_s + math.ceil(G / batch) * args.sde_window * train_s),
-                         micro_step_pct_peak=100 * tflops / peak_tflops if peak_tflops else None,
-                         first_call_s=first, reserved_gib=max(roll_gib or 0, train_gib or 0) or None,
-                         ratio_max_abs_minus_1=(torch.exp(new - old).double() - 1).abs().max().item(),
-                         log_prob_max_abs_vs_eager=vs_eager))
+            train_s, _, train_gib = measure(update, device, args.warmup, args.repeats)
+        except Exception as e:  # out of memory answers "does not fit"; any other error is this configuration's
+            row = dict(label=label, batch=batch, **failure(e))
+        else:
+            tflops = batch * flop[kind] / train_s / 1e12
+            row = dict(label=label, rollout_s=roll_s * factor, micro_step_s=train_s * factor, batch=batch,
+                       step_per_image_s=factor * (T * roll_s + math.ceil(G / batch) * args.sde_window * train_s),
+                       micro_step_pct_peak=100 * tflops / peak_tflops if peak_tflops else None,
+                       first_calls_s=first, reserved_gib=max(roll_gib or 0, train_gib or 0) or None,
+                       ratio_max_abs_minus_1=(torch.exp(new - old).double() - 1).abs().max().item(),
+                       log_prob_max_abs_vs_eager=vs_eager)
+            base = row if label == "eager" else next((r for r in rows if r["label"] == "eager" and "rollout_s" in r),
+                                                     None)
+            row["speedup_per_image"] = base["step_per_image_s"] / row["step_per_image_s"] if base else None
+        if cuda:
+            torch.cuda.empty_cache()  # after a failure: what its frames held is free now
+        rows.append(row)
+        print(levers_row(row), flush=True)
+        write_json(args.json, res)
     transformer.set_attention_backend("native")  # diffusers keeps the last choice process-wide
-    base = next((r for r in rows if "oom" not in r), None)
-    for r in rows:
-        if base and "oom" not in r:
-            r["speedup_per_image"] = base["step_per_image_s"] / r["step_per_image_s"]
-    return dict(device=name, dtype=str(dtype).removeprefix("torch."), blocks_built=blocks, blocks_full=total_blocks,
-                resolution=args.resolution, layers=args.layers, group_size=G, rank=args.rank, beta=args.beta,
-                peak_tflops=peak_tflops, rows=rows)
+    res["complete"] = True
+    return res
+
+
+def levers_head(res):
+    return [f"device {res['device']} | {res['dtype']} | {res['blocks_built']} of {res['blocks_full']} blocks built "
+            f"(times scaled to {res['blocks_full']}) | {res['resolution']} px, {res['layers']} layers, G "
+            f"{res['group_size']}, LoRA r {res['rank']}, beta {res['beta']:g}",
+            "1st calls: the configuration's first rollout step, re-scoring and update (compiled: their compiles)",
+            "", f"{'configuration':<40}{'rollout s':>10}{'micro s':>9}{'B':>3}{'image s':>9}{'x eager':>8}"
+                f"{'% peak':>8}{'1st calls':>10}{'|r-1|':>9}{'|dlogp|':>9}{'resv GiB':>9}", "-" * 124]
+
+
+def levers_row(r):
+    if "rollout_s" not in r:
+        return f"{r['label']:<40}   " + ("out of GPU memory" if r.get("oom") else f"failed: {r['error']}")
+    return (f"{r['label']:<40}{r['rollout_s']:>10.3g}{r['micro_step_s']:>9.3g}{r['batch']:>3}"
+            f"{r['step_per_image_s']:>9.4g}{fmt(r['speedup_per_image'], '.3f'):>8}"
+            f"{fmt(r['micro_step_pct_peak'], '.1f'):>8}{r['first_calls_s']:>10.3g}"
+            f"{r['ratio_max_abs_minus_1']:>9.2e}{r['log_prob_max_abs_vs_eager']:>9.2e}{fmt(r['reserved_gib'], '.1f'):>9}")
 
 
 def format_levers(res):
-    lines = [f"device {res['device']} | {res['dtype']} | {res['blocks_built']} of {res['blocks_full']} blocks built "
-             f"(times scaled to {res['blocks_full']}) | {res['resolution']} px, {res['layers']} layers, G "
-             f"{res['group_size']}, LoRA r {res['rank']}, beta {res['beta']:g}",
-             "", f"{'configuration':<40}{'rollout s':>10}{'micro s':>9}{'B':>3}{'image s':>9}{'x eager':>8}"
-                 f"{'% peak':>8}{'1st call':>9}{'|r-1|':>9}{'|dlogp|':>9}{'resv GiB':>9}", "-" * 123]
-    for r in res["rows"]:
-        if r.get("oom"):
-            lines.append(f"{r['label']:<40}   out of GPU memory")
-            continue
-        lines.append(f"{r['label']:<40}{r['rollout_s']:>10.3g}{r['micro_step_s']:>9.3g}{r['batch']:>3}"
-                     f"{r['step_per_image_s']:>9.4g}{r['speedup_per_image']:>8.3f}"
-                     f"{fmt(r['micro_step_pct_peak'], '.1f'):>8}{r['first_call_s']:>9.3g}"
-                     f"{r['ratio_max_abs_minus_1']:>9.2e}{r['log_prob_max_abs_vs_eager']:>9.2e}"
-                     f"{fmt(r['reserved_gib'], '.1f'):>9}")
-    return "\n".join(lines)
+    return "\n".join([*levers_head(res), *map(levers_row, res["rows"])])
 
 
 def quant_error(args):
@@ -516,33 +610,45 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def format_table(res):
-    """The results as a plain-text table."""
+def table_head(res):
     tok, built, full = res["tokens"], res["blocks_built"], res["blocks_full"]
-    lines = [f"device {res['device']} ({res['threads']} CPU threads) | {res['dtype']} | {res['size']} size, hidden "
-             f"{res['hidden']} | bf16 dense peak {fmt(res['peak_tflops'], 'g')} TFLOP/s | judge stand-in "
-             f"{res['judge_gib']:g} GiB",
-             f"{res['resolution']} px, {res['layers']} layers: {tok['noise']} noise + {tok['condition']} condition + "
-             f"{tok['text']} text tokens | G {res['group_size']}, train_batch_size {res['train_batch_size']}, LoRA r "
-             f"{res['rank']}, gradient checkpointing | median of {res['repeats']} after {res['warmup']} warm-up",
-             f"{built} of {full} blocks built" + ("" if built == full else f"; figures scaled to {full}: time x FLOP("
-                                                   f"{full})/FLOP({built}), memory + {full - built} x one block's "
-                                                   "resident bytes (measured ones in --json)"),
-             "", f"{'measurement':<44}{'batch':>6}{'time s':>9}{'FLOP':>10}{'TFLOP/s':>9}{'% peak':>8}"
-                 f"{'alloc GiB':>10}{'resv GiB':>9}", "-" * 105]
-    for r in res["rows"].values():
-        if r.get("oom"):
-            lines.append(f"{r['label']:<44}{r['batch']:>6}   out of GPU memory")
-            continue
-        lines.append(f"{r['label']:<44}{r['batch']:>6}{r['seconds']:>9.3g}{fmt(r['flop'], '.3g'):>10}"
-                     f"{fmt(r['tflops'], '.3g'):>9}{fmt(r['pct_peak'], '.1f'):>8}{fmt(r['alloc_gib'], '.2f'):>10}"
-                     f"{fmt(r['reserved_gib'], '.2f'):>9}")
-    lines += [""] + [f"ratio {k}: {fmt(v, '.3f')}" for k, v in res["ratios"].items()]
+    card = f" | as on a {res['card_gib']:g} GiB card (the rest held away)" if res["card_gib"] else ""
+    return [f"device {res['device']} ({res['threads']} CPU threads) | {res['dtype']}, quantize {res['quantize']} | "
+            f"{res['size']} size, hidden {res['hidden']} | bf16 dense peak {fmt(res['peak_tflops'], 'g')} TFLOP/s | "
+            f"judge stand-in {res['judge_gib']:g} GiB{card}",
+            f"{res['resolution']} px, {res['layers']} layers: {tok['noise']} noise + {tok['condition']} condition + "
+            f"{tok['text']} text tokens | G {res['group_size']}, train_batch_size {res['train_batch_size']}, LoRA r "
+            f"{res['rank']}, gradient checkpointing | median of {res['repeats']} after {res['warmup']} warm-up",
+            f"{built} of {full} blocks built" + ("" if built == full else f"; figures scaled to {full}: time x FLOP("
+                                                  f"{full})/FLOP({built}), memory + {full - built} x one block's "
+                                                  "resident bytes (measured ones in --json)"),
+            "", f"{'measurement':<44}{'batch':>6}{'time s':>9}{'FLOP':>10}{'TFLOP/s':>9}{'% peak':>8}"
+                f"{'alloc GiB':>10}{'resv GiB':>9}", "-" * 105]
+
+
+def table_row(r, card_gib=None):
+    if r.get("oom"):
+        return f"{r['label']:<44}{r['batch']:>6}   out of GPU memory" + (f": does not fit a {card_gib:g} GiB card"
+                                                                       if card_gib else "")
+    if r.get("error"):
+        return f"{r['label']:<44}{r['batch']:>6}   failed: {r['error']}"
+    return (f"{r['label']:<44}{r['batch']:>6}{r['seconds']:>9.3g}{fmt(r['flop'], '.3g'):>10}"
+            f"{fmt(r['tflops'], '.3g'):>9}{fmt(r['pct_peak'], '.1f'):>8}{fmt(r['alloc_gib'], '.2f'):>10}"
+            f"{fmt(r['reserved_gib'], '.2f'):>9}")
+
+
+def table_tail(res):
     e = res["train_step_estimate"]
-    lines.append(f"one train.py step, 1 image, judge excluded: {e['rollout_steps']} rollout steps (LoRA)"
-                 f"{' + decode' if 'decode' in res['rows'] else ''} + {e['micro_steps']} micro-steps = "
-                 f"{fmt(e['seconds'], '.4g')} s")
-    return "\n".join(lines)
+    return ["", *[f"ratio {k}: {fmt(v, '.3f')}" for k, v in res["ratios"].items()],
+            f"one train.py step, 1 image, judge excluded: {e['rollout_steps']} rollout steps (LoRA)"
+            f"{' + decode' if 'seconds' in res['rows'].get('decode', {}) else ''} + {e['micro_steps']} micro-steps = "
+            f"{fmt(e['seconds'], '.4g')} s"]
+
+
+def format_table(res):
+    """The results as a plain-text table (run() prints it a row at a time)."""
+    return "\n".join([*table_head(res), *(table_row(r, res["card_gib"]) for r in res["rows"].values()),
+                      *table_tail(res)])
 
 
 def onpolicy_ratio(args):
@@ -683,7 +789,7 @@ def loop(args):
     --resolution, --num_inference_steps, --sde_window, --beta, --mixed_precision). Step 1 runs and is checkpointed;
     a second train.main resumes from it (a fresh build, as a restarted job) and runs step 2. Per step: time/step_s and
     its parts, peak GiB allocated and reserved (CUDA); the checkpoint's size and write time (runs.save_checkpoint,
-    timed where train.py calls it)."""
+    timed where train.py calls it). Written to --json after each step, so a run stopped in step 2 keeps step 1."""
     import gc
     import tempfile
 
@@ -716,17 +822,21 @@ def loop(args):
                 gc.collect()
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
+                rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+                out = {"model": model, "steps": [r["step"] for r in rows]}
+                for r in rows:
+                    for key in ("time/step_s", "time/rollout_s", "time/train_s", "mem/peak_gb", "mem/reserved_gb",
+                                "diag/ratio_mean", "reward/mean"):
+                        if key in r:
+                            out[f"step{r['step']} {key}"] = r[key]
+                out.update(checkpoint_mib=writes[-1][1] / 2**20,
+                           checkpoint_write_s=statistics.median(s for s, _ in writes), checkpoints_written=len(writes),
+                           complete=steps == 2)
+                print(f"bench --loop, after step {steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()
+                                                                        if isinstance(v, float)), flush=True)
+                write_json(args.json, out)
         finally:
             runs.save_checkpoint = save
-        rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
-    out = {"model": model, "steps": [r["step"] for r in rows]}
-    for r in rows:
-        for key in ("time/step_s", "time/rollout_s", "time/train_s", "mem/peak_gb", "mem/reserved_gb",
-                    "diag/ratio_mean", "reward/mean"):
-            if key in r:
-                out[f"step{r['step']} {key}"] = r[key]
-    out.update(checkpoint_mib=writes[-1][1] / 2**20, checkpoint_write_s=statistics.median(s for s, _ in writes),
-               checkpoints_written=len(writes))
     return out
 
 
@@ -739,22 +849,24 @@ def main(argv=None):
     if mode:  # one line of figures
         res = mode(args)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-    else:  # a table
+    else:  # a table, printed a row at a time (and --json written after each row)
         threads = torch.get_num_threads()
         try:
             res = levers(args) if args.levers else run(args)
         finally:
             torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
-        print(format_levers(res) if args.levers else format_table(res))
+    write_json(args.json, res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
         print(f"wrote {args.json}")
     return res
 
 
 if __name__ == "__main__":
     try:
-        main()
+        res = main()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    rows = res.get("rows", {})
+    failed = [r["label"] for r in (rows.values() if isinstance(rows, dict) else rows) if "error" in r]
+    if failed:  # out of memory is an answer; any other error is a failure, its traceback printed where it happened
+        sys.exit(f"error: {len(failed)} row(s) failed: {'; '.join(failed)}")

@@ -82,7 +82,9 @@ def quantize_blocks(transformer, kind, device=None):
     if kind == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(blocks, Int8WeightOnlyConfig(), device=device)  # its default filter: every nn.Linear
+        # set_inductor_config=False: its default True turns on inductor's coordinate-descent tuning for the whole
+        # process, so --quantize int8 --compile would compile far slower; nothing here needs it
+        quantize_(blocks, Int8WeightOnlyConfig(set_inductor_config=False), device=device)  # every nn.Linear
         return transformer
     import bitsandbytes as bnb
 

@@ -1,7 +1,8 @@
 """What only a CUDA GPU exercises, on the tiny models: bf16 autocast and TF32 in the real loop, the fused attention
-kernels, a real CUDA out-of-memory error, the local judge's trips to and from the GPU, torchrun's device per rank.
-Skipped without CUDA (the README's test command runs them where a GPU is visible); `bash .ci/gpu` runs them with
-the full-size loop (bench.py --loop)."""
+kernels, a real CUDA out-of-memory error, the local judge's trips to and from the GPU, torchrun's device per rank
+(with 2 GPUs or more; its refusal of more ranks than GPUs on one), and memory.plan against the peaks the CUDA
+allocator reaches at full width. Skipped without CUDA (the README's test command runs them where a GPU is visible);
+`bash .ci/gpu correct` runs them with the full-size loop (bench.py --loop)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
 
+import bench
 import memory
 import reward
 import rollout
@@ -28,19 +30,24 @@ TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--laye
 
 def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
     """train.py at --mixed_precision bf16 on CUDA: the frozen weights in bf16, the LoRA (the optimizer's copy) in
-    fp32, TF32 on for the fp32 parts (upstream's setting), and the first ratio 1 within bf16's re-scoring error
-    (re-scored at the rollout's batch shape, as here, it is 1 to float precision; in micro-batches bf16 rounding
-    moves it by ~2e-6 at full size: bench.py --ratio)."""
-    pipe = train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "2",
-                       "--mixed_precision", "bf16", "--learning_rate", "1e-2", *TINY])
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    fp32, TF32 turned on for the fp32 parts (upstream's setting; both flags are off before it runs, so it is train.py
+    that turns them on), and the first ratio 1 within a tenth of --clip_range, bench.py --levers' bound (a rollout in
+    eval without gradients against a re-scoring in train mode with checkpointing, in bf16)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        pipe = train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "2",
+                           "--mixed_precision", "bf16", "--learning_rate", "1e-2", *TINY])
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     lora = [p for n, p in pipe.transformer.named_parameters() if "lora_" in n]
     frozen = [p for n, p in pipe.transformer.named_parameters() if "lora_" not in n]
     assert lora and all(p.dtype == torch.float32 and p.is_cuda for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in frozen if p.is_floating_point())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/skipped_updates"] == 0 for r in rows)
-    assert abs(rows[0]["diag/ratio_mean"] - 1) < 1e-6
+    assert abs(rows[0]["diag/ratio_mean"] - 1) < 1e-5
     assert all(0 < r["mem/peak_gb"] <= r["mem/reserved_gb"] for r in rows)
 
 
@@ -105,23 +112,43 @@ def _torchrun(nproc, argv, **kw):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def test_torchrun_puts_each_rank_on_its_gpu_and_refuses_more_ranks_than_gpus(design_images, tmp_path):
-    """One rank per GPU (rank k on cuda:k, nccl); one rank more than the node's GPUs: one line, no rendezvous."""
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="rank k on cuda:k needs 2 GPUs or more: one rank creates "
+                    "no process group")
+def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
+    """One rank per GPU: rank k on cuda:k, nccl."""
     n = torch.cuda.device_count()
-    common = ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--images_per_step", str(n)]
-    ok = _torchrun(n, [*common, "--output_dir", str(tmp_path / "ok")])
+    ok = _torchrun(n, ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--images_per_step", str(n),
+                       "--output_dir", str(tmp_path)])
     assert ok.returncode == 0, ok.stderr[-800:]
-    assert f"{n} rank(s), device cuda" in ok.stdout  # cuda:0 .. cuda:n-1 (one rank: plain cuda)
-    bad = _torchrun(n + 1, [*common, "--output_dir", str(tmp_path / "bad"), "--images_per_step", str(n + 1)])
+    assert f"{n} rank(s), device cuda:0" in ok.stdout  # rank 0's line; each rank k set_device(k) before nccl
+
+
+def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path):
+    """One rank more than the node's GPUs (2 ranks on one GPU): one line naming what to launch, no rendezvous."""
+    n = torch.cuda.device_count()
+    bad = _torchrun(n + 1, ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--output_dir",
+                            str(tmp_path), "--images_per_step", str(n + 1)])
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and lines == [f"error: {n + 1} ranks on this node but {n} GPU(s) visible: use "
                                              f"--nproc_per_node {n} (or --device cpu for gloo ranks)"]
 
 
-def test_memory_plan_says_what_fits_this_card():
-    """train.py's start-up check (memory.check): a setup that fits gets one line with the planned peak and the card's
-    budget; one that cannot fit any card (60 blocks at 2048 px, G 64) is refused in one line naming what would."""
-    line = memory.check(memory.Setup(num_blocks=2, resolution=64, group_size=2), "cuda", 0)
+def test_memory_plan_against_the_peaks_cuda_allocates():
+    """memory.plan, which train.py checks at start-up on CUDA, against the peaks the CUDA allocator reaches in bench.py's
+    rows at full width (2 of the 60 blocks, 512 px, 2 layers, G 4, micro-batch 2, LoRA r 64, bf16): the update
+    micro-step with the KL and the rollout step with the LoRA, each within 10 % (the plan is within 1 % of
+    memory.simulate here; the rest is the GPU's own: kernel workspaces, the allocator's rounding). The decode is left
+    out: the H200's full-size table put its activations about a fifth above the plan's (docs/performance.md). Then
+    memory.check, which reads the card's free memory: one line if the setup fits, and one refusal line naming what
+    would fit if nothing can."""
+    flags = dict(num_blocks=2, resolution=512, layers=2, group_size=4, train_batch_size=2)
+    res = bench.main(["--device", "cuda", "--warmup", "1", "--repeats", "1", "--no_decode",
+                      *[f for k, v in flags.items() for f in (f"--{k}", str(v))]])
+    planned = memory.plan(memory.Setup(**flags))
+    measured = {k: r["measured"]["alloc_gib"] for k, r in res["rows"].items()}
+    assert measured["train_kl"] == pytest.approx(planned["update"], rel=0.1)
+    assert measured["rollout_lora"] == pytest.approx(planned["rollout"], rel=0.1)
+    line = memory.check(memory.Setup(**flags), "cuda", 0)
     assert line.startswith("memory plan: ~") and "GiB on cuda" in line
     with pytest.raises(ValueError, match=r"more than the .* GiB cuda has for this run; what fits: ") as e:
         memory.check(memory.Setup(resolution=2048, group_size=64), "cuda", 0)
