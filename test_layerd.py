@@ -201,7 +201,7 @@ def regenerate():
     (github.com/CyberAgentAILab/LayerD, Apache-2.0; the values here came from commit 6b95bc5), or put its src/ on
     PYTHONPATH, skip its layerd/__init__.py (it imports the decomposition model) and give its layerd/data/crello.py
     importable stand-ins for the renderer and inpainting modules it imports (the evaluation uses none of them);
-    its evaluation needs numpy, pillow and scikit-image. Done that way on 2026-12-06 (numpy 2.4.6, pillow 13.0.0)."""
+    its evaluation needs numpy, pillow and scikit-image. Done that way on 2026-12-05 (numpy 2.4.6, pillow 13.0.0)."""
     from layerd.evaluation import LayersEditDist
 
     cases = random_cases()
