@@ -219,7 +219,7 @@ def write_csv(rows: list, path) -> None:
         w.writerow(keys + [f"l1_{i}" for i in range(maxL)] + [f"alpha_l1_{i}" for i in range(maxL)])
         for r in rows:
             pad = [""] * (maxL - r["L"])
-            w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in keys] + r["per_layer_l1"] + pad +
+            w.writerow(["" if r.get(k) is None else r[k] for k in keys] + r["per_layer_l1"] + pad +
                        r["per_layer_alpha_l1"] + pad)
 
 
