@@ -11,8 +11,10 @@ references with `python data.py synthetic refs` or `python data.py crello refs`.
         --lora mine=ckpt/pytorch_lora_weights.safetensors --output_dir out
 
 Outputs in --output_dir: the printed table, results.json ({run: {str(L): {n, per_layer_l1, mean_l1, ...}}}),
-per_sample.csv, bars_L<L>.png (one bar chart per L comparing runs per layer index), samples.png (input and layers on
-white, per run). Model mode also writes output_dir/predictions/<run>/<sample>/layer_<i>.png for re-scoring.
+layerd_scores.json (LayerD's protocol per edit level over all samples, layerd_protocol.py), per_sample.csv,
+bars_L<L>.png (one bar chart per L comparing runs per layer index, and blank / duplicate / overlapping layers),
+samples.png (input and layers on white, per run). Model mode also writes
+output_dir/predictions/<run>/<sample>/layer_<i>.png for re-scoring. docs/evaluation.md defines every number.
 """
 import argparse
 import csv
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
+import layerd_protocol
+import reward  # rewards and judges import no diffusers either
 from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers, to_image
 from quantize import QUANTIZE, check as check_quantize  # torch only: predictions mode needs no diffusers
 
@@ -44,52 +48,34 @@ def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------------------- metrics
-def _layerd_pair(pred: torch.Tensor, ref: torch.Tensor):
-    """LayerD-style pair metrics of two (4, H, W) layers: RGB L1 over the 3 straight colour channels of the pixels
-    where ref alpha > 0 (0.0 when there are none), and soft alpha IoU = sum min(a_p, a_r) / sum max(a_p, a_r)
-    (1.0 when both alphas are all zero)."""
-    mask = ref[3] > 0
-    rgb = (pred[:3] - ref[:3]).abs()[:, mask].mean().item() if mask.any() else 0.0
-    hi = torch.maximum(pred[3], ref[3]).sum().item()
-    iou = torch.minimum(pred[3], ref[3]).sum().item() / hi if hi > 0 else 1.0
-    return rgb, iou
+def to_uint8(layer: torch.Tensor) -> np.ndarray:
+    """(4, H, W) in [0, 1] -> (H, W, 4) uint8, round(255 x): exactly the 8-bit file for layers read from PNGs."""
+    return (layer.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def layerd_metrics(pred: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Order-preserving matching with merges of adjacent layers, then LayerD's RGB L1 and soft alpha IoU.
-
-    pred (N, 4, H, W) and ref (L, 4, H, W), both back to front. With N == L layer i is matched to layer i. Otherwise
-    the longer sequence is cut into K = min(N, L) contiguous blocks (so exactly |N - L| merges, none on the shorter
-    side), block k matched to layer k of the shorter one; a block is merged into one layer with `composite`. Among
-    all such cuttings, dynamic programming picks the one with the least sum over pairs of d = (rgb_l1 + 1 - iou) / 2
-    (metrics of `_layerd_pair`). Reported: layerd_rgb_l1 and layerd_alpha_iou = plain means over the K pairs,
-    layerd_merges = |N - L|. Our own implementation of the idea of LayerD's protocol (which budgets merges as edit
-    operations), not its code: comparable in kind with published numbers, not guaranteed identical.
+def layer_quality(layers: torch.Tensor) -> dict:
+    """The Stable-Layers paper's two other claims ("fewer blank or artifact-heavy layers", "stronger layer
+    separation") measured on one stack (N, 4, H, W), back to front, extras included:
+      blank_layers     = #{i: mean over H, W of alpha_i < 1e-3}
+      duplicate_layers = #{non-blank j: some non-blank i < j has sum|P_i - P_j| / sum max(P_i, P_j) < 0.05}, P the
+                         premultiplied RGBA (rgb * alpha, alpha), sums over channels and pixels
+      (both exactly reward.layer_usage_reward's definitions, which it reads: one definition, in reward.py)
+      fg_overlap       = sum_p (sum_{i>=1} a_i(p) - max_{i>=1} a_i(p)) / sum_p sum_{i>=1} a_i(p): the share of the
+                         foreground layers' alpha that lies on another foreground layer's alpha; 0 when they are
+                         disjoint or there are fewer than 2 (or no alpha), (K - 1) / K for K identical layers
     """
-    N, L = len(pred), len(ref)
-    if N == 0:
-        return {"layerd_rgb_l1": None, "layerd_alpha_iou": None, "layerd_merges": None}
-    long_, short, swap = (pred, ref, False) if N >= L else (ref, pred, True)
-    M, K = len(long_), len(short)
-    blocks = {(i, j): composite(long_[i:j]) for i in range(M) for j in range(i + 1, M - K + i + 2)}
-    best = {(0, 0): (0.0, None, None)}  # (long layers used, short layers used) -> (cost, previous state, (rgb, iou))
-    for k in range(K):
-        for i in [i for (i, kk) in list(best) if kk == k]:
-            for j in range(i + 1, M - (K - k - 1) + 1):  # leave at least one long layer per remaining short layer
-                p, r = (short[k], blocks[i, j]) if swap else (blocks[i, j], short[k])
-                rgb, iou = _layerd_pair(p, r)
-                cost = best[i, k][0] + (rgb + 1 - iou) / 2
-                if (j, k + 1) not in best or cost < best[j, k + 1][0]:
-                    best[j, k + 1] = (cost, (i, k), (rgb, iou))
-    pairs, state = [], (M, K)
-    while state != (0, 0):
-        _, state, pair = best[state]
-        pairs.append(pair)
-    return {"layerd_rgb_l1": sum(r for r, _ in pairs) / K, "layerd_alpha_iou": sum(u for _, u in pairs) / K,
-            "layerd_merges": M - K}
+    if len(layers) == 0:
+        return {"blank_layers": 0, "duplicate_layers": 0, "fg_overlap": 0.0}
+    _, info = reward.layer_usage_reward([None], layers[None].float(), 1)  # B = 1: its means are this stack's counts
+    fg = layers[1:, 3].double()  # (N - 1, H, W)
+    total = fg.sum().item()
+    overlap = (total - fg.amax(0).sum().item()) / total if len(fg) > 1 and total > 0 else 0.0
+    return {"blank_layers": round(info["layer_usage/blank"]), "duplicate_layers": round(info["layer_usage/duplicate"]),
+            "fg_overlap": overlap}
 
 
-def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layers: list, layerd: bool = True) -> dict:
+def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layers: list, layerd: bool = True,
+                   layerd_max_edits: int = 5) -> dict:
     """All metrics of one sample; values in [0, 1].
 
     ref_layers (L, 4, H, W), ref_image (4, H, W) (image.png, alpha 1 when RGB), pred_layers a list of N (4, h, w);
@@ -101,7 +87,11 @@ def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layer
       mean_l1  = mean over i of per_layer_l1[i]
       recon_l1 = mean over H, W, 3 channels of |over_white(composite(all N pred layers, extras included))
                  - over_white(image.png)|
-      layerd_*: see `layerd_metrics` (all N pred layers against the L reference layers)
+      blank_layers, duplicate_layers, fg_overlap: `layer_quality` of the N pred layers; ref_*: of the references
+      layerd_levels: LayerD's protocol (layerd_protocol.edit_levels on the 8-bit layers, all N pred layers against
+                 the L reference layers, up to layerd_max_edits merges), one dict per edit level; None when N < 2 or
+                 L < 2 (LayerD's tools/evaluate.py skips those samples); layerd_rgb_l1, layerd_alpha_iou,
+                 layerd_edits: its last level (the values at max edits, and the edits used)
     """
     L, _, H, W = ref_layers.shape
     resized = any(tuple(p.shape[1:]) != (H, W) for p in pred_layers)
@@ -113,13 +103,19 @@ def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layer
     recon = over_white(composite(pred)) if N else torch.ones(3, H, W)
     row = {"L": L, "num_pred_layers": N, "missing_layers": max(L - N, 0), "extra_layers": max(N - L, 0),
            "resized": resized, "per_layer_l1": per_layer, "per_layer_alpha_l1": per_alpha,
-           "mean_l1": sum(per_layer) / L, "recon_l1": (recon - over_white(ref_image)).abs().mean().item()}
+           "mean_l1": sum(per_layer) / L, "recon_l1": (recon - over_white(ref_image)).abs().mean().item(),
+           **layer_quality(pred), **{f"ref_{k}": v for k, v in layer_quality(ref_layers).items()}}
     if layerd:
-        row.update(layerd_metrics(pred, ref_layers))
+        levels = layerd_protocol.edit_levels([to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers],
+                                             layerd_max_edits) if N >= 2 and L >= 2 else None
+        last = levels[-1] if levels else {}
+        row.update(layerd_levels=levels, layerd_rgb_l1=last.get("rgb_l1"), layerd_alpha_iou=last.get("alpha_iou"),
+                   layerd_edits=last.get("edits"))
     return row
 
 
-def score_predictions(references, predictions, layerd: bool = True, max_samples=None, run: str = "") -> list:
+def score_predictions(references, predictions, layerd: bool = True, max_samples=None, run: str = "",
+                      layerd_max_edits: int = 5) -> list:
     """Score predictions/<sample>/layer_<i>.png against every reference sample; one row (dict) per sample."""
     samples = list_references(references)[:max_samples]
     pred_root = Path(predictions)
@@ -137,14 +133,18 @@ def score_predictions(references, predictions, layerd: bool = True, max_samples=
             raise ValueError(f"reference {folder}: image.png and the layer files must all have the same size")
         pred_layers = load_layer_files(pred_root / folder.name, "prediction")
         rows.append({"run": run, "sample": folder.name,
-                     **sample_metrics(torch.stack(ref_layers), image, pred_layers, layerd)})
+                     **sample_metrics(torch.stack(ref_layers), image, pred_layers, layerd, layerd_max_edits)})
     return rows
 
 
 def summarize(rows: list) -> dict:
     """Group rows by L: {str(L): {...}}. Means are over the n samples of the group (and per layer index);
     mean_l1 = mean over i of per_layer_l1[i]; per_layer_l1_std = sample std (ddof=1) over the n samples, 0 when n=1;
-    missing_layers / extra_layers are sums over the group; layerd_* means skip samples without a value."""
+    missing_layers, extra_layers, pred_layers (= sum of N), blank_layers, duplicate_layers are sums over the group;
+    blank_fraction = blank_layers / pred_layers, duplicate_fraction likewise (0 when no layer was predicted);
+    fg_overlap = mean over the samples; ref_*: the same of the references (ref_pred_layers = n L);
+    layerd = LayerD's aggregate (layerd_protocol.aggregate) of the layerd_n samples with LayerD levels, one dict per
+    edit level; layerd_rgb_l1 / layerd_alpha_iou / layerd_edits = its last level's averages (None when none)."""
     out = {}
     for L in sorted({r["L"] for r in rows}):
         g = [r for r in rows if r["L"] == L]
@@ -157,75 +157,111 @@ def summarize(rows: list) -> dict:
              "missing_layers": int(sum(r["missing_layers"] for r in g)),
              "extra_layers": int(sum(r["extra_layers"] for r in g)),
              "samples_resized": int(sum(r["resized"] for r in g))}
-        for key in ("layerd_rgb_l1", "layerd_alpha_iou"):
-            vals = [r[key] for r in g if r.get(key) is not None]
-            s[key] = float(np.mean(vals)) if vals else None
+        for pre, count in (("", sum(r["num_pred_layers"] for r in g)), ("ref_", len(g) * L)):
+            blank, dup = (int(sum(r[f"{pre}{k}_layers"] for r in g)) for k in ("blank", "duplicate"))
+            s.update({f"{pre}pred_layers": count, f"{pre}blank_layers": blank, f"{pre}duplicate_layers": dup,
+                      f"{pre}blank_fraction": blank / count if count else 0.0,
+                      f"{pre}duplicate_fraction": dup / count if count else 0.0,
+                      f"{pre}fg_overlap": float(np.mean([r[f"{pre}fg_overlap"] for r in g]))})
+        levels = [r["layerd_levels"] for r in g if r.get("layerd_levels")]
+        s["layerd"], s["layerd_n"] = layerd_protocol.aggregate(levels), len(levels)
+        for key in ("rgb_l1", "alpha_iou", "edits"):
+            s[f"layerd_{key}"] = s["layerd"][-1][f"avg_{key}"] if levels else None
         out[str(L)] = s
     return out
 
 
 # ---------------------------------------------------------------- reporting: table, JSON, CSV, bar charts, side-by-side
-def format_table(results: dict) -> str:
-    """The paper's shape: one block per L with its n, columns Pred 0 .. Pred L-1 and mean, one row per run
-    (recon and missing/extra layer counts appended)."""
+QUALITY = {"blank": "blank_fraction", "dup": "duplicate_fraction", "overlap": "fg_overlap"}  # column -> summary key
+
+
+def format_table(results: dict, layerd_all: dict = None) -> str:
+    """The paper's shape: one block per L with its n, columns Pred 0 .. Pred L-1 and mean, one row per run, then
+    recon, the blank / duplicate fractions and the foreground overlap (a last row gives those of the references),
+    and missing/extra layer counts. layerd_all {run: LayerD's aggregate over all samples} adds one block: RGB L1 and
+    soft alpha IoU per max edits 0 .. the most used (a level no sample reached equals the last one)."""
     runs = list(results)
-    width = max([len(r) for r in runs] + [10])
+    width = max([len(r) for r in runs] + [12])
     lines = []
     for L in sorted({int(L) for r in runs for L in results[r]}):
         ns = {results[r][str(L)]["n"] for r in runs if str(L) in results[r]}
-        head = "".join(f"{'Pred ' + str(i):>9}" for i in range(L)) + f"{'mean':>9}{'recon':>9}  miss/extra"
-        lines += [f"L={L} (n={'/'.join(map(str, sorted(ns)))})".ljust(width) + head]
+        head = "".join(f"{'Pred ' + str(i):>9}" for i in range(L)) + "".join(f"{c:>9}" for c in
+                                                                               ["mean", "recon", *QUALITY])
+        lines += [f"L={L} (n={'/'.join(map(str, sorted(ns)))})".ljust(width) + head + "  miss/extra"]
         for r in runs:
             s = results[r].get(str(L))
             if s:
-                vals = "".join(f"{v:9.4f}" for v in s["per_layer_l1"] + [s["mean_l1"], s["recon_l1"]])
-                lines.append(r.ljust(width) + vals + f"  {s['missing_layers']}/{s['extra_layers']}")
-        lines.append("")
+                vals = s["per_layer_l1"] + [s["mean_l1"], s["recon_l1"]] + [s[k] for k in QUALITY.values()]
+                lines.append(r.ljust(width) + "".join(f"{v:9.4f}" for v in vals) +
+                             f"  {s['missing_layers']}/{s['extra_layers']}")
+        s = next(results[r][str(L)] for r in runs if str(L) in results[r])
+        lines += ["(reference)".ljust(width) + " " * 9 * (L + 2) + "".join(f"{s['ref_' + k]:9.4f}"
+                                                                          for k in QUALITY.values()), ""]
+    for r, levels in (layerd_all or {}).items():
+        skipped = sum(s["n"] - s["layerd_n"] for s in results[r].values())
+        if levels:
+            lines += [f"LayerD, {r}: n={levels[0]['count']}" + (f" ({skipped} with < 2 layers skipped)" if skipped else
+                      "") + f", mean edits used {levels[-1]['avg_edits']:.2f}",
+                      "".ljust(36) + "".join(f"{'edits<=' + str(x['max_edits']):>11}" for x in levels)]
+            lines += [f"  {name}".ljust(36) + "".join(f"{x[key]:11.4f}" for x in levels)
+                      for name, key in (("RGB L1 (lower is better)", "avg_rgb_l1"),
+                                        ("soft alpha IoU (higher is better)", "avg_alpha_iou"))]
     return "\n".join(lines)
 
 
 def write_csv(rows: list, path) -> None:
     maxL = max(r["L"] for r in rows)
     keys = ["run", "sample", "L", "num_pred_layers", "missing_layers", "extra_layers", "resized", "mean_l1",
-            "recon_l1", "layerd_rgb_l1", "layerd_alpha_iou", "layerd_merges"]
+            "recon_l1", "blank_layers", "duplicate_layers", "fg_overlap", "ref_fg_overlap", "layerd_rgb_l1",
+            "layerd_alpha_iou", "layerd_edits"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys + [f"l1_{i}" for i in range(maxL)] + [f"alpha_l1_{i}" for i in range(maxL)])
         for r in rows:
             pad = [""] * (maxL - r["L"])
-            w.writerow([r.get(k, "") for k in keys] + r["per_layer_l1"] + pad + r["per_layer_alpha_l1"] + pad)
+            w.writerow(["" if r.get(k) is None else r[k] for k in keys] + r["per_layer_l1"] + pad +
+                       r["per_layer_alpha_l1"] + pad)
 
 
 PALETTE = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (155, 89, 182), (26, 188, 156)]
 
 
-def bar_chart(results: dict, L: int) -> Image.Image:
-    """Grouped bars: one group per layer index (and the mean), one bar per run, L1 on the y axis."""
-    runs = [r for r in results if str(L) in results[r]]
-    groups = [f"Pred {i}" for i in range(L)] + ["mean"]
-    vals = [results[r][str(L)]["per_layer_l1"] + [results[r][str(L)]["mean_l1"]] for r in runs]
+def _bars(d: ImageDraw.ImageDraw, left: int, groups: list, vals: list, title: str, font, bw=22, gap=26, plot_h=220):
+    """One panel of grouped bars at x = left: vals[run][group], its own y axis from 0; returns its right edge."""
     top = max(max(v) for v in vals) * 1.15 or 1.0
-    bw, gap, left, plot_h, font = 22, 26, 60, 220, ImageFont.load_default(size=12)
-    gw = bw * len(runs) + gap
-    img = Image.new("RGB", (left + gw * len(groups) + 20, plot_h + 70 + 16 * len(runs)), "white")
-    d = ImageDraw.Draw(img)
-    y0 = 20 + plot_h
-    d.line([(left, 20), (left, y0), (img.width - 10, y0)], fill="black")
+    gw, y0 = bw * len(vals) + gap, 20 + plot_h
+    right = left + gw * len(groups) + 10
+    d.line([(left, 20), (left, y0), (right, y0)], fill="black")
     for t in range(5):  # y ticks
         y = y0 - plot_h * t / 4
         d.line([(left - 4, y), (left, y)], fill="black")
-        d.text((4, y - 7), f"{top * t / 4:.4f}", fill="black", font=font)
+        d.text((left - 56, y - 7), f"{top * t / 4:.4f}", fill="black", font=font)
     for gi, name in enumerate(groups):
         x = left + gap / 2 + gi * gw
-        for ri in range(len(runs)):
+        for ri in range(len(vals)):
             h = plot_h * vals[ri][gi] / top
             d.rectangle([x + ri * bw, y0 - h, x + (ri + 1) * bw - 3, y0], fill=PALETTE[ri % len(PALETTE)])
         d.text((x, y0 + 5), name, fill="black", font=font)
-    d.text((left, 3), f"per-layer L1 over white, L={L} (n={results[runs[0]][str(L)]['n']})", fill="black", font=font)
+    d.text((left, 3), title, fill="black", font=font)
+    return right
+
+
+def bar_chart(results: dict, L: int) -> Image.Image:
+    """Two panels of grouped bars, one bar per run: per-layer L1 over white (one group per layer index, and the
+    mean); then the blank and duplicate fractions of the predicted layers and the foreground overlap."""
+    runs = [r for r in results if str(L) in results[r]]
+    per = [results[r][str(L)] for r in runs]
+    n_groups = L + 1 + len(QUALITY)
+    img = Image.new("RGB", (150 + (22 * len(runs) + 26) * n_groups + 20, 290 + 16 * len(runs)), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
+    right = _bars(d, 60, [f"Pred {i}" for i in range(L)] + ["mean"], [s["per_layer_l1"] + [s["mean_l1"]] for s in per],
+                  f"per-layer L1 over white, L={L} (n={per[0]['n']})", font)
+    _bars(d, right + 70, list(QUALITY), [[s[k] for k in QUALITY.values()] for s in per],
+          "blank / duplicate layers (fraction), fg overlap", font)
     for ri, r in enumerate(runs):  # legend
-        y = y0 + 26 + 16 * ri
-        d.rectangle([left, y, left + 12, y + 12], fill=PALETTE[ri % len(PALETTE)])
-        d.text((left + 18, y - 1), r, fill="black", font=font)
+        y = 266 + 16 * ri
+        d.rectangle([60, y, 72, y + 12], fill=PALETTE[ri % len(PALETTE)])
+        d.text((78, y - 1), r, fill="black", font=font)
     return img
 
 
@@ -253,17 +289,22 @@ def side_by_side(references, runs: dict, samples: list, tile: int = 128) -> Imag
     return img
 
 
-def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_samples=None, num_examples: int = 4) -> dict:
-    """Score each run {name: predictions folder}, write results.json, per_sample.csv, bars_L<L>.png, samples.png,
-    print the table; return {run: {str(L): summary}}."""
-    all_rows, results = [], {}
+def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_samples=None, num_examples: int = 4,
+             layerd_max_edits: int = 5) -> dict:
+    """Score each run {name: predictions folder}, write results.json, layerd_scores.json (LayerD's aggregate over all
+    samples of each run, as LayerD's aggregated_scores.json), per_sample.csv, bars_L<L>.png, samples.png, print the
+    table; return {run: {str(L): summary}}."""
+    all_rows, results, layerd_all = [], {}, {}
     for name, pred_dir in runs.items():
-        rows = score_predictions(references, pred_dir, layerd, max_samples, run=name)
+        rows = score_predictions(references, pred_dir, layerd, max_samples, name, layerd_max_edits)
         results[name] = summarize(rows)
+        layerd_all[name] = layerd_protocol.aggregate([r["layerd_levels"] for r in rows if r.get("layerd_levels")])
         all_rows += rows
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if layerd:
+        (out / "layerd_scores.json").write_text(json.dumps(layerd_all, indent=2))
     write_csv(all_rows, out / "per_sample.csv")
     for L in sorted({r["L"] for r in all_rows}):
         bar_chart(results, L).save(out / f"bars_L{L}.png")
@@ -272,7 +313,7 @@ def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_sample
         first_of_L.setdefault(r["L"], r["sample"])
     picks = dict.fromkeys(list(first_of_L.values()) + [r["sample"] for r in all_rows])  # every L shown first
     side_by_side(references, runs, list(picks)[:num_examples]).save(out / "samples.png")
-    print(format_table(results))
+    print(format_table(results, layerd_all if layerd else None))
     return results
 
 
@@ -323,8 +364,9 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             image.save(root / folder.name / "image.png")
         meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": adapter, "sampler": sampler,
                 "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
-                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "mixed_precision": mixed_precision,
-                "quantize": quantize,
+                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "quantize": quantize,
+                "mixed_precision": mixed_precision if device != "cpu" else "no",  # what ran, not what was asked
+                "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
                 "seconds_per_sample": seconds}
         (root / "meta.json").write_text(json.dumps(meta, indent=2))
         folders[name] = str(root)
@@ -379,7 +421,9 @@ def parse_args(argv=None):
                                                                 "model predictions go")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N reference samples")
     p.add_argument("--num_examples", type=int, default=4, help="samples shown in samples.png")
-    p.add_argument("--no_layerd", action="store_true", help="skip LayerD's matched RGB L1 / soft alpha IoU")
+    p.add_argument("--no_layerd", action="store_true", help="skip LayerD's protocol (RGB L1 / soft alpha IoU)")
+    p.add_argument("--layerd_max_edits", type=int, default=5, help="LayerD's max_edits: merges of adjacent layers "
+                   "allowed per sample, scores kept per level 0 .. max (LayerD's tools/evaluate.py --max-edits)")
     return p.parse_args(argv)
 
 
@@ -388,6 +432,8 @@ def main(argv=None) -> None:
     try:
         if not args.references:
             raise ValueError("give --references DIR (make one with `python data.py synthetic DIR`)")
+        if args.layerd_max_edits < 0:
+            raise ValueError(f"--layerd_max_edits {args.layerd_max_edits}: give 0 or more (LayerD's default is 5)")
         runs = named(args.predictions, "--predictions", lambda v: Path(v.rstrip("/")).name)
         model_runs = {"base": None} if args.base or not (args.lora or args.predictions) else {}
         model_runs.update(named(args.lora, "--lora", _lora_name))
@@ -398,7 +444,8 @@ def main(argv=None) -> None:
                                            args.pretrained_model_name_or_path, args.sampler, args.num_inference_steps,
                                            args.resolution, args.true_cfg_scale, args.seed, args.device,
                                            args.mixed_precision, args.max_samples, args.sizing, args.quantize))
-        evaluate(args.references, runs, args.output_dir, not args.no_layerd, args.max_samples, args.num_examples)
+        evaluate(args.references, runs, args.output_dir, not args.no_layerd, args.max_samples, args.num_examples,
+                 args.layerd_max_edits)
         print(f"results in {args.output_dir}")
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)

@@ -1480,10 +1480,10 @@ def test_red_square_shifted_by_hand():
     assert m["recon_l1"] == pytest.approx(16 * (2 / 3) / 100)
     assert (m["missing_layers"], m["extra_layers"], m["resized"]) == (0, 0, False)
     # LayerD: identity matching; red square: 8 of 16 ref pixels see transparent black, |(0,0,0)-(1,0,0)| = 1/3;
-    # soft IoU = 8 / 24
+    # soft IoU = 8 / 24; two layers a side cannot be merged
     assert m["layerd_rgb_l1"] == pytest.approx((0 + 8 * (1 / 3) / 16) / 2)
     assert m["layerd_alpha_iou"] == pytest.approx((1 + 8 / 24) / 2)
-    assert m["layerd_merges"] == 0
+    assert m["layerd_edits"] == 0
     same = ev.sample_metrics(ref, image, [WHITE, RED_SQ])
     assert same["mean_l1"] == 0 and same["recon_l1"] == 0 and same["layerd_alpha_iou"] == 1
 
@@ -1496,13 +1496,15 @@ def test_transparent_vs_opaque_by_hand():
     assert m["per_layer_l1"] == pytest.approx([0.0, 2 / 3])
     assert m["per_layer_alpha_l1"] == pytest.approx([0.0, 1.0])
     assert m["recon_l1"] == pytest.approx(2 / 3)
-    assert m["layerd_rgb_l1"] == pytest.approx((0 + 1 / 3) / 2)  # transparent black against blue: 1/3
-    assert m["layerd_alpha_iou"] == pytest.approx((1 + 0) / 2)
+    # LayerD groups the empty layer (it touches nothing) with the white one; that one group is aligned with both
+    # reference layers: white vs white 0, white vs blue 2/3 on every pixel; IoU 1 and 1
+    assert m["layerd_rgb_l1"] == pytest.approx((0 + 2 / 3) / 2)
+    assert m["layerd_alpha_iou"] == pytest.approx(1.0)
     # the other way round: the reference layer is empty, the prediction opaque
     m2 = ev.sample_metrics(torch.stack([WHITE, layer(10, 10)]), WHITE, [WHITE, blue])
     assert m2["per_layer_l1"] == pytest.approx([0.0, 2 / 3])
-    assert m2["layerd_rgb_l1"] == pytest.approx(0.0)  # no reference pixel with alpha > 0
-    assert m2["layerd_alpha_iou"] == pytest.approx(0.5)
+    assert m2["layerd_rgb_l1"] == pytest.approx((0 + 2 / 3) / 2)  # both pred layers against the one ref group
+    assert m2["layerd_alpha_iou"] == pytest.approx(1.0)
 
 
 def test_missing_and_extra_layers_by_hand():
@@ -1513,8 +1515,9 @@ def test_missing_and_extra_layers_by_hand():
     assert m["per_layer_alpha_l1"] == pytest.approx([0, 0, 0.25])
     assert (m["missing_layers"], m["extra_layers"]) == (1, 0)
     assert m["recon_l1"] == pytest.approx(25 * (2 / 3) / 100)
-    # LayerD merges ref red+green (cheapest): rgb over 41 px, 25 of them transparent black vs green (1/3); IoU 16/41
-    assert m["layerd_merges"] == 1
+    # LayerD groups ref red+green (they do not overlap): rgb over 41 px, 25 of them transparent black vs green (1/3);
+    # IoU 16/41; no edit (two layers a side)
+    assert m["layerd_edits"] == 0
     assert m["layerd_rgb_l1"] == pytest.approx((0 + 25 * (1 / 3) / 41) / 2)
     assert m["layerd_alpha_iou"] == pytest.approx((1 + 16 / 41) / 2)
 
@@ -1523,10 +1526,11 @@ def test_missing_and_extra_layers_by_hand():
     assert m["per_layer_l1"] == pytest.approx([0, 0, 0])  # extras are ignored per layer ...
     assert (m["missing_layers"], m["extra_layers"]) == (0, 1)
     assert m["recon_l1"] == pytest.approx(2 / 3)  # ... but hide everything in the reconstruction (all-blue image)
-    # LayerD merges green+blue (an opaque blue canvas) against green: rgb 2/3 on 25 px, IoU 25/100
-    assert m["layerd_merges"] == 1
+    # LayerD groups red+green on each side; the opaque blue is aligned with red+green too: rgb 2/3 on their 41 px,
+    # IoU 41/100; merging it gains nothing
+    assert m["layerd_edits"] == 0
     assert m["layerd_rgb_l1"] == pytest.approx((0 + 0 + 2 / 3) / 3)
-    assert m["layerd_alpha_iou"] == pytest.approx((1 + 1 + 0.25) / 3)
+    assert m["layerd_alpha_iou"] == pytest.approx((1 + 1 + 0.41) / 3)
     empty = ev.sample_metrics(ref, image, [])
     assert empty["missing_layers"] == 3 and empty["layerd_rgb_l1"] is None
     assert empty["recon_l1"] == pytest.approx((16 * 2 / 3 + 25 * 2 / 3) / 100)
@@ -1701,6 +1705,7 @@ def test_model_mode_base_and_lora_in_each_format(tmp_path):
     assert res["base"]["3"]["n"] == 1 and res["base"]["3"]["missing_layers"] == 0
     meta = json.loads((out / "predictions" / "peft" / "meta.json").read_text())
     assert meta["sampler"] == "heun" and len(meta["seconds_per_sample"]) == 2
+    assert (meta["dtype"], meta["mixed_precision"]) == ("float32", "no")  # the CPU ran float32, whatever was asked
     # the saved predictions re-score to the same numbers without the model
     again = ev.evaluate(refs, {"base": out / "predictions" / "base"}, tmp_path / "again")
     assert again["base"] == res["base"]
