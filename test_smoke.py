@@ -1823,7 +1823,7 @@ def _documented_commands():
     for path in [Path(__file__).with_name("README.md"), *sorted(Path(__file__).with_name("docs").glob("*.md"))]:
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                line = line.split("&&")[-1].split(" #")[0].strip()
+                line = "" if line.lstrip().startswith("#") else line.split("&&")[-1].split(" #")[0].strip()
                 words = shlex.split(line) if line else []
                 scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
                 if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]) and words[1:2] != ["-m"]:
