@@ -40,6 +40,8 @@ CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge 
     "48 GB (L40S, A6000, RTX 6000 Ada)": (44, {"quantize": "int8"}),
     "24 GB (RTX 4090, 3090)": (22, {"quantize": "nf4", "rank": 16, "train_batch_size": 1, "group_size": 4,
                                     "decode_chunk": 2}),
+    "2 x 48 GB, bf16": (44, {"shards": 2}),
+    "4 x 24 GB, bf16": (22, {"shards": 4, "rank": 16, "train_batch_size": 1, "group_size": 4, "decode_chunk": 2}),
 }
 
 
@@ -57,6 +59,7 @@ class Setup:
     decode_chunk: int = 8
     text_tokens: int = 11  # the fixed prompt after the template's drop
     hidden: int = 3072  # the transformer's width: 3072 released (the tiny pipeline's is 32)
+    shards: int = 1  # ranks the frozen transformer is sharded over (train.py --fsdp under torchrun), 1 = none
 
     @property
     def tokens(self):  # per candidate: L + 1 noise frames + the condition frame of (res/16)^2 tokens, + text
@@ -104,19 +107,23 @@ def plan(setup, weight_bytes=None, judge_bytes=0):
         update   = resident + 2 n_lora + 4 n_lora (fp32 gradients) + (K CHECKPOINT_C + UPDATE_C) B N D 2
                    + UPDATE_FIXED
         judge    = resident + judge_bytes (a local judge's weights while it scores; 0 for a judge elsewhere)
-    with N = (L + 2) (res / 16)^2 + text tokens. "peak" is their max, "reserved" = peak x RESERVED_OVERHEAD."""
+    with N = (L + 2) (res / 16)^2 + text tokens. "peak" is their max, "reserved" = peak x RESERVED_OVERHEAD.
+    Sharded over S ranks (--fsdp): the blocks' weights / S, the root's whole (it stays gathered after the first
+    forward), and in the rollout and the update + 2 blocks' weights gathered (the one running, the one prefetched);
+    the LoRA is whole on every rank."""
+    linear, other, vae = counts(setup.num_blocks)
     if weight_bytes is None:
-        linear, other, vae = counts(setup.num_blocks)
-        weight_bytes = linear * BYTES_PER_WEIGHT[setup.quantize] + 2 * (other + vae)
+        weight_bytes = linear * BYTES_PER_WEIGHT[setup.quantize] / setup.shards + 2 * (other + vae)
+    in_flight = 2 * linear * BYTES_PER_WEIGHT[setup.quantize] / setup.num_blocks if setup.shards > 1 else 0
     n_lora = lora_parameters(setup.rank, setup.num_blocks, setup.hidden)
     token = setup.tokens * setup.hidden * 2  # bytes of one token's hidden state
     resident = weight_bytes + 12 * n_lora
     phases = {"resident": resident,
-              "rollout": resident + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
+              "rollout": resident + in_flight + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
               "decode": resident + 2 * n_lora + DECODE_C * min(setup.decode_chunk, setup.group_size * setup.layers)
               * setup.resolution ** 2,
-              "update": resident + 6 * n_lora + (setup.num_blocks * CHECKPOINT_C + UPDATE_C) * setup.train_batch_size
-              * token + UPDATE_FIXED,
+              "update": resident + in_flight + 6 * n_lora + (setup.num_blocks * CHECKPOINT_C + UPDATE_C)
+              * setup.train_batch_size * token + UPDATE_FIXED,
               "judge": resident + judge_bytes}
     phases = {k: v / GIB for k, v in phases.items()}
     phases["peak"] = max(phases.values())
@@ -142,18 +149,21 @@ def check(setup, device, weight_bytes, judge_bytes=0):
                      + " (a judge elsewhere; --no-memory_check runs anyway)")
 
 
-def check_run(args, pipe, params, judge=None):
+def check_run(args, pipe, params, judge=None, shards=1):
     """check() for train.py's run as loaded: its flags, the LoRA's real rank (--init_lora's may differ), the
     transformer's width, the prompt's tokens, the weights this process holds now (less the fp32 LoRA, which the
-    plan counts) and, with --judge_offload, the local judge's weights while it scores."""
+    plan counts) and, with --judge_offload, the local judge's weights while it scores; `shards`: the ranks --fsdp
+    shards the frozen transformer over."""
     transformer, device = pipe.transformer, pipe.transformer.device
     setup = Setup(num_blocks=len(transformer.transformer_blocks), resolution=args.resolution, layers=max(args.layers),
                   group_size=args.group_size, train_batch_size=args.train_batch_size,
                   rank=transformer.peft_config["default"].r, quantize=args.quantize, beta=args.beta,
                   decode_chunk=args.decode_chunk, hidden=transformer.inner_dim,
                   text_tokens=max((e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()),
-                                  default=Setup.text_tokens))
+                                  default=Setup.text_tokens), shards=shards)
     weight_bytes = torch.cuda.memory_allocated(device) - 4 * sum(p.numel() for p in params)
+    if shards > 1:  # the root's shards are gathered for good at the first forward
+        weight_bytes += 2 * counts(setup.num_blocks)[1] * (1 - 1 / shards)
     return check(setup, device, weight_bytes, judge.weight_bytes if judge and args.judge_offload else 0)
 
 
@@ -169,7 +179,9 @@ def fitting(setup, budget_gib):
 
 
 def flag_text(flags):
-    return " ".join(f"--{k} {v}" for k, v in flags.items()) or "the defaults"
+    flags = dict(flags)
+    shards = f"torchrun --nproc_per_node {flags.pop('shards')} ... --fsdp" if "shards" in flags else ""
+    return " ".join([shards] * bool(shards) + [f"--{k} {v}" for k, v in flags.items()]) or "the defaults"
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -264,6 +276,10 @@ def simulate(setup, dtype=torch.bfloat16):
         before = sum(p.numel() * p.element_size() for p in block.parameters())
         quantize.quantize_blocks(types.SimpleNamespace(transformer_blocks=block), setup.quantize)
         resident -= (before - quantize.weight_bytes(block)) * setup.num_blocks
+    in_flight = 0
+    if setup.shards > 1:  # counted, not simulated: a rank holds 1/S of the blocks' linears and gathers 2 blocks at a time
+        linear = counts(setup.num_blocks)[0] * torch.finfo(dtype).bits // 8
+        resident, in_flight = resident - linear * (1 - 1 / setup.shards), 2 * linear / setup.num_blocks
     autocast_copy = n_lora * 2  # bf16 copies of the LoRA weights while autocast runs (rollout, decode, update)
     G, B, h = setup.group_size, setup.train_batch_size, setup.resolution // 16
     phases = {"resident": resident}
@@ -283,7 +299,7 @@ def simulate(setup, dtype=torch.bfloat16):
             v = rollout.predict_velocity(transformer, traj, x, traj.timesteps[0])
             prev, old, _, _ = rollout.sde_step_with_logprob(v, x, traj.sigmas[0], traj.sigmas[1], 1.2)
         del v
-        phases["rollout"] = resident + autocast_copy + mode.peak
+        phases["rollout"] = resident + in_flight + autocast_copy + mode.peak
         mode.reset_peak()
         rollout.decode_layers(pipe, prev, setup.resolution, setup.resolution, setup.layers, setup.decode_chunk)
         phases["decode"] = resident + autocast_copy + mode.peak
@@ -299,7 +315,7 @@ def simulate(setup, dtype=torch.bfloat16):
                 _, ref_mean, _ = rollout.step_log_prob(transformer, traj, 0)
             loss = loss + setup.beta * grpo.kl_loss(prev_mean, ref_mean, std_dev_t)
         loss.backward()
-        phases["update"] = resident + autocast_copy + mode.peak + n_lora * 2  # + fp32 gradients' other half
+        phases["update"] = resident + in_flight + autocast_copy + mode.peak + n_lora * 2  # + fp32 gradients' half
     return {k: v / GIB for k, v in phases.items()}
 
 

@@ -111,15 +111,15 @@ def check_fsdp(fsdp, world, quantize, compile):
     """--fsdp's combinations, refused at start-up with one line where they are not supported."""
     if not fsdp:
         return
-    if world < 2:
-        raise ValueError("--fsdp shards the frozen transformer across torchrun's ranks: run under "
-                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
     if quantize != "none":
         raise ValueError(f"--fsdp with --quantize {quantize}: the quantized weights do not shard (torchao's int8 "
                          "weight-only tensor cannot, ao#2127; bitsandbytes' NF4 needs a bf16 quant storage this "
                          "project does not use); use --fsdp alone (bf16) or --quantize alone")
     if compile:
         raise ValueError("--fsdp with --compile: not yet tested together here; use one of them")
+    if world < 2:
+        raise ValueError("--fsdp shards the frozen transformer across torchrun's ranks: run under "
+                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
 
 
 def in_turn(fn, turns=True):
@@ -149,7 +149,8 @@ def shard(transformer, lora_params, device):
     Gradient checkpointing must be on before (diffusers calls the block through torch.utils.checkpoint, so the
     recomputation gathers again); the KL reference is the same module with the adapter off.
     The transformer may sit on the CPU: each block moves to `device` whole, then keeps only its shard there, so a GPU
-    never holds the whole model. No collective runs here (in_turn may call it one rank at a time)."""
+    never holds the whole model. No collective runs here (in_turn may call it one rank at a time). Returns the bytes
+    of the frozen weights, in all and on this rank."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -163,6 +164,10 @@ def shard(transformer, lora_params, device):
         following.set_modules_to_backward_prefetch([block])
     for p in lora_params:  # FSDP moves what it manages, not what it ignores
         p.data = p.data.to(device)
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    whole = sum(p.numel() * p.element_size() for p in frozen)
+    local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else 0 for p in frozen)
+    return whole, local  # bytes of the frozen weights in all, and on this rank
 
 
 def close():

@@ -311,7 +311,8 @@ def build_policy(args, device, dtype):
         transformer.enable_gradient_checkpointing()
     rollout.speed_up(transformer, args.attention_backend, args.compile)
     if args.fsdp:
-        parallel.shard(transformer, params, device)
+        whole, local = parallel.shard(transformer, params, device)
+        print(f"rank {parallel.rank()}: {local / 2**30:.3g} of the frozen transformer's {whole / 2**30:.3g} GiB (--fsdp)")
         for module in (pipe.vae, pipe.text_encoder):  # the rest of the pipeline, whole on every rank
             if module is not None:
                 module.to(device)
@@ -343,7 +344,7 @@ def main(argv=None):
         transformer = pipe.transformer
         judge = judge or scoring.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
         if device.startswith("cuda") and args.memory_check:  # the plan for these flags against this rank's card
-            line = memory.check_run(args, pipe, params, judge)
+            line = memory.check_run(args, pipe, params, judge, world if args.fsdp else 1)
             if rank == 0:
                 print(line)
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
