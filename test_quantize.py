@@ -38,6 +38,8 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(des
                        "--max_train_steps", "1", "--learning_rate", "3e-2", *TINY])
     record = json.loads((out / "metrics.jsonl").read_text())
     assert abs(record["diag/ratio_mean"] - 1) < 1e-6 and record["train/skipped_updates"] == 0
+    import torch._inductor.config as inductor  # int8's config must not switch on slow autotuning process-wide
+    assert not inductor.coordinate_descent_tuning
     block = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer
     assert "Int8" in type(block.weight).__name__ if kind == "int8" else type(block).__name__ == "Linear4bit"
     probe = rollout.sample(pipe, [Image.new("RGB", (64, 48), "teal")], layers=2, group_size=2, num_inference_steps=3,
