@@ -91,3 +91,14 @@ def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(design_im
     assert sorted(map(tuple, asked)) == sorted([("text", "background")] * 8 + [tuple("ABCD")] * 2)
     assert row["judge/answered"] == 5 and row["judge/fallbacks"] == 0  # the mean over the step's two groups
     assert row["stage1/text"] == pytest.approx(3.0) and row["stage1/background"] == pytest.approx(4.0)
+
+
+def test_judged_reward_with_the_pipelines_own_text_encoder_as_judge(design_images, tmp_path, monkeypatch):
+    """--judge text_encoder (the pipeline's Qwen2.5-VL, kept instead of freed) serves a reward of your own too."""
+    script = readme_file("my_judged_reward.py", tmp_path / "mine")
+    out = tmp_path / "text_encoder"
+    run(script, ["--images", str(design_images), "--reward", "vlm_minus_blank", "--judge", "text_encoder",
+                 "--output_dir", str(out), "--layers", "2", "--max_train_steps", "1", "--sample_every", "0", *TINY],
+        monkeypatch)
+    (row,) = rows(out)
+    assert row["judge/answered"] == 4 + 1 and {"stage1/separation", "blank/layers"} <= set(row)
