@@ -7,11 +7,13 @@ Shared by train.py (Flow-GRPO), sft.py (supervised), distill.py (teachers and st
 - named adapters (active_adapter, trainable_lora): a KL reference or distillation teachers beside the trained
   "default" adapter on one copy of the base weights;
 - the files: save_lora writes a diffusers pytorch_lora_weights.safetensors and a PEFT adapter folder (the
-  released Stable-Layers format); load_lora reads either.
+  released Stable-Layers format); load_lora reads either; write_model_card describes them for the Hub.
 
     python -c "import lora, tiny; t = tiny.tiny_pipeline().transformer; print(sum(p.numel() for p in lora.add_lora(t, 4, 8)))"
 """
 
+import json
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -165,3 +167,81 @@ def save_lora(transformer, folder, base_model):
     config.save_pretrained(folder / "peft")
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
               folder / "peft" / "adapter_model.safetensors")
+
+
+# ----------------------------------------------------------------------------- the model card
+CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
+                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
+                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
+                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
+
+
+def _public(value):
+    """A setting as it may appear in public: URLs lose their user:password@ part and query string."""
+    if isinstance(value, str) and "://" in value:
+        u = urllib.parse.urlsplit(value)
+        return urllib.parse.urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else ""), u.path, "", ""))
+    return value
+
+
+def method_tag(method):
+    """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
+    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
+                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
+                "fine-tuning")
+
+
+def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
+    """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
+    library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
+    Only the settings in CARD_SETTINGS appear (URLs stripped of credentials); no environment value is read."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
+                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
+                               "image-to-image"], pipeline_tag="image-to-image")
+    settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
+    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
+    last = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in shown.items()) or "| (no step logged yet) | |"
+    body = f"""
+# Stable-Layers LoRA for {base}
+
+A LoRA for Qwen-Image-Layered (image -> RGBA layers), trained with {method} by the Stable-Layers reference
+implementation, with no paired data.
+{f"![a scored group at the last sample step]({sample})" if sample else ""}
+
+## Load it
+
+```python
+import torch
+from diffusers import QwenImageLayeredPipeline
+
+pipe = QwenImageLayeredPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
+```
+
+or, as the released Stable-Layers inference does, the PEFT adapter in `peft/`:
+
+```python
+from peft import PeftModel
+pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder/peft")
+```
+
+Released inference settings: Heun sampler, 50 steps, CFG off, 640 px longest side, 4 layers,
+prompt "a clean, well composed image".
+
+## Settings
+
+| setting | value |
+|---|---|
+{rows}
+
+## Last logged metrics (step {metrics.get("step", 0)})
+
+| metric | value |
+|---|---|
+{last}
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(Path(folder) / "README.md")

@@ -7,7 +7,7 @@ Shared by train.py, sft.py and distill.py, so each of these exists once:
   receives the same scalars and the sample pictures;
 - atomic checkpoints OUT/checkpoint-<step>/ (the LoRA in diffusers and PEFT formats + training_state.pt, which
   loads with torch.load(weights_only=True)) and exact resume;
-- the final LoRA at OUT/ with a model card (README.md) that huggingface_hub and the Hub read;
+- the final LoRA at OUT/ with a model card (README.md, lora.write_model_card) that huggingface_hub reads;
 - the line between bad input (one line, non-zero exit) and a bug (its traceback): `input_errors`.
 
     python -c "import runs; print(runs.checkpoints(__import__('pathlib').Path('outputs/stable-layers')))"
@@ -21,7 +21,6 @@ import shutil
 import socket
 import sys
 import time
-import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -243,7 +242,7 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, metho
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, tmp / "training_state.pt")
-    write_model_card(tmp, args, last_metrics(output_dir), method=method)
+    lora.write_model_card(tmp, args, last_metrics(output_dir), method=method)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     found = checkpoints(output_dir)
@@ -286,7 +285,7 @@ def save_final(output_dir, transformer, args, method="Flow-GRPO (Stable-Layers)"
     tmp = output_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
-    write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
+    lora.write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
     for item in tmp.iterdir():
         shutil.rmtree(output_dir / item.name, ignore_errors=True)
         os.replace(item, output_dir / item.name)
@@ -338,81 +337,3 @@ def out_of_memory(phase, output_dir):
     return (f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
             "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
             f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}")
-
-
-# ----------------------------------------------------------------------------- the model card
-CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
-                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
-                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
-                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
-
-
-def _public(value):
-    """A setting as it may appear in public: URLs lose their user:password@ part and query string."""
-    if isinstance(value, str) and "://" in value:
-        u = urllib.parse.urlsplit(value)
-        return urllib.parse.urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else ""), u.path, "", ""))
-    return value
-
-
-def method_tag(method):
-    """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
-    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
-                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
-                "fine-tuning")
-
-
-def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
-    """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
-    library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
-    Only the settings in CARD_SETTINGS appear (URLs stripped of credentials); no environment value is read."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = args.pretrained_model_name_or_path
-    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
-                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
-                               "image-to-image"], pipeline_tag="image-to-image")
-    settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
-    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
-    last = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in shown.items()) or "| (no step logged yet) | |"
-    body = f"""
-# Stable-Layers LoRA for {base}
-
-A LoRA for Qwen-Image-Layered (image -> RGBA layers), trained with {method} by the Stable-Layers reference
-implementation, with no paired data.
-{f"![a scored group at the last sample step]({sample})" if sample else ""}
-
-## Load it
-
-```python
-import torch
-from diffusers import QwenImageLayeredPipeline
-
-pipe = QwenImageLayeredPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
-```
-
-or, as the released Stable-Layers inference does, the PEFT adapter in `peft/`:
-
-```python
-from peft import PeftModel
-pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder/peft")
-```
-
-Released inference settings: Heun sampler, 50 steps, CFG off, 640 px longest side, 4 layers,
-prompt "a clean, well composed image".
-
-## Settings
-
-| setting | value |
-|---|---|
-{rows}
-
-## Last logged metrics (step {metrics.get("step", 0)})
-
-| metric | value |
-|---|---|
-{last}
-"""
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(Path(folder) / "README.md")
