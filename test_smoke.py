@@ -1,6 +1,6 @@
 """Smoke tests: CPU, offline, tiny randomly initialised real models. Run: python -m pytest -q test_smoke.py"""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import base64
@@ -282,11 +282,13 @@ def image_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(image_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    with pytest.warns(UserWarning, match="broken.png"):
+    out, err = tmp_path_factory.mktemp("run"), io.StringIO()
+    with redirect_stderr(err):  # the corrupt PNG is skipped with one plain line
         pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2", "3",
                            "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
                            "--sample_every", "1", *TINY, "--images_per_step", "2"])
+    skipped = [line for line in err.getvalue().splitlines() if "broken.png" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipping {image_dir / 'broken.png'}: not a readable image (")
     return out, pipe
 
 
