@@ -14,6 +14,7 @@ Shared by train.py (Flow-GRPO), sft.py (supervised), distill.py (teachers and st
 
 import json
 import urllib.parse
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def add_lora(transformer, rank, lora_alpha):
     last = len(transformer.transformer_blocks) - 1
     transformer.requires_grad_(False)
     excluded = [f"transformer_blocks.{last}.{m}" for m in UNUSED_IN_LAST_BLOCK]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS, exclude_modules=excluded))
+    with quiet_peft():
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=LORA_TARGETS, exclude_modules=excluded))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -59,13 +61,26 @@ def add_init_lora(transformer, folder):
                          f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
     transformer.requires_grad_(False)
     for name in ("default", "reference"):
-        transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
+        with quiet_peft():
+            transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
         try:
             load_peft_weights(transformer, peft_dir, adapter_name=name)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
     transformer.set_adapter("default")
     return trainable_lora(transformer)
+
+
+@contextmanager
+def quiet_peft():
+    """Silence, where they arise, the two peft warnings that are noise here, and only those: that a LoRA on torchao
+    int8 blocks (--quantize int8) cannot merge() / unmerge() (nothing here merges: the LoRA stays a separate adapter,
+    saved alone), and that exclude_modules excluded nothing (a diffusers LoRA names its adapted modules one by one, so
+    the exclusions saved with it have nothing left to exclude)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated without", UserWarning)
+        warnings.filterwarnings("ignore", "You have passed exclude_modules=.* no modules were excluded", UserWarning)
+        yield
 
 
 def trainable_lora(transformer, name="default"):
@@ -128,10 +143,12 @@ def load_lora(pipe, path):
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
-        pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
+        with quiet_peft():
+            pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
         load_peft_weights(pipe.transformer, path)
     elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(path))
+        with quiet_peft():
+            pipe.load_lora_weights(str(path))
     else:
         raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
                                 "nor a PEFT adapter folder (adapter_config.json)")
