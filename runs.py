@@ -168,8 +168,9 @@ def claim_output_dir(output_dir, resume=None):
     (without --resume_from_checkpoint, `resume`) it holds a run or what a run writes (RUN_FILES, checkpoint-*).
     Should the process stop with one line (fail) before writing anything, the folder goes again."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
+    there = next(d for d in (output_dir, *output_dir.parents) if d.exists())  # the folder or its nearest parent
+    if not there.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {there} is a file, not a folder; choose another --output_dir")
     made = [d for d in (output_dir, *output_dir.parents) if not d.exists()]  # innermost first
     new_lock = not (output_dir / ".lock").exists()
     try:

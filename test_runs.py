@@ -108,7 +108,8 @@ def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_imag
         with pytest.raises(SystemExit) as e:
             script.main([*other, "--output_dir", str(blocker / "out"), "--pretrained_model_name_or_path", "tiny",
                          "--device", "cpu"])
-        assert e.value.code == 2 and one_line(capsys)[1].startswith(f"error: --output_dir {blocker / 'out'}: ")
+        assert e.value.code == 2 and one_line(capsys)[1] == (f"error: --output_dir {blocker / 'out'}: {blocker} is a "
+                                                             "file, not a folder; choose another --output_dir")
     with pytest.raises(SystemExit) as e:
         train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "new" / "run"), *TINY])
     assert e.value.code == 2 and "no such folder" in one_line(capsys)[1]
