@@ -235,9 +235,9 @@ def held_run(output_dir):
     step = run_step(output_dir)
     if step or saved or final:
         held = saved + ["metrics.jsonl"] * ("metrics.jsonl" in found) + ["the final LoRA"] * final
-        return (f"--output_dir {output_dir} holds a run, to step {step} ({', '.join(held)}); nothing was changed. To "
-                "go on from its last checkpoint add --resume_from_checkpoint latest; to start a new run choose another "
-                "--output_dir")
+        on = "To go on from its last checkpoint add" if saved else "It saved no checkpoint: to redo it from step 0 add"
+        return (f"--output_dir {output_dir} holds a run, to step {step} ({', '.join(held)}); nothing was changed. {on} "
+                "--resume_from_checkpoint latest; to start a new run choose another --output_dir")
     if found:
         return (f"--output_dir {output_dir} holds {', '.join(found)}, which a run writes; nothing was changed. Choose "
                 "another --output_dir, or add --resume_from_checkpoint latest to write there")
@@ -357,9 +357,9 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, metho
     tensors and plain Python types only, so it loads with weights_only=True; no RNG state is kept because every
     random draw of a step derives from (seed, step)). Written under a temporary name and renamed, so a kill
     never leaves a broken one; older checkpoints beyond `limit` are removed."""
-    output_dir = Path(output_dir)
     import lora
 
+    output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
@@ -410,9 +410,9 @@ def _row_step(line):
 def save_final(output_dir, transformer, args, method="Flow-GRPO (Stable-Layers)"):
     """The final LoRA at output_dir (pytorch_lora_weights.safetensors, peft/) and its model card README.md,
     written to a temporary folder first and moved in item by item."""
-    output_dir = Path(output_dir)
     import lora
 
+    output_dir = Path(output_dir)
     tmp = output_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)

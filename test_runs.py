@@ -86,7 +86,8 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
 
 
 def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images, tmp_path, capsys):
-    """--output_dir . in a project folder would write the model card over its README.md: refused, nothing changed."""
+    """--output_dir . in a project folder would write the model card over its README.md: refused, nothing changed;
+    a run killed before its first checkpoint is a run too, and the line says that resuming it starts at step 0."""
     (tmp_path / "README.md").write_text("my notes")
     with pytest.raises(SystemExit) as e:
         train.main(["--images", str(design_images), "--output_dir", str(tmp_path), *TINY])
@@ -95,6 +96,16 @@ def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images
         "--output_dir, or add --resume_from_checkpoint latest to write there")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"] and (tmp_path / "README.md").read_text() == \
         "my notes"
+    killed = tmp_path / "killed"  # a run killed at step 3, before its first checkpoint (the last row cut short)
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(design_images), "--output_dir", str(killed), *TINY])
+    assert e.value.code == 2 and one_line(capsys)[1] == (
+        f"error: --output_dir {killed} holds a run, to step 3 (metrics.jsonl); nothing was changed. It saved no "
+        "checkpoint: to redo it from step 0 add --resume_from_checkpoint latest; to start a new run choose another "
+        "--output_dir")
+    assert [p.name for p in killed.iterdir()] == ["metrics.jsonl"]
 
 
 def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_images, tmp_path, capsys):
