@@ -15,7 +15,6 @@ import argparse
 import functools
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ def to_rgb(im):
 
 def find_images(folder):
     """Paths of all readable images under `folder` (recursive, sorted). Each is decoded once to check it, not
-    kept: callers open an image when they need it. Unreadable files are skipped with a warning naming them;
+    kept: callers open an image when they need it. Unreadable files are skipped with one line naming each;
     a missing folder or one with no image raises (FileNotFoundError, ValueError) with a message for the user."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -66,7 +65,7 @@ def find_images(folder):
             paths.append(p)
         except ValueError as e:
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                warnings.warn(f"skipping {e}", stacklevel=2)
+                print(f"skipping {e}", file=sys.stderr)
     if not paths:
         raise ValueError(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths

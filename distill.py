@@ -64,8 +64,8 @@ METHOD = "on-policy distillation of per-reward teachers (DiffusionOPD)"  # the m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Distil several per-reward teacher LoRAs into one student LoRA "
-                                "(on-policy, DiffusionOPD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(description="Distil several per-reward teacher LoRAs into one student LoRA "
+                            "(on-policy, DiffusionOPD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
     a("--teacher", action="append", required=True, metavar="NAME=PATH[:FOLDER]",
@@ -246,9 +246,11 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    lock = runs.lock_output_dir(output_dir)  # noqa: F841 (held for the life of the process)
     names = list(args.teachers)
     with runs.input_errors():
+        if runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+            return None  # resumed at or past --max_train_steps: nothing to train, nothing written
+        lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint)  # noqa: F841 (held to the end)
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
         paths, W = image_pool(args)
         judge = scoring.load_judge(args, [reward.REWARDS[t["reward"]] for t in args.teachers.values() if t["reward"]],
@@ -275,7 +277,7 @@ def main(argv=None):
         log = runs.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
     rewards = {n: reward.REWARDS[t["reward"]] for n, t in args.teachers.items() if t["reward"]}
     print(f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
-          f"LoRA parameters, device {device}")
+          "LoRA parameters, " + runs.device_line(device, dtype))
 
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")
     for step in bar:
@@ -316,7 +318,7 @@ def main(argv=None):
                                  method=METHOD)
     log.close()
     runs.save_final(output_dir, transformer, args, method=METHOD)  # the student: save_lora writes adapter "default"
-    print(f"student LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
+    print(runs.written(output_dir))  # the student's LoRA
     return pipe
 
 

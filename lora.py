@@ -7,11 +7,14 @@ Shared by train.py (Flow-GRPO), sft.py (supervised), distill.py (teachers and st
 - named adapters (active_adapter, trainable_lora): a KL reference or distillation teachers beside the trained
   "default" adapter on one copy of the base weights;
 - the files: save_lora writes a diffusers pytorch_lora_weights.safetensors and a PEFT adapter folder (the
-  released Stable-Layers format); load_lora reads either.
+  released Stable-Layers format); load_lora reads either; write_model_card describes them for the Hub.
 
     python -c "import lora, tiny; t = tiny.tiny_pipeline().transformer; print(sum(p.numel() for p in lora.add_lora(t, 4, 8)))"
 """
 
+import json
+import urllib.parse
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,8 +40,9 @@ def add_lora(transformer, rank, lora_alpha):
     last = len(transformer.transformer_blocks) - 1
     transformer.requires_grad_(False)
     excluded = [f"transformer_blocks.{last}.{m}" for m in UNUSED_IN_LAST_BLOCK]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS, exclude_modules=excluded))
+    with quiet_peft():
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=LORA_TARGETS, exclude_modules=excluded))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -57,13 +61,26 @@ def add_init_lora(transformer, folder):
                          f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
     transformer.requires_grad_(False)
     for name in ("default", "reference"):
-        transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
+        with quiet_peft():
+            transformer.add_adapter(LoraConfig.from_pretrained(peft_dir), adapter_name=name)
         try:
             load_peft_weights(transformer, peft_dir, adapter_name=name)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"--init_lora {folder}: not a LoRA of this model ({str(e).splitlines()[0][:160]})")
     transformer.set_adapter("default")
     return trainable_lora(transformer)
+
+
+@contextmanager
+def quiet_peft():
+    """Silence, where they arise, the two peft warnings that are noise here, and only those: that a LoRA on torchao
+    int8 blocks (--quantize int8) cannot merge() / unmerge() (nothing here merges: the LoRA stays a separate adapter,
+    saved alone), and that exclude_modules excluded nothing (a diffusers LoRA names its adapted modules one by one, so
+    the exclusions saved with it have nothing left to exclude)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated without", UserWarning)
+        warnings.filterwarnings("ignore", "You have passed exclude_modules=.* no modules were excluded", UserWarning)
+        yield
 
 
 def trainable_lora(transformer, name="default"):
@@ -126,10 +143,12 @@ def load_lora(pipe, path):
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
-        pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
+        with quiet_peft():
+            pipe.transformer.add_adapter(LoraConfig.from_pretrained(path))
         load_peft_weights(pipe.transformer, path)
     elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(path))
+        with quiet_peft():
+            pipe.load_lora_weights(str(path))
     else:
         raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
                                 "nor a PEFT adapter folder (adapter_config.json)")
@@ -165,3 +184,81 @@ def save_lora(transformer, folder, base_model):
     config.save_pretrained(folder / "peft")
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
               folder / "peft" / "adapter_model.safetensors")
+
+
+# ----------------------------------------------------------------------------- the model card
+CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
+                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
+                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
+                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
+
+
+def _public(value):
+    """A setting as it may appear in public: URLs lose their user:password@ part and query string."""
+    if isinstance(value, str) and "://" in value:
+        u = urllib.parse.urlsplit(value)
+        return urllib.parse.urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else ""), u.path, "", ""))
+    return value
+
+
+def method_tag(method):
+    """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
+    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
+                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
+                "fine-tuning")
+
+
+def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
+    """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
+    library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
+    Only the settings in CARD_SETTINGS appear (URLs stripped of credentials); no environment value is read."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
+                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
+                               "image-to-image"], pipeline_tag="image-to-image")
+    settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
+    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
+    last = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in shown.items()) or "| (no step logged yet) | |"
+    body = f"""
+# Stable-Layers LoRA for {base}
+
+A LoRA for Qwen-Image-Layered (image -> RGBA layers), trained with {method} by the Stable-Layers reference
+implementation, with no paired data.
+{f"![a scored group at the last sample step]({sample})" if sample else ""}
+
+## Load it
+
+```python
+import torch
+from diffusers import QwenImageLayeredPipeline
+
+pipe = QwenImageLayeredPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
+```
+
+or, as the released Stable-Layers inference does, the PEFT adapter in `peft/`:
+
+```python
+from peft import PeftModel
+pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder/peft")
+```
+
+Released inference settings: Heun sampler, 50 steps, CFG off, 640 px longest side, 4 layers,
+prompt "a clean, well composed image".
+
+## Settings
+
+| setting | value |
+|---|---|
+{rows}
+
+## Last logged metrics (step {metrics.get("step", 0)})
+
+| metric | value |
+|---|---|
+{last}
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(Path(folder) / "README.md")

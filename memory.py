@@ -2,7 +2,9 @@
 
     python memory.py                                   # the plan for train.py's defaults and the three card classes
     python memory.py --quantize nf4 --rank 16 --train_batch_size 1 --group_size 4      # one set of flags
-    python memory.py --simulate --num_blocks 4         # the simulation beside the plan (CPU, seconds)
+    python memory.py --simulate --pretrained_model_name_or_path random:4   # simulated beside the plan, 4 blocks (CPU)
+
+Its flags are train.py's, with train.py's defaults: paste a training command's flags to see its plan.
 
 simulate() runs this project's own code (rollout.predict_velocity and the SDE step, rollout.decode_layers,
 rollout.step_log_prob with gradients and gradient checkpointing, the KL reference, backward, AdamW) on 'meta' tensors,
@@ -32,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import quantize  # before diffusers (imported lazily here): it keeps the quantization backends' warnings quiet
+import runs
 
 GIB = 2**30
 RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks a GPU measured (docs/performance.md)
@@ -47,7 +50,8 @@ CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge 
 
 @dataclasses.dataclass
 class Setup:
-    """What sets a step's memory: train.py's flags of the same names."""
+    """What sets a step's memory: train.py's flags of the same names (layers: the largest of --layers), and the
+    model: num_blocks (60, or K for --pretrained_model_name_or_path random:K), hidden width, prompt tokens."""
     num_blocks: int = 60
     resolution: int = 640
     layers: int = 4
@@ -338,23 +342,53 @@ def _meta_pipeline(num_blocks, dtype):
 
 
 # ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    """train.py's flags that set a step's memory: the same names, forms and defaults."""
+    p = runs.ArgumentParser(description="GPU memory of a train.py step by phase: the plan (arithmetic), the card "
+                            "classes' flag sets, and optionally the simulation (this code on meta tensors).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", default="Qwen/Qwen-Image-Layered", help="the released configuration (its "
+      "hub id or a folder holding it: 60 blocks), or 'random:K' for K of its blocks, as train.py builds them")
+    a("--resolution", type=int, default=640, help="longest side of the condition image in px")
+    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or the list train.py draws from (the "
+      "largest sets the peak)")
+    a("--group_size", type=int, default=8, help="G: candidates per image (one rollout batch)")
+    a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
+    a("--rank", type=int, default=64, help="LoRA rank r")
+    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen blocks in fewer bits")
+    a("--beta", type=float, default=0.04, help="KL weight; 0 skips the reference forward")
+    a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time after a rollout")
+    a("--simulate", action="store_true", help="also run simulate() for each row (this code on meta tensors: tens "
+      "of seconds per row at 60 blocks on a CPU)")
+    args = p.parse_args(argv)
+    model, _, blocks = args.pretrained_model_name_or_path.partition(":")
+    checks = [(model != "tiny", "--pretrained_model_name_or_path tiny: the plan is for the released configuration; "
+               "use random:K for K of its blocks"),
+              (not blocks or (model == "random" and blocks.isdigit() and 1 <= int(blocks) <= 60),
+               f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: write random:K with K in 1..60"),
+              (args.resolution >= 16 and args.resolution % 16 == 0, "--resolution must be a positive multiple of 16"),
+              (min(args.layers) >= 1, "--layers must be >= 1"), (args.group_size >= 2, "--group_size must be >= 2"),
+              (min(args.train_batch_size, args.rank, args.decode_chunk) >= 1,
+               "--train_batch_size, --rank and --decode_chunk must be >= 1"), (args.beta >= 0, "--beta must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    args.num_blocks = int(blocks or 60)
+    return args
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="GPU memory of a train.py step by phase: the plan (arithmetic), the card "
-                                "classes' flag sets, and optionally the simulation (this code on meta tensors).")
-    for field in dataclasses.fields(Setup):
-        p.add_argument(f"--{field.name}", type=type(field.default) if field.name != "quantize" else str,
-                       default=field.default, help=f"train.py's --{field.name} (default {field.default})")
-    p.add_argument("--simulate", action="store_true", help="also run simulate() for each row (this code on "
-                   "meta tensors: tens of seconds per row at 60 blocks on a CPU)")
-    args = vars(p.parse_args(argv))
-    simulate_too = args.pop("simulate")
-    setup = Setup(**args)
+    args = parse_args(argv)
+    setup = Setup(num_blocks=args.num_blocks, resolution=args.resolution, layers=max(args.layers),
+                  group_size=args.group_size, train_batch_size=args.train_batch_size, rank=args.rank,
+                  quantize=args.quantize, beta=args.beta, decode_chunk=args.decode_chunk)
     rows = [("these flags", setup)] + [(f"{card}: {flag_text(flags)}", dataclasses.replace(setup, **flags))
                                        for card, (_, flags) in CARDS.items()]
-    print(f"GiB allocated at each phase's peak (plan{' / simulation' if simulate_too else ''}); reserved = peak x "
+    print(f"GiB allocated at each phase's peak (plan{' / simulation' if args.simulate else ''}); reserved = peak x "
           f"{RESERVED_OVERHEAD}; judge elsewhere")
     for name, row in rows:
-        planned, simulated = plan(row), simulate(row) if simulate_too else None
+        planned, simulated = plan(row), simulate(row) if args.simulate else None
         cells = [f"{k} {planned[k]:.1f}" + (f" / {simulated[k]:.1f}" if simulated and k in simulated else "")
                  for k in ("resident", "rollout", "decode", "update")]
         print(f"{name}\n    " + ", ".join(cells) + f"; reserved {planned['reserved']:.1f}")

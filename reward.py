@@ -31,7 +31,6 @@ train.py as judge= (README, "Forking a reward"). prompts/ is the default prompt 
 Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it barely moves the within-group
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
-import argparse
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import judges
+import runs  # its parser; runs imports no diffusers at load
 from judges import HIGH, LOW, Judge, Query
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -387,7 +387,7 @@ def load_decompositions(root):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = runs.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--decompositions", required=True, help="rollout.py output folder: <stem>/image.png, "
       "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group")

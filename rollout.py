@@ -20,7 +20,6 @@ here (diffusers 0.42.1 splits batched output wrongly); group members are consecu
 import argparse
 import hashlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_d
 from diffusers.utils.torch_utils import randn_tensor
 
 import lora
+import runs
 from data import find_images, open_image, save_layers, to_rgb
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
@@ -426,8 +426,8 @@ def step_log_prob(transformer, traj, j, rows=slice(None)):
 
 # ----------------------------------------------------------------------------- files
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE "
-                                "sampler) and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
+    p = runs.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE sampler) "
+                            "and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
     p.add_argument("--images", required=True, help="folder of input images (searched recursively)")
     p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
                    "'random' (the released configuration, random weights)")
@@ -440,9 +440,8 @@ def parse_args(argv=None):
     p.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("START", "END"),
                    help="only steps START..END-1 are SDE (default 0..T-2: every step but the last)")
     p.add_argument("--resolution", type=int, default=640, help="longest side in px: 640 (released) or 1024")
-    p.add_argument("--sizing", choices=["longest", "area"], default="longest",
-                   help="condition size: longest side = resolution, multiples of 16 (released inference), or "
-                        "diffusers' area rule (about resolution^2 px, multiples of 32)")
+    p.add_argument("--sizing", choices=["longest", "area"], default="longest", help="condition size: longest side = "
+                   "resolution, multiples of 16 (released inference), or diffusers' area rule (~resolution^2 px, x32)")
     p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
     p.add_argument("--cfg_normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
@@ -454,11 +453,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.mixed_precision]
+    device, dtype = runs.pick_device(args.device, args.mixed_precision)  # float32 on the CPU
     paths = find_images(args.images)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype if device.startswith("cuda") else None,
-                         device=device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
     if args.lora:
         lora.load_lora(pipe, args.lora)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -477,7 +474,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with runs.input_errors():  # bad input: one line, exit 2 (anything else keeps its traceback)
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line (anything else keeps its traceback)
-        sys.exit(f"error: {e}")

@@ -1,36 +1,40 @@
 """What a training run keeps on disk and shows: one run per --output_dir, metrics and trackers, checkpoints.
 
 Shared by train.py, sft.py and distill.py, so each of these exists once:
-- the run lock: an exclusive OS file lock on OUT/.lock (released by the OS when the process dies, so a kill -9
-  never leaves the folder locked); a second run on the same folder stops at once with one line;
+- one run per folder, never written over (claim_output_dir): an exclusive OS file lock on OUT/.lock (released by
+  the OS when the process dies, so a kill -9 never leaves the folder locked); a second run on a busy folder, or a
+  new run on a folder that holds one, stops at once with one line and changes nothing; a finished run resumed
+  says it is done (finished);
 - metrics.jsonl (always, one JSON object per step) and the tracker of --report_to (tensorboard or wandb), which
   receives the same scalars and the sample pictures;
 - atomic checkpoints OUT/checkpoint-<step>/ (the LoRA in diffusers and PEFT formats + training_state.pt, which
   loads with torch.load(weights_only=True)) and exact resume;
-- the final LoRA at OUT/ with a model card (README.md) that huggingface_hub and the Hub read;
-- the line between bad input (one line, non-zero exit) and a bug (its traceback): `input_errors`.
+- the final LoRA at OUT/ with a model card (README.md, lora.write_model_card) that huggingface_hub reads;
+- the line between bad input (one line, non-zero exit) and a bug (its traceback): `input_errors`, and every
+  script's ArgumentParser, whose errors are one line too.
+This module imports only torch at load (lora, rollout and reward where a function needs them), so that every
+script's command line, reward.py's and rollout.py's included, can use it.
 
     python -c "import runs; print(runs.checkpoints(__import__('pathlib').Path('outputs/stable-layers')))"
 """
 
+import argparse
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import socket
 import sys
 import time
-import urllib.parse
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-import lora
 import parallel
-import reward
-import rollout
 
 REPORT_TO = ("tensorboard", "wandb", "none")
 
@@ -52,9 +56,19 @@ def input_errors():
         fail(str(e))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: `error: <what>` and exit 2, not the usage block that buries the one
+    line that matters; the usage and every flag stay on --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+
+
 def pick_device(device=None, mixed_precision="bf16"):
     """(device, dtype) of a run: --device cpu, cuda or cuda:N (default cuda when a GPU is visible, else cpu) and the
     frozen weights' dtype, --mixed_precision on CUDA and float32 on the CPU (bf16 matmuls are slow there)."""
+    import rollout
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu "
@@ -65,8 +79,12 @@ def pick_device(device=None, mixed_precision="bf16"):
 
 
 def fail(message):
-    """Stop with one line on stderr and exit code 2 (argparse's code for bad input)."""
+    """Stop with one line on stderr and exit code 2 (argparse's code for bad input). An output folder this process
+    claimed and left holding nothing but its .lock is removed first (claim_output_dir): a failed start leaves
+    nothing behind."""
     print(f"error: {message}", file=sys.stderr)
+    for lock in list(_CLAIMED):
+        _release_unused(lock)
     raise SystemExit(2) from None
 
 
@@ -139,12 +157,28 @@ def memory_figures(device):
 
 
 # ----------------------------------------------------------------------------- one run per folder
-def lock_output_dir(output_dir):
-    """Hold an exclusive lock on output_dir/.lock for the life of the process; returns the open file (keep a
-    reference). If another process holds it, stop with one line naming the folder and the holder."""
+RUN_FILES = ["metrics.jsonl", "pytorch_lora_weights.safetensors", "peft", "README.md", "logs", "samples", "wandb"]
+_CLAIMED = weakref.WeakKeyDictionary()  # lock file -> (whether .lock is new, the folders claim_output_dir made)
+
+
+def claim_output_dir(output_dir, resume=None):
+    """One run per folder, never written over. Make output_dir, lock output_dir/.lock for the life of the process (an
+    exclusive OS lock) and return the open file: keep a reference, close it when the run ends. Stop with one line
+    naming --output_dir, and change nothing there, if the folder cannot be made, another process holds the lock, or
+    (without --resume_from_checkpoint, `resume`) it holds a run or what a run writes (RUN_FILES, checkpoint-*).
+    Should the process stop with one line (fail) before writing anything, the folder goes again."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    f = open(output_dir / ".lock", "a+")
+    there = next(d for d in (output_dir, *output_dir.parents) if d.exists())  # the folder or its nearest parent
+    if not there.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {there} is a file, not a folder; choose another --output_dir")
+    made = [d for d in (output_dir, *output_dir.parents) if not d.exists()]  # innermost first
+    new_lock = not (output_dir / ".lock").exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        f = open(output_dir / ".lock", "a+")
+    except OSError as e:
+        raise InputError(f"--output_dir {output_dir}: cannot make it or write there ({e.strerror}: {e.filename}); "
+                         "choose another --output_dir") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -153,11 +187,96 @@ def lock_output_dir(output_dir):
         f.close()
         fail(f"--output_dir {output_dir} is in use by {holder}; wait for that run to end or choose another "
              "--output_dir")
+    held = None if resume or made else held_run(output_dir)
+    if held:
+        f.close()
+        if new_lock:
+            (output_dir / ".lock").unlink()
+        raise InputError(held)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+    _CLAIMED[f] = (new_lock, made)  # for fail(); weak: a run's end frees the lock as before
     return f
+
+
+def _release_unused(lock):
+    new_lock, made = _CLAIMED.pop(lock)
+    if lock.closed:
+        return
+    lock.close()
+    folder = Path(lock.name).parent
+    if new_lock and [p.name for p in folder.iterdir()] == [".lock"]:
+        (folder / ".lock").unlink()
+        for d in made:  # innermost first; a folder that is not empty stops it
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def run_step(output_dir):
+    """The last step output_dir's run reached: its last metrics row's or its latest checkpoint's, whichever is later
+    (0 if none)."""
+    output_dir = Path(output_dir)
+    path = output_dir / "metrics.jsonl"
+    rows = [_row_step(line) for line in (path.read_text().splitlines() if path.is_file() else [])]
+    return max([int(p.name.split("-")[1]) for p in checkpoints(output_dir)] + [r for r in rows if r < float("inf")],
+               default=0)
+
+
+def held_run(output_dir):
+    """Why a new run must not start in output_dir (one line: what it holds and the two ways on), or None."""
+    output_dir = Path(output_dir)
+    found = [n + "/" * (output_dir / n).is_dir() for n in RUN_FILES if (output_dir / n).exists()]
+    saved = [p.name for p in checkpoints(output_dir)]
+    final = (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    step = run_step(output_dir)
+    if step or saved or final:
+        held = saved + ["metrics.jsonl"] * ("metrics.jsonl" in found) + ["the final LoRA"] * final
+        on = "To go on from its last checkpoint add" if saved else "It saved no checkpoint: to redo it from step 0 add"
+        return (f"--output_dir {output_dir} holds a run, to step {step} ({', '.join(held)}); nothing was changed. {on} "
+                "--resume_from_checkpoint latest; to start a new run choose another --output_dir")
+    if found:
+        return (f"--output_dir {output_dir} holds {', '.join(found)}, which a run writes; nothing was changed. Choose "
+                "another --output_dir, or add --resume_from_checkpoint latest to write there")
+    return None
+
+
+def finished(output_dir, resume, max_train_steps):
+    """True, after one line saying so, if resuming would train nothing: the checkpoint to resume from is at or past
+    --max_train_steps and output_dir holds the final LoRA. Nothing is loaded or written."""
+    output_dir = Path(output_dir)
+    found = checkpoints(output_dir) if resume == "latest" else [Path(resume)] if resume else []
+    step = re.fullmatch(r"checkpoint-(\d+)", found[-1].name) if found else None
+    if not (step and int(step[1]) >= max_train_steps and (output_dir / "pytorch_lora_weights.safetensors").is_file()):
+        return False
+    if os.environ.get("RANK", "0") == "0":  # one line under torchrun too
+        print(f"{output_dir} is trained to step {step[1]} (--max_train_steps {max_train_steps}) and holds its final "
+              "LoRA: nothing to do. To train further, raise --max_train_steps")
+    return True
+
+
+def written(output_dir):
+    """The script's last line: what the run wrote where."""
+    d, saved = Path(output_dir), checkpoints(output_dir)
+    samples = sorted((d / "samples").glob("*.png"))
+    items = [("the final LoRA (pytorch_lora_weights.safetensors, peft/, model card README.md)",
+              (d / "pytorch_lora_weights.safetensors").is_file()), (", ".join(p.name + "/" for p in saved), saved),
+             (f"metrics.jsonl (to step {run_step(d)})", (d / "metrics.jsonl").is_file()),
+             (f"samples/ ({len(samples)} pictures)", samples), ("wandb/", (d / "wandb").is_dir()),
+             (f"logs/ (tensorboard --logdir {d / 'logs'})", (d / "logs").is_dir())]
+    return f"wrote in {d}: " + "; ".join(text for text, present in items if present)
+
+
+def device_line(device, dtype, quantize=None):
+    """The start-up line's words for where and in what precision the model runs, and its --quantize if it has one."""
+    import quantize as q
+
+    line = f"device {device}, {str(dtype).removeprefix('torch.')} weights"
+    return line if quantize is None else line + (", no quantization (--quantize none)" if quantize == "none" else
+                                                 f", blocks quantized to {quantize} ({q.QUANTIZE[quantize]})")
 
 
 # ----------------------------------------------------------------------------- metrics and trackers
@@ -238,12 +357,14 @@ def save_checkpoint(output_dir, step, transformer, optimizer, args, limit, metho
     tensors and plain Python types only, so it loads with weights_only=True; no RNG state is kept because every
     random draw of a step derives from (seed, step)). Written under a temporary name and renamed, so a kill
     never leaves a broken one; older checkpoints beyond `limit` are removed."""
+    import lora
+
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, tmp / "training_state.pt")
-    write_model_card(tmp, args, last_metrics(output_dir), method=method)
+    lora.write_model_card(tmp, args, last_metrics(output_dir), method=method)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     found = checkpoints(output_dir)
@@ -256,37 +377,46 @@ def load_checkpoint(path, output_dir, transformer, optimizer, writer=True):
     """Restore the LoRA and the optimizer from a checkpoint folder (or "latest" in output_dir; none: step 0)
     and, if this process is the run's writer (rank 0), drop the metric rows logged after it (those steps run
     again). Returns the step to continue from."""
-    output_dir = Path(output_dir)
-    if path == "latest":
-        found = checkpoints(output_dir)
-        if not found:
-            print(f"no checkpoint in {output_dir}: starting at step 0")
-            return 0
+    import lora
+
+    output_dir, step = Path(output_dir), 0
+    found = checkpoints(output_dir) if path == "latest" else [Path(path)]
+    if found:
         path = found[-1]
-    path = Path(path)
-    if not (path / "training_state.pt").is_file():
-        raise InputError(f"--resume_from_checkpoint {path}: no training_state.pt there")
-    lora.load_peft_weights(transformer, path / "peft")
-    state = torch.load(path / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+        if not (path / "training_state.pt").is_file():
+            raise InputError(f"--resume_from_checkpoint {path}: no training_state.pt there")
+        lora.load_peft_weights(transformer, path / "peft")
+        state = torch.load(path / "training_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
     metrics = output_dir / "metrics.jsonl"
     if writer and metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        kept = [line for line in metrics.read_text().splitlines() if _row_step(line) <= step]
         metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics.with_suffix(".tmp"), metrics)
     if writer:
-        print(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+        print(f"resumed from {path} at step {step}" if found else f"no checkpoint in {output_dir}: starting at step 0")
+    return step
+
+
+def _row_step(line):
+    """A metrics.jsonl row's step; a row cut short by a kill counts as after every step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def save_final(output_dir, transformer, args, method="Flow-GRPO (Stable-Layers)"):
     """The final LoRA at output_dir (pytorch_lora_weights.safetensors, peft/) and its model card README.md,
     written to a temporary folder first and moved in item by item."""
+    import lora
+
     output_dir = Path(output_dir)
     tmp = output_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_lora(transformer, tmp, base_model=args.pretrained_model_name_or_path)
-    write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
+    lora.write_model_card(tmp, args, last_metrics(output_dir), sample=latest_sample(output_dir), method=method)
     for item in tmp.iterdir():
         shutil.rmtree(output_dir / item.name, ignore_errors=True)
         os.replace(item, output_dir / item.name)
@@ -302,6 +432,8 @@ def latest_sample(output_dir):
 def save_group_png(path, traj, rewards, advantages, candidates):
     """One scored group: the input and each candidate's layers, captioned with its reward, advantage and,
     for the VLM reward, the stage-1 total, the stage-2 score and each criterion's score. Returns the picture."""
+    import reward
+
     captions = []
     for k, (r, a) in enumerate(zip(rewards.tolist(), advantages.tolist())):
         c = candidates[k] if k < len(candidates) else {}
@@ -338,81 +470,3 @@ def out_of_memory(phase, output_dir):
     return (f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
             "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
             f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}")
-
-
-# ----------------------------------------------------------------------------- the model card
-CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
-                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
-                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
-                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
-
-
-def _public(value):
-    """A setting as it may appear in public: URLs lose their user:password@ part and query string."""
-    if isinstance(value, str) and "://" in value:
-        u = urllib.parse.urlsplit(value)
-        return urllib.parse.urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else ""), u.path, "", ""))
-    return value
-
-
-def method_tag(method):
-    """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
-    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
-                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
-                "fine-tuning")
-
-
-def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
-    """folder/README.md: a Hugging Face model card (huggingface_hub ModelCard) with metadata (base model,
-    library, tags), the main settings, the last logged metrics, a sample picture and how to load the LoRA.
-    Only the settings in CARD_SETTINGS appear (URLs stripped of credentials); no environment value is read."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = args.pretrained_model_name_or_path
-    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
-                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
-                               "image-to-image"], pipeline_tag="image-to-image")
-    settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
-    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
-    last = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in shown.items()) or "| (no step logged yet) | |"
-    body = f"""
-# Stable-Layers LoRA for {base}
-
-A LoRA for Qwen-Image-Layered (image -> RGBA layers), trained with {method} by the Stable-Layers reference
-implementation, with no paired data.
-{f"![a scored group at the last sample step]({sample})" if sample else ""}
-
-## Load it
-
-```python
-import torch
-from diffusers import QwenImageLayeredPipeline
-
-pipe = QwenImageLayeredPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
-```
-
-or, as the released Stable-Layers inference does, the PEFT adapter in `peft/`:
-
-```python
-from peft import PeftModel
-pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder/peft")
-```
-
-Released inference settings: Heun sampler, 50 steps, CFG off, 640 px longest side, 4 layers,
-prompt "a clean, well composed image".
-
-## Settings
-
-| setting | value |
-|---|---|
-{rows}
-
-## Last logged metrics (step {metrics.get("step", 0)})
-
-| metric | value |
-|---|---|
-{last}
-"""
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(Path(folder) / "README.md")

@@ -307,8 +307,8 @@ METHOD = "supervised flow matching (sft.py)"  # the model card's words
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
       "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
@@ -372,8 +372,10 @@ def main(argv=None):
         return measure_data(args)
     output_dir = Path(args.output_dir)
     with runs.input_errors():
+        if not args.eval_lora and runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+            return None  # resumed at or past --max_train_steps: nothing to train, nothing written
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
-    lock = None if args.eval_lora else runs.lock_output_dir(output_dir)  # one run per folder, until lock.close()
+        lock = None if args.eval_lora else runs.claim_output_dir(output_dir, args.resume_from_checkpoint)  # to the end
     torch.backends.cuda.matmul.allow_tf32 = True  # as the diffusers example's --allow_tf32
 
     with runs.input_errors():
@@ -414,8 +416,8 @@ def main(argv=None):
                                          sampler=data_order(args, len(specs), start),
                                          num_workers=args.dataloader_num_workers, pin_memory=device.startswith("cuda"))
     batches = iter(loader)
-    print(f"{len(specs)} training samples, {len(held_out)} held out, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, device {device}")
+    print(f"{len(specs)} training samples, {len(held_out)} held out, {sum(p.numel() for p in params) / 1e6:.2f}M "
+          "LoRA parameters, " + runs.device_line(device, dtype, args.quantize))
     if start == 0 and held_out:
         log.log({"step": 0, "val/loss": validate(transformer, prompt, held_out, args)})
 
@@ -432,7 +434,7 @@ def main(argv=None):
     runs.save_final(output_dir, transformer, args, method=METHOD)
     log.close()
     lock.close()
-    print(f"final LoRA in {output_dir} (pytorch_lora_weights.safetensors and peft/)")
+    print(runs.written(output_dir))
     return pipe
 
 

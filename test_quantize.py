@@ -27,15 +27,19 @@ def velocity(transformer, traj):
 
 
 @pytest.mark.parametrize("kind, error", [("int8", 0.01), ("nf4", 0.1)])
-def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(design_images, tmp_path, kind, error):
+def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(design_images, tmp_path, kind, error,
+                                                                             capsys):
     """--quantize: one GRPO step (with the KL) on the tiny model with its blocks quantized: ratio 1, the LoRA moves
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
     trained policy's velocity up to the quantization's own error, the base's velocity error, measured on the same
-    inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too."""
+    inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too. The
+    start-up line says the quantization."""
     pytest.importorskip(quantize.PACKAGE[kind][0], reason="requirements.txt installs it; a GPU image may lack it")
     out = tmp_path / "grpo"
     pipe = train.main(["--images", str(design_images), "--output_dir", str(out), "--reward", "recon", "--quantize", kind,
                        "--max_train_steps", "1", "--learning_rate", "3e-2", *TINY])
+    assert f"device cpu, float32 weights, blocks quantized to {kind} ({quantize.QUANTIZE[kind]})" in \
+        capsys.readouterr().out
     record = json.loads((out / "metrics.jsonl").read_text())
     assert abs(record["diag/ratio_mean"] - 1) < 1e-6 and record["train/skipped_updates"] == 0
     import torch._inductor.config as inductor  # int8's config must not switch on slow autotuning process-wide

@@ -1,6 +1,6 @@
 """Smoke tests: CPU, offline, tiny randomly initialised real models. Run: python -m pytest -q test_smoke.py"""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import base64
@@ -282,11 +282,13 @@ def image_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(image_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    with pytest.warns(UserWarning, match="broken.png"):
+    out, err = tmp_path_factory.mktemp("run"), io.StringIO()
+    with redirect_stderr(err):  # the corrupt PNG is skipped with one plain line
         pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2", "3",
                            "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
                            "--sample_every", "1", *TINY, "--images_per_step", "2"])
+    skipped = [line for line in err.getvalue().splitlines() if "broken.png" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipping {image_dir / 'broken.png'}: not a readable image (")
     return out, pipe
 
 
@@ -594,7 +596,7 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         with pytest.raises(SystemExit) as e:
             train.main([*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"),
                         "--judge_max_failed_steps", "2"])
-        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not the bar
+        err = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]  # not the bar, not a skip
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: the judge")
         assert f"judge-test @ {url}" in err[0] and "HTTP 500" in err[0] and "steps 2..3" in err[0]
         assert "checkpoint-1" in err[0] and "--resume_from_checkpoint latest" in err[0]

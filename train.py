@@ -72,8 +72,8 @@ UPSTREAM = {"group_size": 16, "images_per_step": 8, "num_inference_steps": 10, "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
     a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
@@ -325,13 +325,15 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     reward_fn = reward.REWARDS[args.reward]
     with runs.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
+        if runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+            return None  # resumed at or past --max_train_steps: nothing to train, nothing written
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
         rank, world, device = parallel.init_distributed(device)
         parallel.check_fsdp(args.fsdp, world, args.quantize, args.compile)
         if args.images_per_step % world:
             raise runs.InputError(f"--images_per_step {args.images_per_step} must be a multiple of the number of "
                                   f"ranks ({world})")
-        lock = runs.lock_output_dir(output_dir) if rank == 0 else None  # held until the run ends
+        lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint) if rank == 0 else None  # held to the end
         paths = data.find_images(args.images)
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
@@ -353,7 +355,7 @@ def main(argv=None):
         log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     if rank == 0:
         print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
-              f"device {device}")
+              + runs.device_line(device, dtype, args.quantize))
     mine = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's image positions of every step
     timer = runs.Timer()
     scorer = scoring.Scoring(reward_fn, judge, G, timer, overlap=judge is not None and judge.kind == "http" and
@@ -387,7 +389,7 @@ def main(argv=None):
     if rank == 0:
         runs.save_final(output_dir, transformer, args)
         log.close()
-        print(f"final LoRA in {output_dir} (pytorch_lora_weights.safetensors, peft/, README.md)")
+        print(runs.written(output_dir))
     parallel.close()
     return pipe
 

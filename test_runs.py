@@ -1,0 +1,199 @@
+"""A rerun never destroys a run, and a newcomer's first minutes are clean (CPU, offline, tiny models, ~15 s):
+the same command twice, a finished run resumed, output folders that cannot be used, one-line command-line errors,
+memory.py's flags, a skipped image, peft's noise.
+
+    python -m pytest -q test_runs.py
+"""
+
+import hashlib
+import importlib.util
+import warnings
+
+import pytest
+
+import data
+import distill
+import lora
+import memory
+import reward
+import rollout
+import sft
+import train
+
+TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--layers", "2", "--group_size", "2",
+        "--num_inference_steps", "2", "--sde_window", "1", "--rank", "4", "--lora_alpha", "8", "--mixed_precision",
+        "no", "--train_batch_size", "2", "--images_per_step", "1", "--reward", "recon", "--device", "cpu"]
+
+
+def hashes(folder):
+    """{relative path: sha256} of every file under folder."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys):
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return out, lines[0]
+
+
+def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_images, tmp_path, capsys):
+    """The README's situation: a command run again (up-arrow, Enter) into the same --output_dir. train.main is called
+    in this process as `python train.py ...` calls it (the same parse_args(argv), exit code and streams; only the
+    imports are shared). The second stops before loading a model with one line naming the folder, its last step and
+    the two ways on, and every file of the first run keeps its bytes; sft.py and distill.py refuse that folder alike.
+    The way on works: resumed with the same --max_train_steps it says it is done and writes nothing; with more
+    steps it continues."""
+    out = tmp_path / "run"
+    argv = ["--images", str(design_images), "--output_dir", str(out), "--max_train_steps", "2",
+            "--checkpointing_steps", "1", "--sample_every", "1", "--report_to", "tensorboard", *TINY]
+    train.main(argv)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "device cpu, float32 weights, no quantization (--quantize none)" in printed[0]
+    assert printed[-1] == (f"wrote in {out}: the final LoRA (pytorch_lora_weights.safetensors, peft/, model card "
+                           f"README.md); checkpoint-1/, checkpoint-2/; metrics.jsonl (to step 2); samples/ (2 "
+                           f"pictures); logs/ (tensorboard --logdir {out / 'logs'})")
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]
+    first = hashes(out)
+    assert {"metrics.jsonl", "pytorch_lora_weights.safetensors", "checkpoint-2/training_state.pt"} <= set(first)
+
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    stdout, line = one_line(capsys)
+    assert e.value.code == 2 and "LoRA parameters" not in stdout  # stopped before loading anything
+    assert line == (f"error: --output_dir {out} holds a run, to step 2 (checkpoint-1, checkpoint-2, metrics.jsonl, "
+                    "the final LoRA); nothing was changed. To go on from its last checkpoint add "
+                    "--resume_from_checkpoint latest; to start a new run choose another --output_dir")
+    assert hashes(out) == first
+    for script, other in ((sft, ["--synthetic", "4"]),
+                          (distill, ["--images", str(design_images), "--teacher", f"t={out}"])):
+        other = [*other, "--pretrained_model_name_or_path", "tiny", "--device", "cpu", "--max_train_steps", "2"]
+        with pytest.raises(SystemExit) as e:
+            script.main([*other, "--output_dir", str(out)])
+        assert e.value.code == 2 and "holds a run, to step 2" in one_line(capsys)[1]
+        assert script.main([*other, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) is None
+        assert "nothing to do" in capsys.readouterr().out
+    assert hashes(out) == first
+
+    assert train.main([*argv, "--resume_from_checkpoint", "latest"]) is None  # finished: said, nothing written
+    assert capsys.readouterr().out.strip() == (f"{out} is trained to step 2 (--max_train_steps 2) and holds its final "
+                                               "LoRA: nothing to do. To train further, raise --max_train_steps")
+    assert hashes(out) == first
+    train.main([*argv, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])  # the way on
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images, tmp_path, capsys):
+    """--output_dir . in a project folder would write the model card over its README.md: refused, nothing changed;
+    a run killed before its first checkpoint is a run too, and the line says that resuming it starts at step 0."""
+    (tmp_path / "README.md").write_text("my notes")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(design_images), "--output_dir", str(tmp_path), *TINY])
+    assert e.value.code == 2 and one_line(capsys)[1] == (
+        f"error: --output_dir {tmp_path} holds README.md, which a run writes; nothing was changed. Choose another "
+        "--output_dir, or add --resume_from_checkpoint latest to write there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"] and (tmp_path / "README.md").read_text() == \
+        "my notes"
+    killed = tmp_path / "killed"  # a run killed at step 3, before its first checkpoint (the last row cut short)
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(design_images), "--output_dir", str(killed), *TINY])
+    assert e.value.code == 2 and one_line(capsys)[1] == (
+        f"error: --output_dir {killed} holds a run, to step 3 (metrics.jsonl); nothing was changed. It saved no "
+        "checkpoint: to redo it from step 0 add --resume_from_checkpoint latest; to start a new run choose another "
+        "--output_dir")
+    assert [p.name for p in killed.iterdir()] == ["metrics.jsonl"]
+
+
+def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_images, tmp_path, capsys):
+    """A folder that cannot be made (under a file) is one line naming --output_dir in each script; a start that
+    fails after the folder was made (a missing --images) removes it again, with the parents it made; a folder that
+    was there before stays, without a .lock."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for script, other in ((train, ["--images", str(design_images), *TINY]), (sft, ["--synthetic", "2"]),
+                          (distill, ["--images", str(design_images), "--teacher", f"t={tmp_path}"])):
+        with pytest.raises(SystemExit) as e:
+            script.main([*other, "--output_dir", str(blocker / "out"), "--pretrained_model_name_or_path", "tiny",
+                         "--device", "cpu"])
+        assert e.value.code == 2 and one_line(capsys)[1] == (f"error: --output_dir {blocker / 'out'}: {blocker} is a "
+                                                             "file, not a folder; choose another --output_dir")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "new" / "run"), *TINY])
+    assert e.value.code == 2 and "no such folder" in one_line(capsys)[1]
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SystemExit):
+        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), *TINY])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"] and not any((tmp_path / "mine").iterdir())
+
+
+@pytest.mark.parametrize("module", [train, sft, distill, rollout, reward, memory])
+def test_command_line_errors_are_one_line_and_help_keeps_the_usage(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--no_such_flag", "1"])
+    assert e.value.code == 2 and "--help lists the flags" in one_line(capsys)[1]
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+def test_memory_flags_are_train_flags_with_its_forms_and_defaults(capsys):
+    """Every memory.py flag but --simulate is a train.py flag with its default; a list of layers and random:K parse
+    as train.py parses them (the plan takes the largest layer count); a bad value is one line."""
+    planned, trained = vars(memory.parse_args([])), vars(train.parse_args(["--images", "x"]))
+    shared = set(planned) - {"simulate", "num_blocks"}
+    assert shared <= set(trained) and {k: planned[k] for k in shared} == {k: trained[k] for k in shared}
+    args = memory.parse_args(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2", "--quantize", "nf4"])
+    assert args.layers == [2, 3] and args.num_blocks == 2
+    rows = memory.main(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2"])
+    assert rows[0][1] == memory.Setup(num_blocks=2, layers=3)
+    capsys.readouterr()
+    for bad in (["--quantize", "bogus"], ["--pretrained_model_name_or_path", "random:61"], ["--group_size", "1"],
+                ["--num_blocks", "4"], ["--pretrained_model_name_or_path", "tiny"]):
+        with pytest.raises(SystemExit) as e:
+            memory.parse_args(bad)
+        assert e.value.code == 2 and bad[0] in one_line(capsys)[1]
+
+
+def test_a_skipped_image_is_one_plain_line(design_images, tmp_path, capsys):
+    for p in design_images.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(data.find_images(tmp_path)) == 2
+    assert not [w for w in caught if "broken" in str(w.message)]
+    err = capsys.readouterr().err
+    assert err.startswith(f"skipping {tmp_path / 'broken.png'}: not a readable image (") and err.count("\n") == 1
+
+
+def test_peft_noise_is_silenced_where_it_arises_and_only_there(tmp_path):
+    """Loading a diffusers LoRA (what evaluate.py --lora does) and a LoRA on int8 blocks (--quantize int8) raise
+    none of peft's two noise warnings through lora.py, though peft raises them when called directly; other warnings,
+    and these outside lora.py, still show."""
+    from peft import LoraConfig
+
+    pipe = rollout.load_pipeline("tiny")
+    lora.add_lora(pipe.transformer, 4, 8)
+    lora.save_lora(pipe.transformer, tmp_path, base_model="tiny")
+    noise = ("exclude_modules", "get_apply_tensor_subclass")
+    int8 = importlib.util.find_spec("torchao") is not None  # requirements.txt installs it; a GPU image may lack it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.load_lora(rollout.load_pipeline("tiny"), tmp_path)
+        lora.load_lora(rollout.load_pipeline("tiny"), tmp_path / "peft")
+        if int8:
+            lora.add_lora(rollout.load_pipeline("tiny", quantize="int8").transformer, 4, 8)
+    assert not [w for w in caught if any(n in str(w.message) for n in noise)], [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rollout.load_pipeline("tiny").load_lora_weights(str(tmp_path))  # diffusers directly: peft warns
+        if int8:
+            rollout.load_pipeline("tiny", quantize="int8").transformer.add_adapter(LoraConfig(target_modules=["to_q"]))
+        warnings.warn("a warning of someone else's")
+    messages = [str(w.message) for w in caught]
+    assert any("exclude_modules" in m for m in messages) and "a warning of someone else's" in messages
+    assert not int8 or any("get_apply_tensor_subclass" in m for m in messages)
