@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import layerd_protocol
 import reward  # rewards and judges import no diffusers either
+import runs  # torch only at import
 from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers, to_image
 from quantize import QUANTIZE, check as check_quantize  # torch only: predictions mode needs no diffusers
 
@@ -391,7 +392,7 @@ def _lora_name(path: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--references", help="reference folder: one subfolder per sample with image.png, layer_<i>.png")
     p.add_argument("--predictions", action="append", metavar="[NAME=]DIR",
                    help="score existing predictions (same folder format); repeatable; a bare DIR is named by its "

@@ -359,6 +359,9 @@ def parse_args(argv=None):
     a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen blocks in fewer bits")
     a("--beta", type=float, default=0.04, help="KL weight; 0 skips the reference forward")
     a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time after a rollout")
+    a("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="the frozen transformer sharded over "
+      "--nproc_per_node ranks, as train.py --fsdp under torchrun; the plan is per GPU")
+    a("--nproc_per_node", type=int, default=2, help="with --fsdp: the ranks (GPUs) torchrun starts")
     a("--simulate", action="store_true", help="also run simulate() for each row (this code on meta tensors: tens "
       "of seconds per row at 60 blocks on a CPU)")
     args = p.parse_args(argv)
@@ -370,7 +373,9 @@ def parse_args(argv=None):
               (args.resolution >= 16 and args.resolution % 16 == 0, "--resolution must be a positive multiple of 16"),
               (min(args.layers) >= 1, "--layers must be >= 1"), (args.group_size >= 2, "--group_size must be >= 2"),
               (min(args.train_batch_size, args.rank, args.decode_chunk) >= 1,
-               "--train_batch_size, --rank and --decode_chunk must be >= 1"), (args.beta >= 0, "--beta must be >= 0")]
+               "--train_batch_size, --rank and --decode_chunk must be >= 1"), (args.beta >= 0, "--beta must be >= 0"),
+              (not args.fsdp or args.nproc_per_node >= 2, "--fsdp shards over --nproc_per_node >= 2 ranks"),
+              (not args.fsdp or args.quantize == "none", "--fsdp with --quantize: train.py refuses it (see --help)")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -382,7 +387,8 @@ def main(argv=None):
     args = parse_args(argv)
     setup = Setup(num_blocks=args.num_blocks, resolution=args.resolution, layers=max(args.layers),
                   group_size=args.group_size, train_batch_size=args.train_batch_size, rank=args.rank,
-                  quantize=args.quantize, beta=args.beta, decode_chunk=args.decode_chunk)
+                  quantize=args.quantize, beta=args.beta, decode_chunk=args.decode_chunk,
+                  shards=args.nproc_per_node if args.fsdp else 1)
     rows = [("these flags", setup)] + [(f"{card}: {flag_text(flags)}", dataclasses.replace(setup, **flags))
                                        for card, (_, flags) in CARDS.items()]
     print(f"GiB allocated at each phase's peak (plan{' / simulation' if args.simulate else ''}); reserved = peak x "

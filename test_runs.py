@@ -13,6 +13,7 @@ import pytest
 
 import data
 import distill
+import evaluate as ev
 import lora
 import memory
 import reward
@@ -130,7 +131,7 @@ def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_imag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"] and not any((tmp_path / "mine").iterdir())
 
 
-@pytest.mark.parametrize("module", [train, sft, distill, rollout, reward, memory])
+@pytest.mark.parametrize("module", [train, sft, distill, rollout, reward, memory, ev])
 def test_command_line_errors_are_one_line_and_help_keeps_the_usage(module, capsys):
     with pytest.raises(SystemExit) as e:
         module.parse_args(["--no_such_flag", "1"])
@@ -141,18 +142,21 @@ def test_command_line_errors_are_one_line_and_help_keeps_the_usage(module, capsy
 
 
 def test_memory_flags_are_train_flags_with_its_forms_and_defaults(capsys):
-    """Every memory.py flag but --simulate is a train.py flag with its default; a list of layers and random:K parse
+    """Every memory.py flag but --simulate and torchrun's --nproc_per_node is a train.py flag with its default; a list
+    of layers and random:K parse
     as train.py parses them (the plan takes the largest layer count); a bad value is one line."""
     planned, trained = vars(memory.parse_args([])), vars(train.parse_args(["--images", "x"]))
-    shared = set(planned) - {"simulate", "num_blocks"}
+    shared = set(planned) - {"simulate", "num_blocks", "nproc_per_node"}
     assert shared <= set(trained) and {k: planned[k] for k in shared} == {k: trained[k] for k in shared}
     args = memory.parse_args(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2", "--quantize", "nf4"])
     assert args.layers == [2, 3] and args.num_blocks == 2
     rows = memory.main(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2"])
     assert rows[0][1] == memory.Setup(num_blocks=2, layers=3)
+    rows = memory.main(["--fsdp", "--nproc_per_node", "4", "--pretrained_model_name_or_path", "random:2"])
+    assert rows[0][1] == memory.Setup(num_blocks=2, shards=4)
     capsys.readouterr()
     for bad in (["--quantize", "bogus"], ["--pretrained_model_name_or_path", "random:61"], ["--group_size", "1"],
-                ["--num_blocks", "4"], ["--pretrained_model_name_or_path", "tiny"]):
+                ["--num_blocks", "4"], ["--pretrained_model_name_or_path", "tiny"], ["--fsdp", "--quantize", "int8"]):
         with pytest.raises(SystemExit) as e:
             memory.parse_args(bad)
         assert e.value.code == 2 and bad[0] in one_line(capsys)[1]
