@@ -42,7 +42,7 @@ condition + text), r = LoRA rank. One forward F = L + A + R + O:
     1 x L); attention and LoRA take 2 x; block 0's q, k, v need no input gradient (their input comes from frozen
     layers) and the last block's text output path gets none. With the KL add B (F - R): the reference forward.
   Full size, 640 px, 4 layers, N = 8000 + 1600 + 11 = 9611: F = 1.99e14 (L 66%, A 34%; + R 2% with LoRA r 64),
-  a training micro-step 6.80e14 per sample, 8.79e14 with the KL. test_smoke.py checks this against
+  a training micro-step 6.80e14 per sample, 8.79e14 with the KL. test_bench.py checks this against
   torch.utils.flop_counter on the tiny model.
 Scaling from K built blocks to 60: FLOP and time x FLOP(60) / FLOP(K) (about 60 / K); peak memory + (60 - K) x
 the bytes one block keeps resident in that row: its weights (bf16 + LoRA fp32), AdamW's two moments of its

@@ -34,7 +34,7 @@ def add_lora(transformer, rank, lora_alpha):
     """LoRA on the attention and MLP projections of every block (Flow-GRPO's Qwen-Image targets), gaussian
     init (B = 0: the policy starts as the reference); the last block's text-stream output modules are left
     out: the text queries, the text attention output and the text MLP, whose output is discarded (they would
-    get no gradient, checked in test_smoke.py). Trainable weights in float32."""
+    get no gradient, checked in test_precision.py). Trainable weights in float32."""
     from peft import LoraConfig
 
     last = len(transformer.transformer_blocks) - 1

@@ -14,7 +14,7 @@ backends), so rollouts, re-scoring and the KL reference (the LoRA disabled) all 
 the on-policy ratio stays 1. peft wraps the quantized linears (torchao: TorchaoLoraLinear; bitsandbytes: its
 Linear4bit as base layer) and saves only the LoRA, with the same keys as on the bf16 base: a LoRA trained on a
 quantized base loads on the bf16 model in diffusers and peft, and reproduces the trained policy up to the
-quantization's error (test_smoke.py states it).
+quantization's error (test_quantize.py states it).
 
     python -c "import quantize, tiny; t = tiny.tiny_pipeline().transformer; quantize.quantize_blocks(t, 'int8'); print(t.transformer_blocks[0].attn.to_q)"
 """

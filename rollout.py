@@ -95,14 +95,14 @@ def speed_up(transformer, attention_backend=None, compile=False):
     - compile: regional compilation of the repeated block (diffusers' compile_repeated_blocks; fullgraph, so a graph
       break fails loudly), peft's LoRA layers traced into it; the first step compiles the rollout's, the
       re-scoring's and the KL reference's graphs.
-    Both change the arithmetic's order, not what is computed (test_smoke.py states the bounds on the log-probs), and
+    Both change the arithmetic's order, not what is computed (test_precision.py states the bounds on the log-probs), and
     the rollout and its re-scoring run under the same levers. diffusers keeps the attention choice process-wide."""
     if attention_backend:
         transformer.set_attention_backend(attention_backend)
     if compile:
         # inductor keeps bf16 intermediates in fp32 inside fused kernels unless told to round where eager rounds:
         # without this, the rollout's (no-grad) and the re-scoring's (training) graphs fuse differently and the
-        # first ratio moved by 1.3e-4 on CPU bf16, more than --clip_range; with it, 0 (test_smoke.py)
+        # first ratio moved by 1.3e-4 on CPU bf16, more than --clip_range; with it, 0 (test_precision.py)
         import torch._dynamo.config
         import torch._inductor.config
 

@@ -4,7 +4,7 @@ train.py makes two calls per step: `submit(trajectory, step)` after each group's
 returns the step's rewards. Behind them:
 - overlap: with an HTTP judge (`--judge_overlap`, the default) a group is scored in a thread while the GPU rolls out
   the next one. The judge answers a request the same whenever it comes, so the rewards, and the LoRA, are those of
-  scoring each group right after its rollout (test_smoke.py checks it bit for bit). A local judge shares the GPU
+  scoring each group right after its rollout (test_train.py checks it bit for bit). A local judge shares the GPU
   and scores in the main thread.
 - gathering: every rank's rewards in image order (parallel.all_gather), so advantages use one process's statistics.
 - accounting: a step in which the judge answered none of its requests, on any rank, holds fallback rewards alone:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import reward
-from test_smoke import TINY, completion, judge_server, keys_asked
+from test_judges import completion, judge_server, keys_asked
+from test_smoke import TINY
 
 README = (Path(__file__).parent / "README.md").read_text()
 

@@ -1,15 +1,90 @@
 """Several processes, one algorithm: torchrun's gloo ranks on the CPU train the LoRA one process trains, with the
-frozen weights replicated (data parallel) or sharded (--fsdp), and resume across world sizes and modes."""
+frozen weights replicated (data parallel) or sharded (--fsdp), resume across world sizes and modes, and a killed
+rank stops the job."""
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import train
-from test_smoke import TINY, _lora, _torchrun, image_dir  # noqa: F401 (image_dir: a fixture)
+from test_smoke import _lora, image_dir, TINY  # noqa: F401 (image_dir: a fixture)
+
+
+def _torchrun(nproc, argv, timeout=240, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(_free_port()), "train.py", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(image_dir, tmp_path):
+    """gloo on CPU: 2 ranks x 1 image per step train the LoRA of 1 process x 2 images; a 2-rank run stopped at
+    step 2 resumes to 4 on 1 rank, equal to 4 uninterrupted steps; only rank 0 writes. (Resuming on the same number
+    of ranks is test_resume_gives_the_same_run's case: the checkpoint holds nothing rank-specific.) The one-process
+    runs are in this process (one thread, as the ranks have)."""
+    common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--sample_every", "2",
+              "--checkpointing_steps", "1", "--checkpoints_total_limit", "10", *TINY, "--images_per_step", "2"]
+    train.main([*common, "--output_dir", str(tmp_path / "one"), "--max_train_steps", "4"])
+    two = _torchrun(2, [*common, "--output_dir", str(tmp_path / "two"), "--max_train_steps", "2"])
+    assert two.returncode == 0, two.stderr[-800:]
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    train.main([*common, "--output_dir", str(tmp_path / "two_then_one"), "--max_train_steps", "4",
+                "--resume_from_checkpoint", "latest"])
+    ref = {k: _lora(tmp_path / "one" / f"checkpoint-{s}") for k, s in (("2", 2), ("4", 4))}
+    two_at_2 = _lora(tmp_path / "two" / "checkpoint-2")
+    dw = max((ref["2"][k] - two_at_2[k]).abs().max().item() for k in ref["2"])
+    print(f"world-size invariance: max |dW| after 2 steps = {dw:.2e}")
+    assert dw <= 1e-6
+    final = _lora(tmp_path / "two_then_one")
+    assert max((ref["4"][k] - final[k]).abs().max().item() for k in final) <= 1e-6
+    ref_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for folder, steps in (("two", 2), ("two_then_one", 4)):
+        rows = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))  # one row per step: only rank 0 writes
+        assert [r["reward/mean"] for r in rows] == pytest.approx([r["reward/mean"] for r in ref_rows[:steps]],
+                                                                 abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step-000002.png"]
+    bad = _torchrun(2, [*common, "--output_dir", str(tmp_path / "odd"), "--images_per_step", "3"])
+    assert bad.returncode != 0 and "multiple of the number of ranks (2)" in bad.stderr
+
+
+def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path):
+    import psutil
+
+    argv = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--sample_every", "0",
+            "--output_dir", str(tmp_path), "--max_train_steps", "500", *TINY, "--images_per_step", "2"]
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(_free_port()), "train.py", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        rank1 = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        t = time.time()
+        rank1[0].kill()
+        err = job.communicate(timeout=90)[1]
+        print(f"job stopped {time.time() - t:.1f} s after rank 1 was killed")
+        assert job.returncode != 0 and "rank: 1" in err
+    finally:
+        if job.poll() is None:
+            job.kill()
 
 
 def _max_dw(a, b):

@@ -7,7 +7,9 @@ memory.py's flags, a skipped image, peft's noise.
 
 import hashlib
 import importlib.util
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +203,35 @@ def test_peft_noise_is_silenced_where_it_arises_and_only_there(tmp_path):
     messages = [str(w.message) for w in caught]
     assert any("exclude_modules" in m for m in messages) and "a warning of someone else's" in messages
     assert not int8 or any("get_apply_tensor_subclass" in m for m in messages)
+
+
+# ----------------------------------------------------------------------------- the front door
+def _documented_commands():
+    """(file, script, argv) of every `python SCRIPT.py ...` / `torchrun ... SCRIPT.py ...` line in the README's and
+    docs/'s bash blocks, with line continuations joined."""
+    import importlib
+    import shlex
+
+    found = []
+    for path in [Path(__file__).with_name("README.md"), *sorted(Path(__file__).with_name("docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = "" if line.lstrip().startswith("#") else line.split("&&")[-1].split(" #")[0].strip()
+                words = shlex.split(line) if line else []
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
+                if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]) and words[1:2] != ["-m"]:
+                    i = scripts[0]
+                    found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1:]))
+    return found
+
+
+def test_documented_commands_parse():
+    """The commands the README and docs/ show (dry runs, the real runs, each script's examples) are accepted by
+    the scripts' own parse_args, so the front door cannot drift from the code."""
+    commands = _documented_commands()
+    assert {m.__name__ for _, m, _ in commands} >= {"train", "rollout", "reward", "data", "evaluate"}
+    for name, module, argv in commands:
+        try:
+            module.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{name}: python {module.__name__}.py {' '.join(argv)} does not parse") from e

@@ -28,7 +28,7 @@ stopping with one line), parallel.py (ranks and collectives), lora.py, memory.py
 
 Recipe: Flow-GRPO's Qwen-Image trainer (config pickscore_qwenimage, arXiv:2505.05470) wherever the paper and the
 released Stable-Layers model are silent, the released model where they speak (640 px longest side, 4 layers,
-CFG off, fixed prompt). Every departure (test_smoke.py checks this table against UPSTREAM and parse_args'
+CFG off, fixed prompt). Every departure (test_train.py checks this table against UPSTREAM and parse_args'
 defaults, and that docs/training.md shows the same table with the figures behind it):
 
 | parameter | upstream | here | why |
