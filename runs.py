@@ -125,7 +125,7 @@ def guard(output_dir, timer, save, close):
 class Timer:
     """Seconds spent in each phase of a step, logged as time/<phase>_s, and the phase running now, which an
     out-of-memory error names (a phase that raises stays the current one). `with timer("rollout"): ...`;
-    figures() returns the step's, with time/step_s since the previous call, and starts the next step.""" 
+    figures() returns the step's, with time/step_s since the previous call, and starts the next step."""
 
     def __init__(self):
         self.phase, self.seconds, self.start = "setup", {}, time.perf_counter()
