@@ -78,15 +78,12 @@ def all_gather(obj):
     return out
 
 
-def sum_gradients(params, finite):
-    """Replace each parameter's gradient by the sum over ranks (a missing one counts as zeros). Returns True only
-    if every rank's loss was finite (`finite` is this rank's), so all ranks skip or take the step together."""
+def sum_gradients(params):
+    """Replace each parameter's gradient by the sum over ranks (a missing one counts as zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flag = torch.tensor([float(finite)], device=grads[0].device)
-    all_reduce_(grads + [flag])
+    all_reduce_(grads)
     for p, g in zip(params, grads):
         p.grad = g
-    return flag.item() == world_size()
 
 
 def all_true(flag):
@@ -95,7 +92,7 @@ def all_true(flag):
     if not dist.is_initialized():
         return flag
     t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
+    all_reduce_([t])
     return t.item() == dist.get_world_size()
 
 

@@ -259,7 +259,7 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
                         (loss * weight).backward()
                     for key, value in [("loss/policy", loss_pg), ("loss/kl", loss_kl), *diag.items()]:
                         stats[key] += value.item() * weight / args.num_inner_epochs
-        finite = parallel.sum_gradients(params, finite)  # the sum over ranks; finite only if every rank's is
+        parallel.sum_gradients(params)  # the sum over ranks (`finite` already agrees across them)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         if finite and torch.isfinite(grad_norm):
             optimizer.step()
