@@ -11,6 +11,7 @@ layered references, one folder per sample: image.png (the flattened design) and 
     # Crello designs with 2..4 layers at 640 px longest side (needs `pip install datasets`)
     python data.py crello crello_refs --split test
 """
+
 import argparse
 import functools
 import math
@@ -67,7 +68,9 @@ def find_images(folder):
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 print(f"skipping {e}", file=sys.stderr)
     if not paths:
-        raise ValueError(f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(
+            f"--images {folder}: no readable image found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return paths
 
 
@@ -140,12 +143,15 @@ def list_references(references) -> list:
     """The sample folders of a reference root (sorted); each must hold image.png and layer_0.png."""
     root = Path(references)
     if not root.is_dir():
-        raise FileNotFoundError(f"--references {root}: no such folder (make one with `python data.py synthetic DIR` "
-                                f"or `python data.py crello DIR`)")
+        raise FileNotFoundError(
+            f"--references {root}: no such folder (make one with `python data.py synthetic DIR` "
+            f"or `python data.py crello DIR`)"
+        )
     samples = sorted(p for p in root.iterdir() if p.is_dir() and (p / "layer_0.png").exists())
     if not samples:
-        raise ValueError(f"--references {root}: no sample folders holding layer_0.png (see the reference format "
-                         f"in the docstring)")
+        raise ValueError(
+            f"--references {root}: no sample folders holding layer_0.png (see the reference format in the docstring)"
+        )
     for p in samples:
         if not (p / "image.png").exists():
             raise ValueError(f"reference {p}: image.png is missing (the flattened design is needed for recon_l1)")
@@ -153,8 +159,24 @@ def list_references(references) -> list:
 
 
 # ----------------------------- synthetic layered designs (SynLayers: a scalable, L-balanced substitute for real layers)
-WORDS = ["SALE", "Summer", "Open Day", "Coffee", "Design", "Hello", "NEW", "50% OFF", "Workshop", "Music", "Travel",
-         "Fresh", "Join us", "Studio", "Market", "Big News"]
+WORDS = [
+    "SALE",
+    "Summer",
+    "Open Day",
+    "Coffee",
+    "Design",
+    "Hello",
+    "NEW",
+    "50% OFF",
+    "Workshop",
+    "Music",
+    "Travel",
+    "Fresh",
+    "Join us",
+    "Studio",
+    "Market",
+    "Big News",
+]
 
 
 def _smooth_field(rng, size, cells) -> np.ndarray:
@@ -201,6 +223,7 @@ def _shapes(rng, size) -> Image.Image:
         w, h = rng.uniform(0.15, 0.45) * W, rng.uniform(0.15, 0.45) * H
         x0, y0 = rng.uniform(0, W - w), rng.uniform(0, H - h)
         kind = int(rng.integers(4))
+
         def draw(d, s):
             b = [v * s for v in (x0, y0, x0 + w, y0 + h)]
             if kind == 0:
@@ -211,6 +234,7 @@ def _shapes(rng, size) -> Image.Image:
                 d.ellipse(b, fill=255)
             else:
                 d.polygon([((b[0] + b[2]) / 2, b[1]), (b[2], b[3]), (b[0], b[3])], fill=255)
+
         alpha = 1.0 if rng.random() < 0.7 else rng.uniform(0.6, 0.9)
         mask = _aa_mask(size, draw).point(lambda v: round(v * alpha))
         layer = Image.alpha_composite(layer, _solid_layer(rng.integers(0, 256, 3), mask))
@@ -244,11 +268,15 @@ def _cutout(rng, size) -> Image.Image:
     rgb = rgb * light[..., None] + 0.03 * rng.standard_normal((H, W, 3))
     cx, cy = rng.uniform(0.25, 0.75) * W, rng.uniform(0.25, 0.75) * H
     rx, ry = rng.uniform(0.15, 0.3) * W, rng.uniform(0.15, 0.3) * H
-    blobs = [(cx, cy, rx, ry)] + [(cx + rng.uniform(-rx, rx), cy + rng.uniform(-ry, ry), rx * rng.uniform(0.4, 0.8),
-                                   ry * rng.uniform(0.4, 0.8)) for _ in range(int(rng.integers(0, 3)))]
+    blobs = [(cx, cy, rx, ry)] + [
+        (cx + rng.uniform(-rx, rx), cy + rng.uniform(-ry, ry), rx * rng.uniform(0.4, 0.8), ry * rng.uniform(0.4, 0.8))
+        for _ in range(int(rng.integers(0, 3)))
+    ]
+
     def draw(d, s):
         for bx, by, bw, bh in blobs:
             d.ellipse([(bx - bw) * s, (by - bh) * s, (bx + bw) * s, (by + bh) * s], fill=255)
+
     mask = _aa_mask(size, draw).filter(ImageFilter.GaussianBlur(radius=max(0.5, 0.015 * min(W, H))))
     rgba = np.concatenate([np.clip(rgb, 0, 1), np.asarray(mask, np.float32)[..., None] / 255], -1)
     return Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA")
@@ -276,8 +304,9 @@ def make_design(rng, num_layers: int, size=(640, 640)):
     return to_image(composite(torch.stack([pil_to_rgba(layer) for layer in layers]))), layers
 
 
-def write_references(out_dir, num_samples: int = 12, seed: int = 0, size=(640, 640), layer_counts=(2, 3, 4),
-                     images_only: bool = False) -> list:
+def write_references(
+    out_dir, num_samples: int = 12, seed: int = 0, size=(640, 640), layer_counts=(2, 3, 4), images_only: bool = False
+) -> list:
     """Write num_samples designs in the reference format (out_dir/synth_<k>/), or with images_only just the flattened
     images (out_dir/synth_<k>.png). Sample k has L = layer_counts[k % len] (a balanced mix) and its own generator
     numpy.random.default_rng([seed, k]), so a sample does not depend on num_samples or images_only."""
@@ -326,7 +355,7 @@ def elements_to_layers(elements: list, canvas_size, max_layers: int = 4) -> list
     K, start = min(max_layers - 1, len(rest)), 0
     for k in range(K):
         count = len(rest) // K + (k < len(rest) % K)
-        layers.append(functools.reduce(Image.alpha_composite, rest[start:start + count], blank))
+        layers.append(functools.reduce(Image.alpha_composite, rest[start : start + count], blank))
         start += count
     return layers
 
@@ -338,33 +367,54 @@ def crello_elements(example: dict, canvas_width: int, canvas_height: int, longes
     s = longest_side / max(canvas_width, canvas_height)
     frac = all(v <= 1.0 for v in list(example["width"]) + list(example["height"]))
     sx, sy = (canvas_width * s, canvas_height * s) if frac else (s, s)
-    elements = [{"image": img, "left": example["left"][i] * sx, "top": example["top"][i] * sy,
-                 "width": example["width"][i] * sx, "height": example["height"][i] * sy,
-                 "angle": example["angle"][i], "opacity": example["opacity"][i]}
-                for i, img in enumerate(example["image"]) if img is not None]
+    elements = [
+        {
+            "image": img,
+            "left": example["left"][i] * sx,
+            "top": example["top"][i] * sy,
+            "width": example["width"][i] * sx,
+            "height": example["height"][i] * sy,
+            "angle": example["angle"][i],
+            "opacity": example["opacity"][i],
+        }
+        for i, img in enumerate(example["image"])
+        if img is not None
+    ]
     return elements, (round(canvas_width * s), round(canvas_height * s))
 
 
-def export_crello(out_dir, split: str = "test", num_samples=None, min_layers: int = 2, max_layers: int = 4,
-                  longest_side: int = 640, revision=None) -> list:
+def export_crello(
+    out_dir,
+    split: str = "test",
+    num_samples=None,
+    min_layers: int = 2,
+    max_layers: int = 4,
+    longest_side: int = 640,
+    revision=None,
+) -> list:
     """Write Crello (cyberagent/crello) designs that yield min_layers..max_layers layers (`crello_elements`, then
     `elements_to_layers`) in the reference format: out_dir/crello_<split>_<index>_<id>/."""
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("`python data.py crello` needs the optional package `datasets`: pip install datasets") from err
+        raise ImportError(
+            "`python data.py crello` needs the optional package `datasets`: pip install datasets"
+        ) from err
     ds = datasets.load_dataset("cyberagent/crello", split=split, revision=revision)
     folders = []
     for idx, ex in enumerate(tqdm(ds, desc=f"crello {split}")):
         if num_samples is not None and len(folders) >= num_samples:
             break
-        cw, ch = (int(ds.features[k].int2str(ex[k])) if hasattr(ds.features[k], "int2str") else int(ex[k])
-                  for k in ("canvas_width", "canvas_height"))  # a class label in older releases
+        cw, ch = (
+            int(ds.features[k].int2str(ex[k])) if hasattr(ds.features[k], "int2str") else int(ex[k])
+            for k in ("canvas_width", "canvas_height")
+        )  # a class label in older releases
         layers = elements_to_layers(*crello_elements(ex, cw, ch, longest_side), max_layers)
         if min_layers <= len(layers) <= max_layers:
             image = to_image(composite(torch.stack([pil_to_rgba(x) for x in layers])))
             folders.append(save_sample(Path(out_dir) / f"crello_{split}_{idx:05d}_{ex['id']}", image, layers))
     return folders
+
 
 # --------------------------------------------------------------------------------------------------------- command line
 def _size(text: str):
@@ -375,16 +425,22 @@ def _size(text: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synthetic", help="write synthetic layered designs in the reference format",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser(
+        "synthetic",
+        help="write synthetic layered designs in the reference format",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     s.add_argument("out_dir", help="output folder: out_dir/synth_<k>/ (or out_dir/synth_<k>.png with --images_only)")
     s.add_argument("--num_samples", type=int, default=12, help="designs to write")
     s.add_argument("--seed", type=int, default=0, help="sample k uses numpy.random.default_rng([seed, k])")
     s.add_argument("--size", type=_size, default=(640, 640), help="design size, W or WxH")
     s.add_argument("--layer_counts", type=int, nargs="+", default=[2, 3, 4], help="layer counts, cycled (balanced)")
     s.add_argument("--images_only", action="store_true", help="write only the flattened images (training input)")
-    c = sub.add_parser("crello", help="export Crello designs (cyberagent/crello) in the reference format",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = sub.add_parser(
+        "crello",
+        help="export Crello designs (cyberagent/crello) in the reference format",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     c.add_argument("out_dir", help="output folder: out_dir/crello_<split>_<index>_<id>/")
     c.add_argument("--split", default="test", help="Crello split")
     c.add_argument("--num_samples", type=int, default=None, help="designs to export (default: all that qualify)")
@@ -399,12 +455,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         if args.command == "synthetic":
-            paths = write_references(args.out_dir, args.num_samples, args.seed, args.size, tuple(args.layer_counts),
-                                     args.images_only)
+            paths = write_references(
+                args.out_dir, args.num_samples, args.seed, args.size, tuple(args.layer_counts), args.images_only
+            )
             print(f"wrote {len(paths)} synthetic {'images' if args.images_only else 'samples'} to {args.out_dir}")
         else:
-            paths = export_crello(args.out_dir, args.split, args.num_samples, args.min_layers, args.max_layers,
-                                  args.longest_side, args.revision)
+            paths = export_crello(
+                args.out_dir,
+                args.split,
+                args.num_samples,
+                args.min_layers,
+                args.max_layers,
+                args.longest_side,
+                args.revision,
+            )
             print(f"wrote {len(paths)} Crello samples to {args.out_dir}")
     except (ValueError, ImportError) as err:  # bad input: one line
         print(f"data.py: error: {err}", file=sys.stderr)

@@ -64,26 +64,56 @@ METHOD = "on-policy distillation of per-reward teachers (DiffusionOPD)"  # the m
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description="Distil several per-reward teacher LoRAs into one student LoRA "
-                            "(on-policy, DiffusionOPD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(
+        description="Distil several per-reward teacher LoRAs into one student LoRA (on-policy, DiffusionOPD).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
-    a("--teacher", action="append", required=True, metavar="NAME=PATH[:FOLDER]",
-      help="a teacher LoRA (diffusers .safetensors or folder, or PEFT folder); repeat per teacher; with :FOLDER it "
-      "applies only to the images under FOLDER (which are added to the pool)")
-    a("--teacher_weight", action="append", default=[], metavar="NAME=W", help="weight w_k of a teacher's KL "
-      "(default 1)")
-    a("--teacher_reward", action="append", default=[], metavar="NAME=REWARD",
-      help=f"log this reward ({sorted(reward.REWARDS)}) of the student's samples as reward/NAME")
-    a("--student_init", default=None, metavar="NAME", help="start the student as a copy of this teacher "
-      "(default: a fresh LoRA)")
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
-      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
+    a(
+        "--teacher",
+        action="append",
+        required=True,
+        metavar="NAME=PATH[:FOLDER]",
+        help="a teacher LoRA (diffusers .safetensors or folder, or PEFT folder); repeat per teacher; with :FOLDER it "
+        "applies only to the images under FOLDER (which are added to the pool)",
+    )
+    a(
+        "--teacher_weight",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="weight w_k of a teacher's KL (default 1)",
+    )
+    a(
+        "--teacher_reward",
+        action="append",
+        default=[],
+        metavar="NAME=REWARD",
+        help=f"log this reward ({sorted(reward.REWARDS)}) of the student's samples as reward/NAME",
+    )
+    a(
+        "--student_init",
+        default=None,
+        metavar="NAME",
+        help="start the student as a copy of this teacher (default: a fresh LoRA)",
+    )
+    a(
+        "--pretrained_model_name_or_path",
+        default=rollout.DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny', or "
+        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+    )
     a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
-    a("--sizing", choices=["longest", "area"], default="longest", help="condition size rule, as the teachers were "
-      "trained: longest side = resolution (released inference) or diffusers' area rule")
+    a(
+        "--sizing",
+        choices=["longest", "area"],
+        default="longest",
+        help="condition size rule, as the teachers were "
+        "trained: longest side = resolution (released inference) or diffusers' area rule",
+    )
     a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (the teachers' training prompt)")
     a("--group_size", type=int, default=8, help="G: student rollouts per image")
@@ -92,8 +122,14 @@ def parse_args(argv=None):
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (> 0: the KL divides by the variance)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
     a("--sde_window", type=int, default=2, help="K: distilled (SDE) steps per rollout; 0 = all but the last")
-    a("--sde_window_range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-      help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..T-1, all but the last)")
+    a(
+        "--sde_window_range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..T-1, all but the last)",
+    )
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the student LoRA")
     a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -109,12 +145,20 @@ def parse_args(argv=None):
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--sample_every", type=int, default=10, help="write a PNG of one group every N steps (0 = never)")
     a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
-    a("--judge", default=None, choices=["local", "http", "tiny"], help="VLM judge, built when named here or when a "
-      "--teacher_reward uses one (default: http when --judge_url is given, else local)")
+    a(
+        "--judge",
+        default=None,
+        choices=["local", "http", "tiny"],
+        help="VLM judge, built when named here or when a "
+        "--teacher_reward uses one (default: http when --judge_url is given, else local)",
+    )
     a("--judge_model", default=None, help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    a("--prompts_dir", default=str(reward.PROMPTS_DIR), help="the judge's prompt set (criteria.txt, stage1.txt, "
-      "stage2.txt; a file it lacks comes from prompts/)")
+    a(
+        "--prompts_dir",
+        default=str(reward.PROMPTS_DIR),
+        help="the judge's prompt set (criteria.txt, stage1.txt, stage2.txt; a file it lacks comes from prompts/)",
+    )
     args = p.parse_args(argv)
     T = args.num_inference_steps
     args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it
@@ -123,8 +167,10 @@ def parse_args(argv=None):
         name, eq, rest = spec.partition("=")
         path, _, folder = rest.partition(":")
         if not eq or not path or not re.fullmatch(r"[A-Za-z_]\w*", name) or name == "default" or name in names:
-            p.error(f"--teacher {spec!r}: write NAME=PATH or NAME=PATH:FOLDER, NAME a distinct identifier, "
-                    "not 'default' (the student's adapter)")
+            p.error(
+                f"--teacher {spec!r}: write NAME=PATH or NAME=PATH:FOLDER, NAME a distinct identifier, "
+                "not 'default' (the student's adapter)"
+            )
         names.append(name)
         args.teachers[name] = {"path": path, "folder": folder or None, "weight": 1.0, "reward": None}
     for flag, key, cast in (("--teacher_weight", "weight", float), ("--teacher_reward", "reward", str)):
@@ -136,15 +182,19 @@ def parse_args(argv=None):
                 args.teachers[name][key] = cast(value)
             except ValueError:
                 p.error(f"{flag} {spec!r}: {value!r} is not a number")
-    checks = [(T >= 2 and 0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..T-1 = {T - 1} (T >= 2)"),
-              (args.noise_level > 0, "--noise_level must be > 0 (the KL divides by the step variance)"),
-              (all(t["weight"] >= 0 for t in args.teachers.values()), "--teacher_weight must be >= 0"),
-              (all(t["reward"] in (None, *reward.REWARDS) for t in args.teachers.values()),
-               f"--teacher_reward: choose rewards from {sorted(reward.REWARDS)}"),
-              (args.student_init in (None, *names), f"--student_init must be one of {names}"),
-              (min(args.layers) >= 1 and args.group_size >= 1 and args.prompt, "--layers/--group_size/--prompt"),
-              (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
-              (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
+    checks = [
+        (T >= 2 and 0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..T-1 = {T - 1} (T >= 2)"),
+        (args.noise_level > 0, "--noise_level must be > 0 (the KL divides by the step variance)"),
+        (all(t["weight"] >= 0 for t in args.teachers.values()), "--teacher_weight must be >= 0"),
+        (
+            all(t["reward"] in (None, *reward.REWARDS) for t in args.teachers.values()),
+            f"--teacher_reward: choose rewards from {sorted(reward.REWARDS)}",
+        ),
+        (args.student_init in (None, *names), f"--student_init must be one of {names}"),
+        (min(args.layers) >= 1 and args.group_size >= 1 and args.prompt, "--layers/--group_size/--prompt"),
+        (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
+        (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -178,8 +228,10 @@ def load_adapter(pipe, name, path):
             if sum(f".{name}." in n and "lora_" in n for n, _ in pipe.transformer.named_parameters()) != expected:
                 raise runs.InputError(f"--teacher {name}={path}: not every LoRA weight of the file found a module")
         else:
-            raise runs.InputError(f"--teacher {name}={path}: neither a diffusers LoRA (pytorch_lora_weights"
-                                  ".safetensors) nor a PEFT adapter folder (adapter_config.json)")
+            raise runs.InputError(
+                f"--teacher {name}={path}: neither a diffusers LoRA (pytorch_lora_weights"
+                ".safetensors) nor a PEFT adapter folder (adapter_config.json)"
+            )
 
 
 def image_pool(args):
@@ -190,11 +242,20 @@ def image_pool(args):
         if t["folder"]:
             paths.update({p.resolve(): p for p in data.find_images(t["folder"])})
     resolved = sorted(paths)
-    W = torch.tensor([[t["weight"] if not t["folder"] or p.is_relative_to(Path(t["folder"]).resolve()) else 0.0
-                       for t in args.teachers.values()] for p in resolved])  # (num_images, num_teachers)
+    W = torch.tensor(
+        [
+            [
+                t["weight"] if not t["folder"] or p.is_relative_to(Path(t["folder"]).resolve()) else 0.0
+                for t in args.teachers.values()
+            ]
+            for p in resolved
+        ]
+    )  # (num_images, num_teachers)
     if not (W > 0).any(1).all():
-        raise runs.InputError(f"{paths[resolved[int((W > 0).any(1).logical_not().nonzero()[0])]]}: no teacher with "
-                              "weight > 0 applies to this image; give a teacher without :FOLDER")
+        raise runs.InputError(
+            f"{paths[resolved[int((W > 0).any(1).logical_not().nonzero()[0])]]}: no teacher with "
+            "weight > 0 applies to this image; give a teacher without :FOLDER"
+        )
     return [paths[p] for p in resolved], W
 
 
@@ -253,8 +314,9 @@ def main(argv=None):
         lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint)  # noqa: F841 (held to the end)
         device, dtype = runs.pick_device(args.device, args.mixed_precision)
         paths, W = image_pool(args)
-        judge = scoring.load_judge(args, [reward.REWARDS[t["reward"]] for t in args.teachers.values() if t["reward"]],
-                                   device, dtype)
+        judge = scoring.load_judge(
+            args, [reward.REWARDS[t["reward"]] for t in args.teachers.values() if t["reward"]], device, dtype
+        )
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
         rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
         rollout.free_text_encoder(pipe)
@@ -272,12 +334,17 @@ def main(argv=None):
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
-            if args.resume_from_checkpoint else 0
+        start = (
+            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
+            if args.resume_from_checkpoint
+            else 0
+        )
         log = runs.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
     rewards = {n: reward.REWARDS[t["reward"]] for n, t in args.teachers.items() if t["reward"]}
-    print(f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
-          "LoRA parameters, " + runs.device_line(device, dtype))
+    print(
+        f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
+        "LoRA parameters, " + runs.device_line(device, dtype)
+    )
 
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")
     for step in bar:
@@ -286,36 +353,68 @@ def main(argv=None):
         t0 = time.perf_counter()
         transformer.eval()
         with lora.lora_precision(transformer):
-            trajectories = [rollout.sample(pipe, [data.open_image(paths[i])], layers=layers, prompt=args.prompt,
-                                           group_size=args.group_size, num_inference_steps=args.num_inference_steps,
-                                           noise_level=args.noise_level, sde_window=window, sde_type=args.sde_type,
-                                           resolution=args.resolution, sizing=args.sizing, decode=bool(rewards)
-                                           or sample_now, generator=torch.Generator(device).manual_seed(seed))
-                            for i, seed in zip(indices, seeds)]
+            trajectories = [
+                rollout.sample(
+                    pipe,
+                    [data.open_image(paths[i])],
+                    layers=layers,
+                    prompt=args.prompt,
+                    group_size=args.group_size,
+                    num_inference_steps=args.num_inference_steps,
+                    noise_level=args.noise_level,
+                    sde_window=window,
+                    sde_type=args.sde_type,
+                    resolution=args.resolution,
+                    sizing=args.sizing,
+                    decode=bool(rewards) or sample_now,
+                    generator=torch.Generator(device).manual_seed(seed),
+                )
+                for i, seed in zip(indices, seeds)
+            ]
         t1 = time.perf_counter()
-        scores = {n: torch.cat([torch.as_tensor(fn(t.images, t.layers.cpu(), args.group_size, judge=judge,
-                                                   seed=step)[0], dtype=torch.float32) for t in trajectories])
-                  for n, fn in rewards.items()}  # name -> (B,)
+        scores = {
+            n: torch.cat(
+                [
+                    torch.as_tensor(
+                        fn(t.images, t.layers.cpu(), args.group_size, judge=judge, seed=step)[0], dtype=torch.float32
+                    )
+                    for t in trajectories
+                ]
+            )
+            for n, fn in rewards.items()
+        }  # name -> (B,)
         t2 = time.perf_counter()
         transformer.train()
         with lora.lora_precision(transformer):
             stats = distill_update(transformer, trajectories, W[indices], names, args, params, optimizer)
         t3 = time.perf_counter()
-        record = {"step": step + 1, **stats, **{f"reward/{n}": r.mean().item() for n, r in scores.items()},
-                  "layers": layers, "window": list(window), "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
-                  "time/train_s": t3 - t2}
+        record = {
+            "step": step + 1,
+            **stats,
+            **{f"reward/{n}": r.mean().item() for n, r in scores.items()},
+            "layers": layers,
+            "window": list(window),
+            "time/rollout_s": t1 - t0,
+            "time/reward_s": t2 - t1,
+            "time/train_s": t3 - t2,
+        }
         log.log(record)
         bar.set_postfix(loss=f"{stats['loss/distill']:.3e}")
         if sample_now:
             captions = [" ".join(f"{n} {r[k]:.3f}" for n, r in scores.items()) for k in range(args.group_size)]
-            picture = reward.render_group_grid(trajectories[0].images[0], trajectories[0].layers.cpu(),
-                                               [chr(ord("A") + k) for k in range(args.group_size)], captions)
+            picture = reward.render_group_grid(
+                trajectories[0].images[0],
+                trajectories[0].layers.cpu(),
+                [chr(ord("A") + k) for k in range(args.group_size)],
+                captions,
+            )
             (output_dir / "samples").mkdir(exist_ok=True)
             picture.save(output_dir / "samples" / f"step-{step + 1:06d}.png")
             log.image("samples", picture, step + 1)
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit,
-                                 method=METHOD)
+            runs.save_checkpoint(
+                output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit, method=METHOD
+            )
     log.close()
     runs.save_final(output_dir, transformer, args, method=METHOD)  # the student: save_lora writes adapter "default"
     print(runs.written(output_dir))  # the student's LoRA

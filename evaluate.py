@@ -16,6 +16,7 @@ bars_L<L>.png (one bar chart per L comparing runs per layer index, and blank / d
 samples.png (input and layers on white, per run). Model mode also writes
 output_dir/predictions/<run>/<sample>/layer_<i>.png for re-scoring. docs/evaluation.md defines every number.
 """
+
 import argparse
 import csv
 import json
@@ -71,12 +72,20 @@ def layer_quality(layers: torch.Tensor) -> dict:
     fg = layers[1:, 3].double()  # (N - 1, H, W)
     total = fg.sum().item()
     overlap = (total - fg.amax(0).sum().item()) / total if len(fg) > 1 and total > 0 else 0.0
-    return {"blank_layers": round(info["layer_usage/blank"]), "duplicate_layers": round(info["layer_usage/duplicate"]),
-            "fg_overlap": overlap}
+    return {
+        "blank_layers": round(info["layer_usage/blank"]),
+        "duplicate_layers": round(info["layer_usage/duplicate"]),
+        "fg_overlap": overlap,
+    }
 
 
-def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layers: list, layerd: bool = True,
-                   layerd_max_edits: int = 5) -> dict:
+def sample_metrics(
+    ref_layers: torch.Tensor,
+    ref_image: torch.Tensor,
+    pred_layers: list,
+    layerd: bool = True,
+    layerd_max_edits: int = 5,
+) -> dict:
     """All metrics of one sample; values in [0, 1].
 
     ref_layers (L, 4, H, W), ref_image (4, H, W) (image.png, alpha 1 when RGB), pred_layers a list of N (4, h, w);
@@ -102,21 +111,40 @@ def sample_metrics(ref_layers: torch.Tensor, ref_image: torch.Tensor, pred_layer
     per_layer = [(over_white(used[i]) - over_white(ref_layers[i])).abs().mean().item() for i in range(L)]
     per_alpha = [(used[i, 3] - ref_layers[i, 3]).abs().mean().item() for i in range(L)]
     recon = over_white(composite(pred)) if N else torch.ones(3, H, W)
-    row = {"L": L, "num_pred_layers": N, "missing_layers": max(L - N, 0), "extra_layers": max(N - L, 0),
-           "resized": resized, "per_layer_l1": per_layer, "per_layer_alpha_l1": per_alpha,
-           "mean_l1": sum(per_layer) / L, "recon_l1": (recon - over_white(ref_image)).abs().mean().item(),
-           **layer_quality(pred), **{f"ref_{k}": v for k, v in layer_quality(ref_layers).items()}}
+    row = {
+        "L": L,
+        "num_pred_layers": N,
+        "missing_layers": max(L - N, 0),
+        "extra_layers": max(N - L, 0),
+        "resized": resized,
+        "per_layer_l1": per_layer,
+        "per_layer_alpha_l1": per_alpha,
+        "mean_l1": sum(per_layer) / L,
+        "recon_l1": (recon - over_white(ref_image)).abs().mean().item(),
+        **layer_quality(pred),
+        **{f"ref_{k}": v for k, v in layer_quality(ref_layers).items()},
+    }
     if layerd:
-        levels = layerd_protocol.edit_levels([to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers],
-                                             layerd_max_edits) if N >= 2 and L >= 2 else None
+        levels = (
+            layerd_protocol.edit_levels(
+                [to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers], layerd_max_edits
+            )
+            if N >= 2 and L >= 2
+            else None
+        )
         last = levels[-1] if levels else {}
-        row.update(layerd_levels=levels, layerd_rgb_l1=last.get("rgb_l1"), layerd_alpha_iou=last.get("alpha_iou"),
-                   layerd_edits=last.get("edits"))
+        row.update(
+            layerd_levels=levels,
+            layerd_rgb_l1=last.get("rgb_l1"),
+            layerd_alpha_iou=last.get("alpha_iou"),
+            layerd_edits=last.get("edits"),
+        )
     return row
 
 
-def score_predictions(references, predictions, layerd: bool = True, max_samples=None, run: str = "",
-                      layerd_max_edits: int = 5) -> list:
+def score_predictions(
+    references, predictions, layerd: bool = True, max_samples=None, run: str = "", layerd_max_edits: int = 5
+) -> list:
     """Score predictions/<sample>/layer_<i>.png against every reference sample; one row (dict) per sample."""
     samples = list_references(references)[:max_samples]
     pred_root = Path(predictions)
@@ -124,8 +152,10 @@ def score_predictions(references, predictions, layerd: bool = True, max_samples=
         raise FileNotFoundError(f"--predictions {pred_root}: no such folder")
     lacking = [p.name for p in samples if not (pred_root / p.name).is_dir()]
     if lacking:
-        raise ValueError(f"--predictions {pred_root}: no folder for {len(lacking)} reference sample(s), e.g. "
-                         f"{lacking[0]}; an empty folder scores as all layers missing")
+        raise ValueError(
+            f"--predictions {pred_root}: no folder for {len(lacking)} reference sample(s), e.g. "
+            f"{lacking[0]}; an empty folder scores as all layers missing"
+        )
     rows = []
     for folder in tqdm(samples, desc=f"scoring {run or pred_root.name}"):
         ref_layers = load_layer_files(folder, "reference")
@@ -133,8 +163,13 @@ def score_predictions(references, predictions, layerd: bool = True, max_samples=
         if any(r.shape != ref_layers[0].shape for r in ref_layers) or image.shape[1:] != ref_layers[0].shape[1:]:
             raise ValueError(f"reference {folder}: image.png and the layer files must all have the same size")
         pred_layers = load_layer_files(pred_root / folder.name, "prediction")
-        rows.append({"run": run, "sample": folder.name,
-                     **sample_metrics(torch.stack(ref_layers), image, pred_layers, layerd, layerd_max_edits)})
+        rows.append(
+            {
+                "run": run,
+                "sample": folder.name,
+                **sample_metrics(torch.stack(ref_layers), image, pred_layers, layerd, layerd_max_edits),
+            }
+        )
     return rows
 
 
@@ -151,19 +186,30 @@ def summarize(rows: list) -> dict:
         g = [r for r in rows if r["L"] == L]
         per = np.array([r["per_layer_l1"] for r in g])  # (n, L)
         alpha = np.array([r["per_layer_alpha_l1"] for r in g])  # (n, L)
-        s = {"n": len(g), "per_layer_l1": per.mean(0).tolist(), "mean_l1": float(per.mean()),
-             "per_layer_l1_std": (per.std(0, ddof=1) if len(g) > 1 else np.zeros(L)).tolist(),
-             "per_layer_alpha_l1": alpha.mean(0).tolist(), "mean_alpha_l1": float(alpha.mean()),
-             "recon_l1": float(np.mean([r["recon_l1"] for r in g])),
-             "missing_layers": int(sum(r["missing_layers"] for r in g)),
-             "extra_layers": int(sum(r["extra_layers"] for r in g)),
-             "samples_resized": int(sum(r["resized"] for r in g))}
+        s = {
+            "n": len(g),
+            "per_layer_l1": per.mean(0).tolist(),
+            "mean_l1": float(per.mean()),
+            "per_layer_l1_std": (per.std(0, ddof=1) if len(g) > 1 else np.zeros(L)).tolist(),
+            "per_layer_alpha_l1": alpha.mean(0).tolist(),
+            "mean_alpha_l1": float(alpha.mean()),
+            "recon_l1": float(np.mean([r["recon_l1"] for r in g])),
+            "missing_layers": int(sum(r["missing_layers"] for r in g)),
+            "extra_layers": int(sum(r["extra_layers"] for r in g)),
+            "samples_resized": int(sum(r["resized"] for r in g)),
+        }
         for pre, count in (("", sum(r["num_pred_layers"] for r in g)), ("ref_", len(g) * L)):
             blank, dup = (int(sum(r[f"{pre}{k}_layers"] for r in g)) for k in ("blank", "duplicate"))
-            s.update({f"{pre}pred_layers": count, f"{pre}blank_layers": blank, f"{pre}duplicate_layers": dup,
-                      f"{pre}blank_fraction": blank / count if count else 0.0,
-                      f"{pre}duplicate_fraction": dup / count if count else 0.0,
-                      f"{pre}fg_overlap": float(np.mean([r[f"{pre}fg_overlap"] for r in g]))})
+            s.update(
+                {
+                    f"{pre}pred_layers": count,
+                    f"{pre}blank_layers": blank,
+                    f"{pre}duplicate_layers": dup,
+                    f"{pre}blank_fraction": blank / count if count else 0.0,
+                    f"{pre}duplicate_fraction": dup / count if count else 0.0,
+                    f"{pre}fg_overlap": float(np.mean([r[f"{pre}fg_overlap"] for r in g])),
+                }
+            )
         levels = [r["layerd_levels"] for r in g if r.get("layerd_levels")]
         s["layerd"], s["layerd_n"] = layerd_protocol.aggregate(levels), len(levels)
         for key in ("rgb_l1", "alpha_iou", "edits"):
@@ -186,42 +232,77 @@ def format_table(results: dict, layerd_all: dict = None) -> str:
     lines = []
     for L in sorted({int(L) for r in runs for L in results[r]}):
         ns = {results[r][str(L)]["n"] for r in runs if str(L) in results[r]}
-        head = "".join(f"{'Pred ' + str(i):>9}" for i in range(L)) + "".join(f"{c:>9}" for c in
-                                                                               ["mean", "recon", *QUALITY])
+        head = "".join(f"{'Pred ' + str(i):>9}" for i in range(L)) + "".join(
+            f"{c:>9}" for c in ["mean", "recon", *QUALITY]
+        )
         lines += [f"L={L} (n={'/'.join(map(str, sorted(ns)))})".ljust(width) + head + "  miss/extra"]
         for r in runs:
             s = results[r].get(str(L))
             if s:
                 vals = s["per_layer_l1"] + [s["mean_l1"], s["recon_l1"]] + [s[k] for k in QUALITY.values()]
-                lines.append(r.ljust(width) + "".join(f"{v:9.4f}" for v in vals) +
-                             f"  {s['missing_layers']}/{s['extra_layers']}")
+                lines.append(
+                    r.ljust(width)
+                    + "".join(f"{v:9.4f}" for v in vals)
+                    + f"  {s['missing_layers']}/{s['extra_layers']}"
+                )
         s = next(results[r][str(L)] for r in runs if str(L) in results[r])
-        lines += ["(reference)".ljust(width) + " " * 9 * (L + 2) + "".join(f"{s['ref_' + k]:9.4f}"
-                                                                          for k in QUALITY.values()), ""]
+        lines += [
+            "(reference)".ljust(width)
+            + " " * 9 * (L + 2)
+            + "".join(f"{s['ref_' + k]:9.4f}" for k in QUALITY.values()),
+            "",
+        ]
     for r, levels in (layerd_all or {}).items():
         skipped = sum(s["n"] - s["layerd_n"] for s in results[r].values())
         if levels:
-            lines += [f"LayerD, {r}: n={levels[0]['count']}" + (f" ({skipped} with < 2 layers skipped)" if skipped else
-                      "") + f", mean edits used {levels[-1]['avg_edits']:.2f}",
-                      "".ljust(36) + "".join(f"{'edits<=' + str(x['max_edits']):>11}" for x in levels)]
-            lines += [f"  {name}".ljust(36) + "".join(f"{x[key]:11.4f}" for x in levels)
-                      for name, key in (("RGB L1 (lower is better)", "avg_rgb_l1"),
-                                        ("soft alpha IoU (higher is better)", "avg_alpha_iou"))]
+            lines += [
+                f"LayerD, {r}: n={levels[0]['count']}"
+                + (f" ({skipped} with < 2 layers skipped)" if skipped else "")
+                + f", mean edits used {levels[-1]['avg_edits']:.2f}",
+                "".ljust(36) + "".join(f"{'edits<=' + str(x['max_edits']):>11}" for x in levels),
+            ]
+            lines += [
+                f"  {name}".ljust(36) + "".join(f"{x[key]:11.4f}" for x in levels)
+                for name, key in (
+                    ("RGB L1 (lower is better)", "avg_rgb_l1"),
+                    ("soft alpha IoU (higher is better)", "avg_alpha_iou"),
+                )
+            ]
     return "\n".join(lines)
 
 
 def write_csv(rows: list, path) -> None:
     maxL = max(r["L"] for r in rows)
-    keys = ["run", "sample", "L", "num_pred_layers", "missing_layers", "extra_layers", "resized", "mean_l1",
-            "recon_l1", "blank_layers", "duplicate_layers", "fg_overlap", "ref_fg_overlap", "layerd_rgb_l1",
-            "layerd_alpha_iou", "layerd_edits"]
+    keys = [
+        "run",
+        "sample",
+        "L",
+        "num_pred_layers",
+        "missing_layers",
+        "extra_layers",
+        "resized",
+        "mean_l1",
+        "recon_l1",
+        "blank_layers",
+        "duplicate_layers",
+        "fg_overlap",
+        "ref_fg_overlap",
+        "layerd_rgb_l1",
+        "layerd_alpha_iou",
+        "layerd_edits",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys + [f"l1_{i}" for i in range(maxL)] + [f"alpha_l1_{i}" for i in range(maxL)])
         for r in rows:
             pad = [""] * (maxL - r["L"])
-            w.writerow(["" if r.get(k) is None else r[k] for k in keys] + r["per_layer_l1"] + pad +
-                       r["per_layer_alpha_l1"] + pad)
+            w.writerow(
+                ["" if r.get(k) is None else r[k] for k in keys]
+                + r["per_layer_l1"]
+                + pad
+                + r["per_layer_alpha_l1"]
+                + pad
+            )
 
 
 PALETTE = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (155, 89, 182), (26, 188, 156)]
@@ -255,10 +336,22 @@ def bar_chart(results: dict, L: int) -> Image.Image:
     n_groups = L + 1 + len(QUALITY)
     img = Image.new("RGB", (150 + (22 * len(runs) + 26) * n_groups + 20, 290 + 16 * len(runs)), "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
-    right = _bars(d, 60, [f"Pred {i}" for i in range(L)] + ["mean"], [s["per_layer_l1"] + [s["mean_l1"]] for s in per],
-                  f"per-layer L1 over white, L={L} (n={per[0]['n']})", font)
-    _bars(d, right + 70, list(QUALITY), [[s[k] for k in QUALITY.values()] for s in per],
-          "blank / duplicate layers (fraction), fg overlap", font)
+    right = _bars(
+        d,
+        60,
+        [f"Pred {i}" for i in range(L)] + ["mean"],
+        [s["per_layer_l1"] + [s["mean_l1"]] for s in per],
+        f"per-layer L1 over white, L={L} (n={per[0]['n']})",
+        font,
+    )
+    _bars(
+        d,
+        right + 70,
+        list(QUALITY),
+        [[s[k] for k in QUALITY.values()] for s in per],
+        "blank / duplicate layers (fraction), fg overlap",
+        font,
+    )
     for ri, r in enumerate(runs):  # legend
         y = 266 + 16 * ri
         d.rectangle([60, y, 72, y + 12], fill=PALETTE[ri % len(PALETTE)])
@@ -290,8 +383,15 @@ def side_by_side(references, runs: dict, samples: list, tile: int = 128) -> Imag
     return img
 
 
-def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_samples=None, num_examples: int = 4,
-             layerd_max_edits: int = 5) -> dict:
+def evaluate(
+    references,
+    runs: dict,
+    output_dir,
+    layerd: bool = True,
+    max_samples=None,
+    num_examples: int = 4,
+    layerd_max_edits: int = 5,
+) -> dict:
     """Score each run {name: predictions folder}, write results.json, layerd_scores.json (LayerD's aggregate over all
     samples of each run, as LayerD's aggregated_scores.json), per_sample.csv, bars_L<L>.png, samples.png, print the
     table; return {run: {str(L): summary}}."""
@@ -319,10 +419,22 @@ def evaluate(references, runs: dict, output_dir, layerd: bool = True, max_sample
 
 
 # ---------------------------------------------- model mode: predictions from Qwen-Image-Layered (+ LoRA) via rollout.py
-def predict_with_model(references, runs: dict, output_dir, pretrained_model_name_or_path: str, sampler: str = "heun",
-                       num_inference_steps: int = 50, resolution: int = 640, true_cfg_scale: float = 1.0,
-                       seed: int = 0, device=None, mixed_precision: str = "bf16", max_samples=None,
-                       sizing: str = "longest", quantize: str = "none") -> dict:
+def predict_with_model(
+    references,
+    runs: dict,
+    output_dir,
+    pretrained_model_name_or_path: str,
+    sampler: str = "heun",
+    num_inference_steps: int = 50,
+    resolution: int = 640,
+    true_cfg_scale: float = 1.0,
+    seed: int = 0,
+    device=None,
+    mixed_precision: str = "bf16",
+    max_samples=None,
+    sizing: str = "longest",
+    quantize: str = "none",
+) -> dict:
     """Decompose every reference image with layers = its L, once per run {name: LoRA path or None (base)}.
 
     Writes output_dir/predictions/<run>/<sample>/layer_<i>.png (+ image.png, the input) and <run>/meta.json
@@ -345,8 +457,9 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
     folders, pipe, dirty = {}, None, False
     for name, adapter in runs.items():
         if pipe is None or dirty:
-            pipe = rollout.load_pipeline(pretrained_model_name_or_path, torch_dtype=dtype, device=device,
-                                         quantize=quantize)
+            pipe = rollout.load_pipeline(
+                pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=quantize
+            )
         if adapter is not None:
             lora.load_lora(pipe, adapter)
         dirty = adapter is not None
@@ -356,19 +469,36 @@ def predict_with_model(references, runs: dict, output_dir, pretrained_model_name
             L = len(load_layer_files(folder, "reference"))
             image = Image.open(folder / "image.png").convert("RGB")
             start = time.perf_counter()
-            layers = rollout.decompose(pipe, [image], layers=L, sampler=sampler,
-                                       num_inference_steps=num_inference_steps, resolution=resolution, sizing=sizing,
-                                       true_cfg_scale=true_cfg_scale, generator=torch.Generator().manual_seed(seed + k))
+            layers = rollout.decompose(
+                pipe,
+                [image],
+                layers=L,
+                sampler=sampler,
+                num_inference_steps=num_inference_steps,
+                resolution=resolution,
+                sizing=sizing,
+                true_cfg_scale=true_cfg_scale,
+                generator=torch.Generator().manual_seed(seed + k),
+            )
             layers = layers.float().cpu()  # (1, L, 4, H, W); the copy waits for the GPU, so the time is complete
             seconds.append(time.perf_counter() - start)
             save_layers(layers[0], root / folder.name)
             image.save(root / folder.name / "image.png")
-        meta = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "lora": adapter, "sampler": sampler,
-                "num_inference_steps": num_inference_steps, "resolution": resolution, "sizing": sizing,
-                "true_cfg_scale": true_cfg_scale, "seed": seed, "device": device, "quantize": quantize,
-                "mixed_precision": mixed_precision if device != "cpu" else "no",  # what ran, not what was asked
-                "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-                "seconds_per_sample": seconds}
+        meta = {
+            "pretrained_model_name_or_path": pretrained_model_name_or_path,
+            "lora": adapter,
+            "sampler": sampler,
+            "num_inference_steps": num_inference_steps,
+            "resolution": resolution,
+            "sizing": sizing,
+            "true_cfg_scale": true_cfg_scale,
+            "seed": seed,
+            "device": device,
+            "quantize": quantize,
+            "mixed_precision": mixed_precision if device != "cpu" else "no",  # what ran, not what was asked
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+            "seconds_per_sample": seconds,
+        }
         (root / "meta.json").write_text(json.dumps(meta, indent=2))
         folders[name] = str(root)
     return folders
@@ -394,37 +524,72 @@ def _lora_name(path: str) -> str:
 def parse_args(argv=None):
     p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--references", help="reference folder: one subfolder per sample with image.png, layer_<i>.png")
-    p.add_argument("--predictions", action="append", metavar="[NAME=]DIR",
-                   help="score existing predictions (same folder format); repeatable; a bare DIR is named by its "
-                        "folder name")
-    p.add_argument("--pretrained_model_name_or_path", default="Qwen/Qwen-Image-Layered",
-                   help="hub id or local folder of the pipeline for model mode ('tiny': a tiny random one, for tests; "
-                        "'random[:K]': the released configuration with random weights, for timing)")
-    p.add_argument("--lora", action="append", metavar="[NAME=]PATH",
-                   help="model run with this LoRA: a diffusers pytorch_lora_weights.safetensors (or its folder) or a "
-                        "PEFT adapter folder; repeatable")
-    p.add_argument("--base", action="store_true", help="also run the base model (implied when no --lora and no "
-                                                       "--predictions are given)")
+    p.add_argument(
+        "--predictions",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="score existing predictions (same folder format); repeatable; a bare DIR is named by its folder name",
+    )
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default="Qwen/Qwen-Image-Layered",
+        help="hub id or local folder of the pipeline for model mode ('tiny': a tiny random one, for tests; "
+        "'random[:K]': the released configuration with random weights, for timing)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="model run with this LoRA: a diffusers pytorch_lora_weights.safetensors (or its folder) or a "
+        "PEFT adapter folder; repeatable",
+    )
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="also run the base model (implied when no --lora and no --predictions are given)",
+    )
     p.add_argument("--sampler", default="heun", choices=["heun", "euler"], help="ODE sampler (released: heun)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps (released: 50)")
     p.add_argument("--resolution", type=int, default=640, help="longest side in px, 640 or 1024 (released: 640)")
-    p.add_argument("--sizing", choices=["longest", "area"], default="longest",
-                   help="condition size rule: longest side (released inference) or diffusers' area rule")
-    p.add_argument("--true_cfg_scale", type=float, default=1.0,
-                   help="classifier-free guidance scale (released: 1.0, off)")
+    p.add_argument(
+        "--sizing",
+        choices=["longest", "area"],
+        default="longest",
+        help="condition size rule: longest side (released inference) or diffusers' area rule",
+    )
+    p.add_argument(
+        "--true_cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (released: 1.0, off)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed: sample k of a model run uses seed + k")
     p.add_argument("--device", default=None, help="device for model mode (default: cuda when available, else cpu)")
-    p.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"],
-                   help="model dtype on a GPU (the CPU always runs float32)")
-    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="the base transformer's "
-                   "blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards (quantize.py)")
-    p.add_argument("--output_dir", default="outputs/eval", help="where results.json, per_sample.csv, the PNGs and "
-                                                                "model predictions go")
+    p.add_argument(
+        "--mixed_precision",
+        default="bf16",
+        choices=["no", "bf16", "fp16"],
+        help="model dtype on a GPU (the CPU always runs float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=list(QUANTIZE),
+        help="the base transformer's "
+        "blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards (quantize.py)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="outputs/eval",
+        help="where results.json, per_sample.csv, the PNGs and model predictions go",
+    )
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N reference samples")
     p.add_argument("--num_examples", type=int, default=4, help="samples shown in samples.png")
     p.add_argument("--no_layerd", action="store_true", help="skip LayerD's protocol (RGB L1 / soft alpha IoU)")
-    p.add_argument("--layerd_max_edits", type=int, default=5, help="LayerD's max_edits: merges of adjacent layers "
-                   "allowed per sample, scores kept per level 0 .. max (LayerD's tools/evaluate.py --max-edits)")
+    p.add_argument(
+        "--layerd_max_edits",
+        type=int,
+        default=5,
+        help="LayerD's max_edits: merges of adjacent layers "
+        "allowed per sample, scores kept per level 0 .. max (LayerD's tools/evaluate.py --max-edits)",
+    )
     return p.parse_args(argv)
 
 
@@ -441,12 +606,33 @@ def main(argv=None) -> None:
         if set(model_runs) & set(runs):
             raise ValueError(f"run names used twice: {sorted(set(model_runs) & set(runs))}")
         if model_runs:
-            runs.update(predict_with_model(args.references, model_runs, args.output_dir,
-                                           args.pretrained_model_name_or_path, args.sampler, args.num_inference_steps,
-                                           args.resolution, args.true_cfg_scale, args.seed, args.device,
-                                           args.mixed_precision, args.max_samples, args.sizing, args.quantize))
-        evaluate(args.references, runs, args.output_dir, not args.no_layerd, args.max_samples, args.num_examples,
-                 args.layerd_max_edits)
+            runs.update(
+                predict_with_model(
+                    args.references,
+                    model_runs,
+                    args.output_dir,
+                    args.pretrained_model_name_or_path,
+                    args.sampler,
+                    args.num_inference_steps,
+                    args.resolution,
+                    args.true_cfg_scale,
+                    args.seed,
+                    args.device,
+                    args.mixed_precision,
+                    args.max_samples,
+                    args.sizing,
+                    args.quantize,
+                )
+            )
+        evaluate(
+            args.references,
+            runs,
+            args.output_dir,
+            not args.no_layerd,
+            args.max_samples,
+            args.num_examples,
+            args.layerd_max_edits,
+        )
         print(f"results in {args.output_dir}")
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)

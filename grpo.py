@@ -24,8 +24,9 @@ def group_advantages(rewards, group_size, global_std=False, eps=1e-4, adv_clip_m
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)}: "
-                         f"need (B,) with B a multiple of group_size={group_size}")
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)}: need (B,) with B a multiple of group_size={group_size}"
+        )
     groups = rewards.view(-1, group_size)  # (num_groups, G)
     centred = groups - groups.mean(dim=1, keepdim=True)
     std = rewards.std(unbiased=False) if global_std else groups.std(dim=1, unbiased=False, keepdim=True)

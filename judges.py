@@ -9,6 +9,7 @@ is in reward.py; nothing here knows about layers.
 
     python -c "import judges; print(judges.parse_scores('{\"alpha\": 7}', ['alpha']))"
 """
+
 import base64
 import io
 import json
@@ -58,8 +59,16 @@ def parse_scores(text, keys, low=LOW, high=HIGH):
     scores = {}
     for key in keys:
         v = flat.get(key.lower())  # a JSON number or numeric string; true/false are not scores
-        v = float(v) if (isinstance(v, (int, float)) and not isinstance(v, bool)
-                         or isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v)) else None
+        v = (
+            float(v)
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                or isinstance(v, str)
+                and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v)
+            )
+            else None
+        )
         if v is None and (m := _key_pattern(key).search(text)):
             v = float(m.group(1))
         if v is None or not low <= v <= high:
@@ -81,7 +90,12 @@ def expected_from_top_logprobs(top) -> float | None:
     mass = {}
     for t in top or []:
         tok = str(t.get("token", "")).strip()
-        if len(tok) == 1 and tok in "0123456789" and LOW <= int(tok) <= HIGH and isinstance(t.get("logprob"), (int, float)):
+        if (
+            len(tok) == 1
+            and tok in "0123456789"
+            and LOW <= int(tok) <= HIGH
+            and isinstance(t.get("logprob"), (int, float))
+        ):
             mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
     total = sum(mass.values())
     return sum(d * m for d, m in mass.items()) / total if total > 0 else None
@@ -124,10 +138,12 @@ class Judge:
     weight_bytes: int = 0  # its weights' bytes on the training GPU while it scores (local judges), for memory.py
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-          "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-          "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+    "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 IMAGE_PAD = "<|image_pad|>"
 
 
@@ -158,8 +174,10 @@ def _local_scorer(model, tokenizer, image_processor, batch_size=16, offload_to=N
                 text = ""
             ok = isinstance(text, str) and text.count(IMAGE_PAD) == 1
             texts.append(text if ok else tokenizer.apply_chat_template(c, chat_template=CHATML, **kw))
-        px = image_processor(images=images, return_tensors="pt")  # pixel_values (sum patches, D), image_grid_thw (n, 3)
-        n_tokens = (px["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist()
+        px = image_processor(
+            images=images, return_tensors="pt"
+        )  # pixel_values (sum patches, D), image_grid_thw (n, 3)
+        n_tokens = (px["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
         texts = [t.replace(IMAGE_PAD, IMAGE_PAD * k, 1) for t, k in zip(texts, n_tokens)]
         enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
         enc["mm_token_type_ids"] = (enc["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).int()
@@ -183,14 +201,20 @@ def _local_scorer(model, tokenizer, image_processor, batch_size=16, offload_to=N
         for keys, idx in by_keys.items():
             plan, score_steps = skeleton(list(keys))
             for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
+                chunk = idx[start : start + batch_size]
                 stats["requests"] += 1
                 try:
                     enc = encode([queries[i].prompt for i in chunk], [queries[i].image for i in chunk])
                     L = enc["input_ids"].shape[1]
-                    out = model.generate(**enc, max_new_tokens=len(plan), do_sample=False, pad_token_id=pad_id,
-                                         prefix_allowed_tokens_fn=lambda b, ids: plan[min(len(ids) - L, len(plan) - 1)],
-                                         output_logits=True, return_dict_in_generate=True)
+                    out = model.generate(
+                        **enc,
+                        max_new_tokens=len(plan),
+                        do_sample=False,
+                        pad_token_id=pad_id,
+                        prefix_allowed_tokens_fn=lambda b, ids: plan[min(len(ids) - L, len(plan) - 1)],
+                        output_logits=True,
+                        return_dict_in_generate=True,
+                    )
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: count as failed answers, go on
                     stats["last_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     log.warning("judge batch of %d failed: %s", len(chunk), stats["last_error"])
@@ -220,8 +244,9 @@ def _local_scorer(model, tokenizer, image_processor, batch_size=16, offload_to=N
     return offloaded
 
 
-def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs,
-                 extra_body):
+def _http_scorer(
+    url, model, api_key_env, timeout, max_retries, backoff, concurrency, max_tokens, logprobs, extra_body
+):
     """Score queries against POST {url}/chat/completions, one request per query, `concurrency` at a time;
     a query is tried up to 1 + max_retries times, sleeping backoff * 2^(r-1) seconds before retry r. The bound
     holds across concurrent score() calls (train.py judges several groups at once): one semaphore per judge."""
@@ -232,15 +257,25 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
         nonlocal use_logprobs
         buf = io.BytesIO()  # zlib level 1: the same pixels, a few more bytes, far less CPU than PIL's default 6
         q.image.save(buf, format="PNG", compress_level=1)
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
-            buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]
+        content = [
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+            },
+            {"type": "text", "text": q.prompt},
+        ]
         attempts, error = 0, None
         while attempts <= max_retries:
             if attempts:
                 time.sleep(backoff * 2 ** (attempts - 1))
             attempts += 1
-            body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                    "max_tokens": max_tokens, **(extra_body or {})}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                **(extra_body or {}),
+            }
             if use_logprobs:
                 body.update(logprobs=True, top_logprobs=10)
             try:
@@ -257,8 +292,9 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
                 detail = _error_text(e)
                 if e.code in (400, 422) and "logprobs" in body and "logprob" in detail.lower():  # rejects the field
                     use_logprobs = False  # (other 400s, e.g. a prompt too long, leave logprobs on for the rest)
-                    log.warning("judge server rejected logprobs (HTTP %d); asking for plain answers from now on",
-                                e.code)
+                    log.warning(
+                        "judge server rejected logprobs (HTTP %d); asking for plain answers from now on", e.code
+                    )
                     attempts -= 1  # not the answer's fault: this try is free
                     continue
                 error = f"HTTP {e.code} {e.reason}: {detail}"[:300]
@@ -279,8 +315,11 @@ def _http_scorer(url, model, api_key_env, timeout, max_retries, backoff, concurr
             out = list(pool.map(bounded, queries))
         attempts = sum(a for _, a, _ in out)
         errors = [e for _, _, e in out if e]
-        return [s for s, _, _ in out], {"requests": attempts, "retries": attempts - len(out),
-                                        "last_error": errors[-1] if errors else None}
+        return [s for s, _, _ in out], {
+            "requests": attempts,
+            "retries": attempts - len(out),
+            "last_error": errors[-1] if errors else None,
+        }
 
     return score
 
@@ -326,8 +365,11 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
     if kind == "tiny":
         import tiny  # offline toy models, only for tests and dry runs
 
-        scorer = _local_scorer(*tiny.tiny_judge(options.get("seed", 0)), batch_size=options.get("batch_size", 16),
-                               offload_to=options.get("offload_to"))
+        scorer = _local_scorer(
+            *tiny.tiny_judge(options.get("seed", 0)),
+            batch_size=options.get("batch_size", 16),
+            offload_to=options.get("offload_to"),
+        )
 
         def one_thread(queries):  # ops this small run several times faster on one CPU thread than on two
             n = torch.get_num_threads()
@@ -336,17 +378,25 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
                 return scorer(queries)
             finally:
                 torch.set_num_threads(n)
+
         return Judge("tiny", "tiny-qwen2.5-vl", one_thread, prompts, **{"panel_size": 128, "grid_size": 128, **sizes})
     if kind == "text_encoder":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
         pipe = options.get("pipeline")
         enc = options.get("text_encoder", getattr(pipe, "text_encoder", None))
         tok = options.get("tokenizer", getattr(pipe, "tokenizer", None))
         if tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
-            raise ValueError("--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
-                             "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))")
-        scorer = _local_scorer(enc.eval(), tok, options.get("image_processor") or Qwen2VLImageProcessorPil(),
-                               batch_size=options.get("batch_size", 16))
+            raise ValueError(
+                "--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
+                "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))"
+            )
+        scorer = _local_scorer(
+            enc.eval(),
+            tok,
+            options.get("image_processor") or Qwen2VLImageProcessorPil(),
+            batch_size=options.get("batch_size", 16),
+        )
         return Judge("text_encoder", type(enc).__name__, scorer, prompts, **sizes)
     if kind == "local":
         scorer, weight_bytes = _load_local(model, **options)
@@ -354,9 +404,21 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
     if kind == "http":
         if not url:
             raise ValueError("--judge http needs --judge_url (e.g. http://localhost:8000/v1)")
-        url, o = url.rstrip("/"), {"api_key_env": "OPENAI_API_KEY", "timeout": 60.0, "max_retries": 3,
-                                   "backoff": 1.0, "concurrency": 16, "max_tokens": 512, "logprobs": True,
-                                   "extra_body": None, "probe": True, **options}
+        url, o = (
+            url.rstrip("/"),
+            {
+                "api_key_env": "OPENAI_API_KEY",
+                "timeout": 60.0,
+                "max_retries": 3,
+                "backoff": 1.0,
+                "concurrency": 16,
+                "max_tokens": 512,
+                "logprobs": True,
+                "extra_body": None,
+                "probe": True,
+                **options,
+            },
+        )
         if o.pop("probe"):
             model = _probe(url, model, o["api_key_env"], o["timeout"])
         if not model:
@@ -370,6 +432,7 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
     and its image processor's PIL backend. One path whatever is installed (no AutoProcessor: with torchvision it
     takes another route, without it a Qwen-VL processor does not load); other VLM families: serve them over HTTP."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
     if not model:
         raise ValueError("--judge local needs --judge_model (a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder)")
     if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().exists():
@@ -380,12 +443,16 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
         tokenizer = AutoTokenizer.from_pretrained(model)
         image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
         if not hasattr(image_processor, "merge_size") or IMAGE_PAD not in tokenizer.get_vocab():
-            raise ValueError(f"{type(image_processor).__name__} is not a Qwen-VL image processor; the local judge "
-                             "reads Qwen-VL models (serve other VLMs with vLLM or SGLang and pass --judge_url)")
+            raise ValueError(
+                f"{type(image_processor).__name__} is not a Qwen-VL image processor; the local judge "
+                "reads Qwen-VL models (serve other VLMs with vLLM or SGLang and pass --judge_url)"
+            )
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device).eval()
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--judge_model {model}: could not load it as a Qwen-VL image-text-to-text model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"--judge_model {model}: could not load it as a Qwen-VL image-text-to-text model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     warn_slow_kernels(vlm.config, device)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*vlm.parameters(), *vlm.buffers()])
     return _local_scorer(vlm, tokenizer, image_processor, batch_size, "cpu" if offload else None), weight_bytes
@@ -397,14 +464,21 @@ def warn_slow_kernels(config, device):
     import importlib.util
 
     text = getattr(config, "text_config", config)
-    hybrid = "linear_attention" in (getattr(text, "layer_types", None) or []) or \
-        str(getattr(config, "model_type", "")).startswith("qwen3_5")
-    missing = [pkg for pkg, mod in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
-               if importlib.util.find_spec(mod) is None]
+    hybrid = "linear_attention" in (getattr(text, "layer_types", None) or []) or str(
+        getattr(config, "model_type", "")
+    ).startswith("qwen3_5")
+    missing = [
+        pkg
+        for pkg, mod in (("flash-linear-attention", "fla"), ("causal-conv1d", "causal_conv1d"))
+        if importlib.util.find_spec(mod) is None
+    ]
     warn = hybrid and bool(missing) and str(device).startswith("cuda")
     if warn:
-        log.warning("judge %s: linear-attention layers will run on slow reference kernels; pip install %s",
-                    getattr(config, "model_type", "?"), " ".join(missing))
+        log.warning(
+            "judge %s: linear-attention layers will run on slow reference kernels; pip install %s",
+            getattr(config, "model_type", "?"),
+            " ".join(missing),
+        )
     return warn
 
 
@@ -418,15 +492,23 @@ def _probe(url, model, api_key_env, timeout=60.0):
     key_hint = f"set the API key in ${api_key_env} (or --api_key_env)"
 
     def ask(name):  # -> (answered, HTTP status of a refusal or None, what happened)
-        body = {"model": name, "messages": [{"role": "user", "content": "Answer with one digit."}],
-                "max_tokens": 1, "temperature": 0}
+        body = {
+            "model": name,
+            "messages": [{"role": "user", "content": "Answer with one digit."}],
+            "max_tokens": 1,
+            "temperature": 0,
+        }
         try:
-            return "choices" in _request(url + "/chat/completions", api_key_env, timeout, body), None, \
-                "a one-token chat request got no choices back"
+            return (
+                "choices" in _request(url + "/chat/completions", api_key_env, timeout, body),
+                None,
+                "a one-token chat request got no choices back",
+            )
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise ValueError(f"--judge_url {url}: POST /chat/completions answered HTTP {e.code}; "
-                                 f"{key_hint}") from None
+                raise ValueError(
+                    f"--judge_url {url}: POST /chat/completions answered HTTP {e.code}; {key_hint}"
+                ) from None
             return False, e.code, f"a one-token chat request answered HTTP {e.code}: {_error_text(e)}"
         except (OSError, ValueError, AttributeError) as e:
             return False, None, f"a one-token chat request failed ({type(e).__name__}: {getattr(e, 'reason', e)})"
@@ -439,8 +521,10 @@ def _probe(url, model, api_key_env, timeout=60.0):
             raise ValueError(f"--judge_url {url}: GET /models answered HTTP {e.code}; {key_hint}") from None
         served, listed = None, f"GET /models answered HTTP {e.code}"
     except (OSError, ValueError, AttributeError) as e:  # URLError and timeouts are OSErrors
-        raise ValueError(f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
-                         f"{getattr(e, 'reason', e)}); start it or fix the URL") from None
+        raise ValueError(
+            f"--judge_url {url}: cannot reach the judge server ({type(e).__name__}: "
+            f"{getattr(e, 'reason', e)}); start it or fix the URL"
+        ) from None
     if not model:
         if served is None or len(served) != 1:
             raise ValueError(f"--judge_model is required: the model name {url} serves ({listed})")
@@ -452,8 +536,11 @@ def _probe(url, model, api_key_env, timeout=60.0):
         return model
     answered, _, why = ask(model)
     if not answered:  # with no list to go by, the URL may be the wrong one as well
-        head = f"--judge_model {model}: not served at {url}" if served is not None else \
-            f"--judge_url {url} --judge_model {model}: no judge answers there"
+        head = (
+            f"--judge_model {model}: not served at {url}"
+            if served is not None
+            else f"--judge_url {url} --judge_model {model}: no judge answers there"
+        )
         raise ValueError(f"{head} ({listed}; {why}); fix the URL or the model name")
     log.info("judge %s: not listed by GET %s/models (%s), but it answers", model, url, listed)
     return model

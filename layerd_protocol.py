@@ -38,6 +38,7 @@ Aggregation over samples (`aggregate`, LayerD's tools/evaluate.py, which skips s
 files on either side): for each level k up to the most levels any sample has, a sample without level k counts
 with its last level; avg_edits is the mean over samples of min(edits used, k).
 """
+
 from functools import reduce
 
 import numpy as np
@@ -50,7 +51,7 @@ def top_layer_groups(alpha: np.ndarray) -> list:
     overlaps = (hard[:, None] & hard[None]).any(-1) if len(alpha) else np.zeros((0, 0), bool)  # (N, N)
     remaining, groups = list(range(len(alpha))), []
     while remaining:
-        on_top = [t for k, t in enumerate(remaining) if not any(overlaps[t, u] for u in remaining[k + 1:])]
+        on_top = [t for k, t in enumerate(remaining) if not any(overlaps[t, u] for u in remaining[k + 1 :])]
         groups.append(on_top)
         remaining = [t for t in remaining if t not in on_top]
     return groups[::-1]
@@ -149,8 +150,9 @@ def edit_levels(pred: list, ref: list, max_edits: int = 5) -> list:
     metrics, merge = _scorer()
 
     def grouped(layers):
-        images = [x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x, np.uint8), "RGBA")
-                  for x in layers]
+        images = [
+            x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x, np.uint8), "RGBA") for x in layers
+        ]
         alpha = np.stack([np.asarray(im)[..., 3] for im in images])  # (N, H, W)
         return [reduce(Image.alpha_composite, [images[i] for i in g]) for g in top_layer_groups(alpha)]
 
@@ -159,17 +161,25 @@ def edit_levels(pred: list, ref: list, max_edits: int = 5) -> list:
     for k in range(max_edits + 1):
         path = dtw_path(np.array([[metrics(p, r)[0] for r in R] for p in P]))
         scores = np.array([metrics(P[i], R[j]) for i, j in path])  # (len(path), 3): cost, rgb_l1, alpha_iou
-        levels.append({"edits": k, **{name: float(np.mean(scores[:, c].tolist()))
-                                      for c, name in enumerate(("cost", "rgb_l1", "alpha_iou"))}})
+        levels.append(
+            {
+                "edits": k,
+                **{
+                    name: float(np.mean(scores[:, c].tolist()))
+                    for c, name in enumerate(("cost", "rgb_l1", "alpha_iou"))
+                },
+            }
+        )
         if k == max_edits:
             break
         on_pred = _best_merge(P, R, path, metrics, merge)
         on_ref = _best_merge(R, P, [(j, i) for i, j in path], metrics, merge)
         if on_pred is None and on_ref is None:
             break
-        side, (_, t) = (P, on_pred) if on_ref is None or (on_pred is not None and on_pred[0] > on_ref[0]) \
-            else (R, on_ref)
-        side[t:t + 2] = [merge(side[t], side[t + 1])]
+        side, (_, t) = (
+            (P, on_pred) if on_ref is None or (on_pred is not None and on_pred[0] > on_ref[0]) else (R, on_ref)
+        )
+        side[t : t + 2] = [merge(side[t], side[t + 1])]
     return levels
 
 

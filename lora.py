@@ -23,9 +23,20 @@ import torch
 import quantize  # noqa: F401 (first: it keeps the quantization backends' import-time warnings quiet)
 from diffusers import QwenImageLayeredPipeline
 
-LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                "txt_mlp.net.2"]
+LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+]
 # the last block's text output is discarded, so these modules of it would get no gradient
 UNUSED_IN_LAST_BLOCK = ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
@@ -41,8 +52,15 @@ def add_lora(transformer, rank, lora_alpha):
     transformer.requires_grad_(False)
     excluded = [f"transformer_blocks.{last}.{m}" for m in UNUSED_IN_LAST_BLOCK]
     with quiet_peft():
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS, exclude_modules=excluded))
+        transformer.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+                exclude_modules=excluded,
+            )
+        )
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -57,8 +75,10 @@ def add_init_lora(transformer, folder):
     folder = Path(folder)
     peft_dir = folder / "peft" if (folder / "peft" / "adapter_config.json").is_file() else folder
     if not (peft_dir / "adapter_config.json").is_file():
-        raise ValueError(f"--init_lora {folder}: no PEFT adapter there (looked for adapter_config.json in "
-                         f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})")
+        raise ValueError(
+            f"--init_lora {folder}: no PEFT adapter there (looked for adapter_config.json in "
+            f"{folder} and {folder / 'peft'}; found {sorted(p.name for p in folder.glob('*'))[:6]})"
+        )
     transformer.requires_grad_(False)
     for name in ("default", "reference"):
         with quiet_peft():
@@ -150,8 +170,10 @@ def load_lora(pipe, path):
         with quiet_peft():
             pipe.load_lora_weights(str(path))
     else:
-        raise FileNotFoundError(f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
-                                "nor a PEFT adapter folder (adapter_config.json)")
+        raise FileNotFoundError(
+            f"--lora {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) "
+            "nor a PEFT adapter folder (adapter_config.json)"
+        )
 
 
 def load_peft_weights(transformer, folder, adapter_name="default"):
@@ -162,8 +184,9 @@ def load_peft_weights(transformer, folder, adapter_name="default"):
     from safetensors.torch import load_file
 
     state = load_file(Path(folder) / "adapter_model.safetensors")
-    incompatible = set_peft_model_state_dict(transformer, {k.removeprefix("base_model.model."): v
-                                                           for k, v in state.items()}, adapter_name=adapter_name)
+    incompatible = set_peft_model_state_dict(
+        transformer, {k.removeprefix("base_model.model."): v for k, v in state.items()}, adapter_name=adapter_name
+    )
     if getattr(incompatible, "unexpected_keys", None):
         raise ValueError(f"--lora {folder}: keys that match no module: {incompatible.unexpected_keys[:3]}")
 
@@ -178,19 +201,50 @@ def save_lora(transformer, folder, base_model):
     state = get_peft_model_state_dict(transformer, save_embedding_layers=False)
     config = transformer.peft_config["default"]
     config.base_model_name_or_path = base_model
-    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True,
-                                               transformer_lora_adapter_metadata=config.to_dict())  # keeps alpha
+    QwenImageLayeredPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=state,
+        safe_serialization=True,
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )  # keeps alpha
     (folder / "peft").mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder / "peft")
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
-              folder / "peft" / "adapter_model.safetensors")
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+        folder / "peft" / "adapter_model.safetensors",
+    )
 
 
 # ----------------------------------------------------------------------------- the model card
-CARD_SETTINGS = ["reward", "judge", "judge_model", "judge_url", "group_size", "images_per_step", "num_inference_steps",
-                 "noise_level", "sde_type", "sde_window", "beta", "clip_range", "learning_rate", "rank", "lora_alpha",
-                 "resolution", "layers", "prompt", "max_train_steps", "seed", "synthetic", "data", "teacher",
-                 "weighting_scheme", "gradient_accumulation_steps", "init_lora", "quantize"]
+CARD_SETTINGS = [
+    "reward",
+    "judge",
+    "judge_model",
+    "judge_url",
+    "group_size",
+    "images_per_step",
+    "num_inference_steps",
+    "noise_level",
+    "sde_type",
+    "sde_window",
+    "beta",
+    "clip_range",
+    "learning_rate",
+    "rank",
+    "lora_alpha",
+    "resolution",
+    "layers",
+    "prompt",
+    "max_train_steps",
+    "seed",
+    "synthetic",
+    "data",
+    "teacher",
+    "weighting_scheme",
+    "gradient_accumulation_steps",
+    "init_lora",
+    "quantize",
+]
 
 
 def _public(value):
@@ -203,9 +257,18 @@ def _public(value):
 
 def method_tag(method):
     """The Hub tag of a training method: flow-grpo (train.py), sft (sft.py), distillation (distill.py)."""
-    return next((tag for prefix, tag in (("Flow-GRPO", "flow-grpo"), ("supervised", "sft"),
-                                         ("on-policy distillation", "distillation")) if method.startswith(prefix)),
-                "fine-tuning")
+    return next(
+        (
+            tag
+            for prefix, tag in (
+                ("Flow-GRPO", "flow-grpo"),
+                ("supervised", "sft"),
+                ("on-policy distillation", "distillation"),
+            )
+            if method.startswith(prefix)
+        ),
+        "fine-tuning",
+    )
 
 
 def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stable-Layers)"):
@@ -215,9 +278,13 @@ def write_model_card(folder, args, metrics, sample=None, method="Flow-GRPO (Stab
     from huggingface_hub import ModelCard, ModelCardData
 
     base = args.pretrained_model_name_or_path
-    data = ModelCardData(base_model=base, library_name="diffusers", license="apache-2.0",
-                         tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers",
-                               "image-to-image"], pipeline_tag="image-to-image")
+    data = ModelCardData(
+        base_model=base,
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["lora", "stable-layers", method_tag(method), "qwen-image-layered", "diffusers", "image-to-image"],
+        pipeline_tag="image-to-image",
+    )
     settings = {k: _public(getattr(args, k)) for k in CARD_SETTINGS if getattr(args, k, None) is not None}
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "mem/"))}
     rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items())

@@ -41,8 +41,10 @@ RESERVED_OVERHEAD = 1.10  # reserved / allocated at the peaks a GPU measured (do
 CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge elsewhere)
     "80 GB (H100, A100 80GB)": (76, {}),
     "48 GB (L40S, A6000, RTX 6000 Ada)": (44, {"quantize": "int8"}),
-    "24 GB (RTX 4090, 3090)": (22, {"quantize": "nf4", "rank": 16, "train_batch_size": 1, "group_size": 4,
-                                    "decode_chunk": 2}),
+    "24 GB (RTX 4090, 3090)": (
+        22,
+        {"quantize": "nf4", "rank": 16, "train_batch_size": 1, "group_size": 4, "decode_chunk": 2},
+    ),
     "2 x 48 GB, bf16": (44, {"shards": 2}),
     "4 x 24 GB, bf16": (22, {"shards": 4, "rank": 16, "train_batch_size": 1, "group_size": 4, "decode_chunk": 2}),
 }
@@ -52,6 +54,7 @@ CARDS = {  # card class -> (GiB a run may reserve, the flags that fit it; judge 
 class Setup:
     """What sets a step's memory: train.py's flags of the same names (layers: the largest of --layers), and the
     model: num_blocks (60, or K for --pretrained_model_name_or_path random:K), hidden width, prompt tokens."""
+
     num_blocks: int = 60
     resolution: int = 640
     layers: int = 4
@@ -90,8 +93,12 @@ def counts(num_blocks=60):
     """Parameters of the released configuration, counted from the modules (built on 'meta'): (the blocks' linear
     weights, every other transformer parameter and buffer, the VAE's)."""
     pipe = _meta_pipeline(num_blocks, torch.bfloat16)
-    linear = sum(m.weight.numel() for b in pipe.transformer.transformer_blocks for m in b.modules()
-                 if isinstance(m, torch.nn.Linear))
+    linear = sum(
+        m.weight.numel()
+        for b in pipe.transformer.transformer_blocks
+        for m in b.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
     total = sum(t.numel() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
     return linear, total - linear, sum(t.numel() for t in [*pipe.vae.parameters(), *pipe.vae.buffers()])
 
@@ -122,13 +129,19 @@ def plan(setup, weight_bytes=None, judge_bytes=0):
     n_lora = lora_parameters(setup.rank, setup.num_blocks, setup.hidden)
     token = setup.tokens * setup.hidden * 2  # bytes of one token's hidden state
     resident = weight_bytes + 12 * n_lora
-    phases = {"resident": resident,
-              "rollout": resident + in_flight + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
-              "decode": resident + 2 * n_lora + DECODE_C * min(setup.decode_chunk, setup.group_size * setup.layers)
-              * setup.resolution ** 2,
-              "update": resident + in_flight + 6 * n_lora + (setup.num_blocks * CHECKPOINT_C + UPDATE_C)
-              * setup.train_batch_size * token + UPDATE_FIXED,
-              "judge": resident + judge_bytes}
+    phases = {
+        "resident": resident,
+        "rollout": resident + in_flight + 2 * n_lora + ROLLOUT_C * setup.group_size * token,
+        "decode": resident
+        + 2 * n_lora
+        + DECODE_C * min(setup.decode_chunk, setup.group_size * setup.layers) * setup.resolution**2,
+        "update": resident
+        + in_flight
+        + 6 * n_lora
+        + (setup.num_blocks * CHECKPOINT_C + UPDATE_C) * setup.train_batch_size * token
+        + UPDATE_FIXED,
+        "judge": resident + judge_bytes,
+    }
     phases = {k: v / GIB for k, v in phases.items()}
     phases["peak"] = max(phases.values())
     phases["reserved"] = phases["peak"] * RESERVED_OVERHEAD
@@ -144,13 +157,17 @@ def check(setup, device, weight_bytes, judge_bytes=0):
     planned = plan(setup, weight_bytes, judge_bytes)
     phase = max(("rollout", "decode", "update", "judge"), key=planned.get)
     if planned["reserved"] <= budget:
-        return (f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, of {budget:.1f} GiB on "
-                f"{device} (python memory.py for the phases)")
+        return (
+            f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, of {budget:.1f} GiB on "
+            f"{device} (python memory.py for the phases)"
+        )
     fits = fitting(setup, budget) or [("none of the card classes' flag sets", 0)]
-    raise ValueError(f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, more than the "
-                     f"{budget:.1f} GiB {device} has for this run; what fits: "
-                     + "; ".join(f"{f} (~{r:.0f} GiB)" if r else f for f, r in fits)
-                     + " (a judge elsewhere; --no-memory_check runs anyway)")
+    raise ValueError(
+        f"memory plan: ~{planned['reserved']:.1f} GiB reserved at the {phase} peak, more than the "
+        f"{budget:.1f} GiB {device} has for this run; what fits: "
+        + "; ".join(f"{f} (~{r:.0f} GiB)" if r else f for f, r in fits)
+        + " (a judge elsewhere; --no-memory_check runs anyway)"
+    )
 
 
 def check_run(args, pipe, params, judge=None, shards=1):
@@ -159,12 +176,22 @@ def check_run(args, pipe, params, judge=None, shards=1):
     plan counts) and, with --judge_offload, the local judge's weights while it scores; `shards`: the ranks --fsdp
     shards the frozen transformer over."""
     transformer, device = pipe.transformer, pipe.transformer.device
-    setup = Setup(num_blocks=len(transformer.transformer_blocks), resolution=args.resolution, layers=max(args.layers),
-                  group_size=args.group_size, train_batch_size=args.train_batch_size,
-                  rank=transformer.peft_config["default"].r, quantize=args.quantize, beta=args.beta,
-                  decode_chunk=args.decode_chunk, hidden=transformer.inner_dim,
-                  text_tokens=max((e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()),
-                                  default=Setup.text_tokens), shards=shards)
+    setup = Setup(
+        num_blocks=len(transformer.transformer_blocks),
+        resolution=args.resolution,
+        layers=max(args.layers),
+        group_size=args.group_size,
+        train_batch_size=args.train_batch_size,
+        rank=transformer.peft_config["default"].r,
+        quantize=args.quantize,
+        beta=args.beta,
+        decode_chunk=args.decode_chunk,
+        hidden=transformer.inner_dim,
+        text_tokens=max(
+            (e.shape[1] for e, _ in pipe.__dict__.get("_prompt_cache", {}).values()), default=Setup.text_tokens
+        ),
+        shards=shards,
+    )
     weight_bytes = torch.cuda.memory_allocated(device) - 4 * sum(p.numel() for p in params)
     if shards > 1:  # the root's shards are gathered for good at the first forward
         weight_bytes += 2 * counts(setup.num_blocks)[1] * (1 - 1 / shards)
@@ -236,8 +263,9 @@ def fused_attention():
         if attn_mask is not None:
             raise ValueError("the simulation assumes no attention mask (every text token real), as Qwen-Image passes")
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, grad,
-                                                                       is_causal=is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, grad, is_causal=is_causal, scale=scale
+        )[0]
 
     torch.nn.functional.scaled_dot_product_attention = sdpa
     try:
@@ -261,19 +289,27 @@ def simulate(setup, dtype=torch.bfloat16):
     pipe = _meta_pipeline(setup.num_blocks, dtype)
     transformer = pipe.transformer
     params = lora.add_lora(transformer, setup.rank, 2 * setup.rank)
-    transformer.enable_gradient_checkpointing(lambda module, *a: torch.utils.checkpoint.checkpoint(
-        module.__call__, *a, use_reentrant=False, preserve_rng_state=False))  # no RNG state to keep on meta
+    transformer.enable_gradient_checkpointing(
+        lambda module, *a: torch.utils.checkpoint.checkpoint(
+            module.__call__, *a, use_reentrant=False, preserve_rng_state=False
+        )
+    )  # no RNG state to keep on meta
     n_lora = sum(p.numel() for p in params)
     for p in params:  # meta runs no autocast: the LoRA runs in the model dtype, its fp32 bytes are added below
         p.data = p.data.to(dtype)
-    frozen = [t for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad] + \
-        [*pipe.vae.parameters(), *pipe.vae.buffers()]
+    frozen = [t for t in [*transformer.parameters(), *transformer.buffers()] if not t.requires_grad] + [
+        *pipe.vae.parameters(),
+        *pipe.vae.buffers(),
+    ]
     resident = sum(t.numel() * t.element_size() for t in frozen) + n_lora * (4 + 8)  # fp32 LoRA, AdamW's 2 moments
     if setup.quantize != "none":  # counted, not simulated: one real block (zeros: the bytes do not depend on the
         # values), quantized, times the blocks
         with torch.device("meta"):
-            block = QwenImageTransformerBlock(dim=D, num_attention_heads=tiny.FULL_TRANSFORMER["num_attention_heads"],
-                                              attention_head_dim=tiny.FULL_TRANSFORMER["attention_head_dim"])
+            block = QwenImageTransformerBlock(
+                dim=D,
+                num_attention_heads=tiny.FULL_TRANSFORMER["num_attention_heads"],
+                attention_head_dim=tiny.FULL_TRANSFORMER["attention_head_dim"],
+            )
         block = torch.nn.ModuleList([block.to_empty(device="cpu").to(dtype)])
         for p in block.parameters():
             p.data.zero_()
@@ -281,7 +317,9 @@ def simulate(setup, dtype=torch.bfloat16):
         quantize.quantize_blocks(types.SimpleNamespace(transformer_blocks=block), setup.quantize)
         resident -= (before - quantize.weight_bytes(block)) * setup.num_blocks
     in_flight = 0
-    if setup.shards > 1:  # counted, not simulated: a rank holds 1/S of the blocks' linears and gathers 2 blocks at a time
+    if (
+        setup.shards > 1
+    ):  # counted, not simulated: a rank holds 1/S of the blocks' linears and gathers 2 blocks at a time
         linear = counts(setup.num_blocks)[0] * torch.finfo(dtype).bits // 8
         resident, in_flight = resident - linear * (1 - 1 / setup.shards), 2 * linear / setup.num_blocks
     autocast_copy = n_lora * 2  # bf16 copies of the LoRA weights while autocast runs (rollout, decode, update)
@@ -290,12 +328,27 @@ def simulate(setup, dtype=torch.bfloat16):
     mode = LiveBytes()
     with mode, fused_attention(), torch.device("meta"):
         traj = rollout.Trajectory(
-            latents=None, log_probs=None, window=(0, 1), sigmas=torch.tensor([1.0, 0.9, 0.0]),
-            timesteps=torch.tensor([1000.0, 900.0]), image_latents=torch.empty(G, h * h, 64, dtype=dtype),
-            prompt_embeds=torch.empty(G, setup.text_tokens, 3584, dtype=dtype), prompt_embeds_mask=None,
-            negative_prompt_embeds=None, negative_prompt_embeds_mask=None, layers=None, images=[],
-            num_layers=setup.layers, height=setup.resolution, width=setup.resolution, group_size=G, noise_level=1.2,
-            true_cfg_scale=1.0, cfg_normalize=False, sde_type="sde")
+            latents=None,
+            log_probs=None,
+            window=(0, 1),
+            sigmas=torch.tensor([1.0, 0.9, 0.0]),
+            timesteps=torch.tensor([1000.0, 900.0]),
+            image_latents=torch.empty(G, h * h, 64, dtype=dtype),
+            prompt_embeds=torch.empty(G, setup.text_tokens, 3584, dtype=dtype),
+            prompt_embeds_mask=None,
+            negative_prompt_embeds=None,
+            negative_prompt_embeds_mask=None,
+            layers=None,
+            images=[],
+            num_layers=setup.layers,
+            height=setup.resolution,
+            width=setup.resolution,
+            group_size=G,
+            noise_level=1.2,
+            true_cfg_scale=1.0,
+            cfg_normalize=False,
+            sde_type="sde",
+        )
         x = torch.empty(G, (setup.layers + 1) * h * h, 64)  # the sampler state, fp32
         mode.reset_peak()
         transformer.eval()
@@ -326,8 +379,12 @@ def simulate(setup, dtype=torch.bfloat16):
 def _meta_pipeline(num_blocks, dtype):
     """The released configuration on 'meta' (no memory): the transformer, the VAE and a scheduler."""
     import tiny
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageLayeredPipeline,
+        QwenImageTransformer2DModel,
+    )
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # made in dtype (diffusers warns about a .to(dtype) cast)
@@ -337,45 +394,82 @@ def _meta_pipeline(num_blocks, dtype):
             vae = AutoencoderKLQwenImage(**tiny.FULL_VAE)
     finally:
         torch.set_default_dtype(old)
-    return QwenImageLayeredPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                                    tokenizer=None, processor=None, transformer=transformer)
+    return QwenImageLayeredPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        processor=None,
+        transformer=transformer,
+    )
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     """train.py's flags that set a step's memory: the same names, forms and defaults."""
-    p = runs.ArgumentParser(description="GPU memory of a train.py step by phase: the plan (arithmetic), the card "
-                            "classes' flag sets, and optionally the simulation (this code on meta tensors).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(
+        description="GPU memory of a train.py step by phase: the plan (arithmetic), the card "
+        "classes' flag sets, and optionally the simulation (this code on meta tensors).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
-    a("--pretrained_model_name_or_path", default="Qwen/Qwen-Image-Layered", help="the released configuration (its "
-      "hub id or a folder holding it: 60 blocks), or 'random:K' for K of its blocks, as train.py builds them")
+    a(
+        "--pretrained_model_name_or_path",
+        default="Qwen/Qwen-Image-Layered",
+        help="the released configuration (its "
+        "hub id or a folder holding it: 60 blocks), or 'random:K' for K of its blocks, as train.py builds them",
+    )
     a("--resolution", type=int, default=640, help="longest side of the condition image in px")
-    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or the list train.py draws from (the "
-      "largest sets the peak)")
+    a(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="layer count N, or the list train.py draws from (the largest sets the peak)",
+    )
     a("--group_size", type=int, default=8, help="G: candidates per image (one rollout batch)")
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--rank", type=int, default=64, help="LoRA rank r")
     a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen blocks in fewer bits")
     a("--beta", type=float, default=0.04, help="KL weight; 0 skips the reference forward")
     a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time after a rollout")
-    a("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="the frozen transformer sharded over "
-      "--nproc_per_node ranks, as train.py --fsdp under torchrun; the plan is per GPU")
+    a(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the frozen transformer sharded over "
+        "--nproc_per_node ranks, as train.py --fsdp under torchrun; the plan is per GPU",
+    )
     a("--nproc_per_node", type=int, default=2, help="with --fsdp: the ranks (GPUs) torchrun starts")
-    a("--simulate", action="store_true", help="also run simulate() for each row (this code on meta tensors: tens "
-      "of seconds per row at 60 blocks on a CPU)")
+    a(
+        "--simulate",
+        action="store_true",
+        help="also run simulate() for each row (this code on meta tensors: tens "
+        "of seconds per row at 60 blocks on a CPU)",
+    )
     args = p.parse_args(argv)
     model, _, blocks = args.pretrained_model_name_or_path.partition(":")
-    checks = [(model != "tiny", "--pretrained_model_name_or_path tiny: the plan is for the released configuration; "
-               "use random:K for K of its blocks"),
-              (not blocks or (model == "random" and blocks.isdigit() and 1 <= int(blocks) <= 60),
-               f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: write random:K with K in 1..60"),
-              (args.resolution >= 16 and args.resolution % 16 == 0, "--resolution must be a positive multiple of 16"),
-              (min(args.layers) >= 1, "--layers must be >= 1"), (args.group_size >= 2, "--group_size must be >= 2"),
-              (min(args.train_batch_size, args.rank, args.decode_chunk) >= 1,
-               "--train_batch_size, --rank and --decode_chunk must be >= 1"), (args.beta >= 0, "--beta must be >= 0"),
-              (not args.fsdp or args.nproc_per_node >= 2, "--fsdp shards over --nproc_per_node >= 2 ranks"),
-              (not args.fsdp or args.quantize == "none", "--fsdp with --quantize: train.py refuses it (see --help)")]
+    checks = [
+        (
+            model != "tiny",
+            "--pretrained_model_name_or_path tiny: the plan is for the released configuration; "
+            "use random:K for K of its blocks",
+        ),
+        (
+            not blocks or (model == "random" and blocks.isdigit() and 1 <= int(blocks) <= 60),
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: write random:K with K in 1..60",
+        ),
+        (args.resolution >= 16 and args.resolution % 16 == 0, "--resolution must be a positive multiple of 16"),
+        (min(args.layers) >= 1, "--layers must be >= 1"),
+        (args.group_size >= 2, "--group_size must be >= 2"),
+        (
+            min(args.train_batch_size, args.rank, args.decode_chunk) >= 1,
+            "--train_batch_size, --rank and --decode_chunk must be >= 1",
+        ),
+        (args.beta >= 0, "--beta must be >= 0"),
+        (not args.fsdp or args.nproc_per_node >= 2, "--fsdp shards over --nproc_per_node >= 2 ranks"),
+        (not args.fsdp or args.quantize == "none", "--fsdp with --quantize: train.py refuses it (see --help)"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -385,18 +479,31 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = Setup(num_blocks=args.num_blocks, resolution=args.resolution, layers=max(args.layers),
-                  group_size=args.group_size, train_batch_size=args.train_batch_size, rank=args.rank,
-                  quantize=args.quantize, beta=args.beta, decode_chunk=args.decode_chunk,
-                  shards=args.nproc_per_node if args.fsdp else 1)
-    rows = [("these flags", setup)] + [(f"{card}: {flag_text(flags)}", dataclasses.replace(setup, **flags))
-                                       for card, (_, flags) in CARDS.items()]
-    print(f"GiB allocated at each phase's peak (plan{' / simulation' if args.simulate else ''}); reserved = peak x "
-          f"{RESERVED_OVERHEAD}; judge elsewhere")
+    setup = Setup(
+        num_blocks=args.num_blocks,
+        resolution=args.resolution,
+        layers=max(args.layers),
+        group_size=args.group_size,
+        train_batch_size=args.train_batch_size,
+        rank=args.rank,
+        quantize=args.quantize,
+        beta=args.beta,
+        decode_chunk=args.decode_chunk,
+        shards=args.nproc_per_node if args.fsdp else 1,
+    )
+    rows = [("these flags", setup)] + [
+        (f"{card}: {flag_text(flags)}", dataclasses.replace(setup, **flags)) for card, (_, flags) in CARDS.items()
+    ]
+    print(
+        f"GiB allocated at each phase's peak (plan{' / simulation' if args.simulate else ''}); reserved = peak x "
+        f"{RESERVED_OVERHEAD}; judge elsewhere"
+    )
     for name, row in rows:
         planned, simulated = plan(row), simulate(row) if args.simulate else None
-        cells = [f"{k} {planned[k]:.1f}" + (f" / {simulated[k]:.1f}" if simulated and k in simulated else "")
-                 for k in ("resident", "rollout", "decode", "update")]
+        cells = [
+            f"{k} {planned[k]:.1f}" + (f" / {simulated[k]:.1f}" if simulated and k in simulated else "")
+            for k in ("resident", "rollout", "decode", "update")
+        ]
         print(f"{name}\n    " + ", ".join(cells) + f"; reserved {planned['reserved']:.1f}")
     return rows
 

@@ -36,9 +36,11 @@ def init_distributed(device):
     local, cuda = int(os.environ["LOCAL_RANK"]), device.startswith("cuda")
     if cuda and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
         if local == 0:  # one line for the node, not one per rank
-            print(f"error: {os.environ['LOCAL_WORLD_SIZE']} ranks on this node but {torch.cuda.device_count()} "
-                  f"GPU(s) visible: use --nproc_per_node {torch.cuda.device_count()} (or --device cpu for gloo ranks)",
-                  file=sys.stderr)
+            print(
+                f"error: {os.environ['LOCAL_WORLD_SIZE']} ranks on this node but {torch.cuda.device_count()} "
+                f"GPU(s) visible: use --nproc_per_node {torch.cuda.device_count()} (or --device cpu for gloo ranks)",
+                file=sys.stderr,
+            )
         raise SystemExit(2)
     if cuda:
         torch.cuda.set_device(local)
@@ -109,14 +111,18 @@ def check_fsdp(fsdp, world, quantize, compile):
     if not fsdp:
         return
     if quantize != "none":
-        raise ValueError(f"--fsdp with --quantize {quantize}: the quantized weights do not shard (torchao's int8 "
-                         "weight-only tensor cannot, ao#2127; bitsandbytes' NF4 needs a bf16 quant storage this "
-                         "project does not use); use --fsdp alone (bf16) or --quantize alone")
+        raise ValueError(
+            f"--fsdp with --quantize {quantize}: the quantized weights do not shard (torchao's int8 "
+            "weight-only tensor cannot, ao#2127; bitsandbytes' NF4 needs a bf16 quant storage this "
+            "project does not use); use --fsdp alone (bf16) or --quantize alone"
+        )
     if compile:
         raise ValueError("--fsdp with --compile: not yet tested together here; use one of them")
     if world < 2:
-        raise ValueError("--fsdp shards the frozen transformer across torchrun's ranks: run under "
-                         "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+        raise ValueError(
+            "--fsdp shards the frozen transformer across torchrun's ranks: run under "
+            "torchrun --nproc_per_node N (N >= 2), or drop --fsdp"
+        )
 
 
 def in_turn(fn, turns=True):

@@ -33,8 +33,11 @@ import torch
 for _name in ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-QUANTIZE = {"none": "the model dtype (bf16 on CUDA)", "int8": "torchao int8 weight-only",
-            "nf4": "bitsandbytes 4-bit NormalFloat, double-quantised scales"}
+QUANTIZE = {
+    "none": "the model dtype (bf16 on CUDA)",
+    "int8": "torchao int8 weight-only",
+    "nf4": "bitsandbytes 4-bit NormalFloat, double-quantised scales",
+}
 PACKAGE = {"int8": ("torchao", "torchao"), "nf4": ("bitsandbytes", "bitsandbytes")}  # kind -> (module, pip name)
 
 
@@ -56,8 +59,10 @@ def check(kind, device):
     try:
         quantize_blocks(probe, kind).transformer_blocks(torch.ones(2, 128, device=device, dtype=dtype))
     except Exception as e:  # whatever the backend raises on a device it cannot serve
-        raise ValueError(f"--quantize {kind}: {pip} cannot run on {device} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}){instead or '; use --quantize none'}") from None
+        raise ValueError(
+            f"--quantize {kind}: {pip} cannot run on {device} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}){instead or '; use --quantize none'}"
+        ) from None
     return kind
 
 
@@ -92,11 +97,18 @@ def quantize_blocks(transformer, kind, device=None):
         for name, linear in list(parent.named_children()):
             if type(linear) is not torch.nn.Linear:
                 continue
-            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=True,
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+            q = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=linear.weight.dtype,
+                quant_type="nf4",
+                compress_statistics=True,
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+            )
             if linear.bias is not None:
                 q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
             # bitsandbytes repacks the weight for an AVX512-BF16 CPU kernel in eval mode only: rollouts (eval) and

@@ -31,6 +31,7 @@ train.py as judge= (README, "Forking a reward"). prompts/ is the default prompt 
 Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it barely moves the within-group
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
+
 import json
 import logging
 import math
@@ -84,19 +85,26 @@ def load_prompts(prompts_dir=PROMPTS_DIR) -> Prompts:
             criteria[key.strip()] = desc.strip()
     if not criteria:
         raise ValueError(f"{paths['criteria']}: no criteria found (one 'key: description' per line)")
-    for name, ok in (("stage1", {"num_layers", "criteria", "answer_format"}),
-                     ("stage2", {"num_candidates", "num_layers", "labels", "criteria", "answer_format"})):
+    for name, ok in (
+        ("stage1", {"num_layers", "criteria", "answer_format"}),
+        ("stage2", {"num_candidates", "num_layers", "labels", "criteria", "answer_format"}),
+    ):
         fields = {f for _, f, _, _ in string.Formatter().parse(texts[name]) if f is not None}
         if fields - ok or "answer_format" not in fields:
-            raise ValueError(f"{paths[name]}: placeholders must be among {sorted(ok)} and include "
-                             f"{{answer_format}}; found {sorted(fields)} (write literal braces as {{{{ }}}})")
+            raise ValueError(
+                f"{paths[name]}: placeholders must be among {sorted(ok)} and include "
+                f"{{answer_format}}; found {sorted(fields)} (write literal braces as {{{{ }}}})"
+            )
     return Prompts(texts["stage1"], texts["stage2"], criteria)
 
 
 def _fill(template, prompts: Prompts, keys, **fields) -> str:
     """A prompt template with the criteria list and the JSON answer format {"key": <1-9>, ...} filled in."""
-    return template.format(criteria="\n".join(f"- {k}: {v}" for k, v in prompts.criteria.items()),
-                           answer_format="{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}", **fields)
+    return template.format(
+        criteria="\n".join(f"- {k}: {v}" for k, v in prompts.criteria.items()),
+        answer_format="{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}",
+        **fields,
+    )
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -105,7 +113,7 @@ def _on_checkerboard(layer: torch.Tensor, size, square: int) -> Image.Image:
     composited over a grey-and-white checkerboard drawn at the output size."""
     a = (layer.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     tile = Image.fromarray(a, "RGBA").convert("RGBa").resize(size, Image.BILINEAR).convert("RGBA")
-    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
     board = Image.fromarray(np.where((yy // square + xx // square) % 2 == 0, 255, 204).astype(np.uint8), "L")
     return Image.alpha_composite(board.convert("RGBA"), tile).convert("RGB")
 
@@ -129,8 +137,13 @@ def render_candidate_panel(image, layers_k, label=None, caption=None, tile=256) 
         panel.paste(t, (x, pad + title_h))
         draw.text((x, pad), "input" if i == 0 else f"layer {i - 1}", fill="black", font=font)
     if label:
-        draw.text((label_w // 2, pad + title_h + th // 2), label, fill="black", anchor="mm",
-                  font=ImageFont.load_default(size=max(8, int(label_w * 0.9))))
+        draw.text(
+            (label_w // 2, pad + title_h + th // 2),
+            label,
+            fill="black",
+            anchor="mm",
+            font=ImageFont.load_default(size=max(8, int(label_w * 0.9))),
+        )
     for j, line in enumerate(lines):
         draw.text((label_w + pad, pad + title_h + th + pad + j * (title_h + 2)), line, fill="black", font=font)
     return panel
@@ -142,8 +155,10 @@ def render_group_grid(image, layers_group, labels, captions=None, tile=256, cols
     g = layers_group.shape[0]
     if len(labels) != g:
         raise ValueError(f"render_group_grid: {g} candidates but {len(labels)} labels")
-    panels = [render_candidate_panel(image, layers_group[k], labels[k], captions[k] if captions else None, tile)
-              for k in range(g)]
+    panels = [
+        render_candidate_panel(image, layers_group[k], labels[k], captions[k] if captions else None, tile)
+        for k in range(g)
+    ]
     pw, ph = max(p.width for p in panels), max(p.height for p in panels)
     cols = cols or max(1, min(g, round(math.sqrt(g * ph / pw))))
     rows = math.ceil(g / cols)
@@ -185,8 +200,7 @@ def needs_judge(fn):
 
 
 @uses_judge
-def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, combine="calibrated", save_dir=None,
-               **_):
+def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, combine="calibrated", save_dir=None, **_):
     """The two-stage Stable-Layers reward, term by term (formulas in the module docstring): the judge's queries
     (one panel per candidate, one grid per group), its answers as s_bk and c_b, then `combine_scores` gives r_b.
     weights: {criterion: w} or a list in criteria order; combine: calibrated | mean | stage1; save_dir: write the
@@ -211,11 +225,17 @@ def vlm_reward(images, layers, group_size, judge=None, seed=0, weights=None, com
                 c[i * G + cand] = a[LETTERS[p]]
     rewards, t, fallback = combine_scores(s, c, w, G, combine)
     info = judge_metrics(s, t, c, rewards, fallback, keys, G)
-    info.update({"judge/failed_stage2": float(sum(a is None for a in answers[B:])),
-                 "judge/requests": float(stats["requests"]), "judge/retries": float(stats["retries"]),
-                 "judge/answered": float(sum(a is not None for a in answers)),  # queries answered, of B + groups
-                 "time/judge_s": t_judge, "time/reward_s": time.perf_counter() - t0,
-                 "judge_last_error": stats.get("last_error")})  # the last failure's text or None (train.py names it)
+    info.update(
+        {
+            "judge/failed_stage2": float(sum(a is None for a in answers[B:])),
+            "judge/requests": float(stats["requests"]),
+            "judge/retries": float(stats["retries"]),
+            "judge/answered": float(sum(a is not None for a in answers)),  # queries answered, of B + groups
+            "time/judge_s": t_judge,
+            "time/reward_s": time.perf_counter() - t0,
+            "judge_last_error": stats.get("last_error"),
+        }
+    )  # the last failure's text or None (train.py names it)
     for b, cand in enumerate(info["candidates"]):  # its letter in the grid
         cand["label"] = LETTERS[perms[b // G].index(b % G)] if combine != "stage1" else None
     return rewards.float(), info
@@ -236,9 +256,11 @@ def combine_scores(s, c, w, group_size, combine="calibrated"):
     group_mean = torch.where(scored, groups, 0).sum(1, keepdim=True) / scored.sum(1, keepdim=True).clamp_min(1)
     filled = torch.where(scored, groups, torch.where(scored.any(1, keepdim=True), group_mean, MID)).view(-1)
     ok_t, ok_c = ~t.isnan(), ~c.isnan()
-    rewards, fallback = {"calibrated": (torch.where(ok_c, c, filled), ~ok_c),
-                         "mean": (torch.where(ok_c, (filled + c) / 2, filled), ~ok_c | ~ok_t),
-                         "stage1": (filled, ~ok_t)}[combine]
+    rewards, fallback = {
+        "calibrated": (torch.where(ok_c, c, filled), ~ok_c),
+        "mean": (torch.where(ok_c, (filled + c) / 2, filled), ~ok_c | ~ok_t),
+        "stage1": (filled, ~ok_t),
+    }[combine]
     return rewards, t, fallback
 
 
@@ -252,17 +274,31 @@ def judge_metrics(s, t, c, rewards, fallback, keys, group_size):
         return float(x[ok].mean()) if ok.any() else 0.0
 
     def group_std(x, ok):  # mean over groups (with every member scored) of the population std within the group
-        stds = [x[i:i + G].std(unbiased=False) for i in range(0, len(x), G) if ok[i:i + G].all()]
+        stds = [x[i : i + G].std(unbiased=False) for i in range(0, len(x), G) if ok[i : i + G].all()]
         return float(torch.stack(stds).mean()) if stds else 0.0
 
     info = {f"stage1/{k}": mean(s[:, j], ok_t) for j, k in enumerate(keys)}
-    info.update({"stage1/total": mean(t, ok_t), "stage1/group_std": group_std(t, ok_t),
-                 "stage2/score": mean(c, ok_c), "stage2/group_std": group_std(c, ok_c),
-                 "reward/mean": float(rewards.mean()), "judge/failed_stage1": float((~ok_t).sum()),
-                 "judge/fallbacks": float(fallback.sum())})
-    info["candidates"] = [{"criteria": {k: (float(s[b, j]) if ok_t[b] else None) for j, k in enumerate(keys)},
-                           "stage1": float(t[b]) if ok_t[b] else None, "stage2": float(c[b]) if ok_c[b] else None,
-                           "reward": float(rewards[b]), "fallback": bool(fallback[b])} for b in range(len(t))]
+    info.update(
+        {
+            "stage1/total": mean(t, ok_t),
+            "stage1/group_std": group_std(t, ok_t),
+            "stage2/score": mean(c, ok_c),
+            "stage2/group_std": group_std(c, ok_c),
+            "reward/mean": float(rewards.mean()),
+            "judge/failed_stage1": float((~ok_t).sum()),
+            "judge/fallbacks": float(fallback.sum()),
+        }
+    )
+    info["candidates"] = [
+        {
+            "criteria": {k: (float(s[b, j]) if ok_t[b] else None) for j, k in enumerate(keys)},
+            "stage1": float(t[b]) if ok_t[b] else None,
+            "stage2": float(c[b]) if ok_c[b] else None,
+            "reward": float(rewards[b]),
+            "fallback": bool(fallback[b]),
+        }
+        for b in range(len(t))
+    ]
     return info
 
 
@@ -283,8 +319,10 @@ def judge_queries(images, layers, group_size, judge, seed, grid=True, save_dir=N
     perms = [torch.randperm(G, generator=gen).tolist() for _ in range(len(images))]  # position p shows perm[p]
     if grid:
         prompt["stage2"] = _fill(P.stage2, P, labels, num_candidates=G, num_layers=N, labels=", ".join(labels))
-        grids = [render_group_grid(images[i], layers[i * G:(i + 1) * G][perm], labels, tile=tile(judge.grid_size))
-                 for i, perm in enumerate(perms)]
+        grids = [
+            render_group_grid(images[i], layers[i * G : (i + 1) * G][perm], labels, tile=tile(judge.grid_size))
+            for i, perm in enumerate(perms)
+        ]
         queries += [Query(_fit(g, judge.grid_size), prompt["stage2"], labels) for g in grids]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -296,8 +334,11 @@ def judge_queries(images, layers, group_size, judge, seed, grid=True, save_dir=N
 
 
 def _criterion_weights(weights, keys):
-    w = torch.tensor([float(weights.get(k, 1.0)) for k in keys] if isinstance(weights, dict) else
-                     ([1.0] * len(keys) if weights is None else [float(x) for x in weights]))
+    w = torch.tensor(
+        [float(weights.get(k, 1.0)) for k in keys]
+        if isinstance(weights, dict)
+        else ([1.0] * len(keys) if weights is None else [float(x) for x in weights])
+    )
     if isinstance(weights, dict) and set(weights) - set(keys) or len(w) != len(keys) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights {weights}: give non-negative weights for the criteria {keys}, not all zero")
     return w
@@ -318,8 +359,14 @@ def recon_reward(images, layers, group_size, **_):
     (bilinear) and scaled to [0, 1]; mean over the 3 colour channels and all pixels."""
     _check(images, layers, group_size)
     H, W = layers.shape[-2:]
-    target = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((W, H), Image.BILINEAR), np.float32)
-                                           / 255).permute(2, 0, 1) for im in images])  # (len(images), 3, H, W)
+    target = torch.stack(
+        [
+            torch.from_numpy(np.asarray(im.convert("RGB").resize((W, H), Image.BILINEAR), np.float32) / 255).permute(
+                2, 0, 1
+            )
+            for im in images
+        ]
+    )  # (len(images), 3, H, W)
     l1 = (composite(layers.float()) - target.repeat_interleave(group_size, 0)).abs().mean((1, 2, 3))  # (B,)
     return (-l1).float(), {"recon/l1": float(l1.mean())}
 
@@ -339,9 +386,11 @@ def layer_usage_reward(images, layers, group_size, blank_tol=1e-3, dup_tol=0.05,
             rel = (P[:, i] - P[:, j]).abs().sum(-1) / torch.maximum(P[:, i], P[:, j]).sum(-1).clamp_min(1e-8)
             dup[:, j] |= (rel < dup_tol) & ~blank[:, i] & ~blank[:, j]
     bad = blank | dup
-    return (-bad.float().mean(1)).float(), {"layer_usage/blank": float(blank.float().sum(1).mean()),
-                                            "layer_usage/duplicate": float(dup.float().sum(1).mean()),
-                                            "layer_usage/coverage": float(alpha.mean())}
+    return (-bad.float().mean(1)).float(), {
+        "layer_usage/blank": float(blank.float().sum(1).mean()),
+        "layer_usage/duplicate": float(dup.float().sum(1).mean()),
+        "layer_usage/coverage": float(alpha.mean()),
+    }
 
 
 def opaque_background_reward(images, layers, group_size, **_):
@@ -352,8 +401,12 @@ def opaque_background_reward(images, layers, group_size, **_):
     return r, {"opaque_background/alpha": float(r.mean())}
 
 
-REWARDS = {"vlm": vlm_reward, "recon": recon_reward, "layer_usage": layer_usage_reward,
-           "opaque_background": opaque_background_reward}
+REWARDS = {
+    "vlm": vlm_reward,
+    "recon": recon_reward,
+    "layer_usage": layer_usage_reward,
+    "opaque_background": opaque_background_reward,
+}
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -378,26 +431,37 @@ def load_decompositions(root):
                 raise ValueError(f"{c}: the layer PNGs differ in size")
             stack.append(torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2))  # (N, 4, H, W)
         if len({s.shape for s in stack}) != 1:
-            raise ValueError(f"{d}: candidates differ in layer count or size {sorted({tuple(s.shape) for s in stack})}")
+            raise ValueError(
+                f"{d}: candidates differ in layer count or size {sorted({tuple(s.shape) for s in stack})}"
+            )
         groups.append((d.name, Image.open(d / "image.png").convert("RGB"), torch.stack(stack)))
     if not groups:
-        raise ValueError(f"--decompositions {root}: no <stem>/image.png found; write it with "
-                         f"python rollout.py --images DIR --output_dir {root}")
+        raise ValueError(
+            f"--decompositions {root}: no <stem>/image.png found; write it with "
+            f"python rollout.py --images DIR --output_dir {root}"
+        )
     return groups
 
 
 def parse_args(argv=None):
     p = runs.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--decompositions", required=True, help="rollout.py output folder: <stem>/image.png, "
-      "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group")
+    a(
+        "--decompositions",
+        required=True,
+        help="rollout.py output folder: <stem>/image.png, "
+        "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group",
+    )
     a("--reward", default="vlm", choices=sorted(REWARDS), help="which reward to compute")
     a("--judge", default="tiny", choices=["tiny", "local", "http"], help="judge backend for --reward vlm")
     a("--judge_model", default=None, help="local: hub id or folder; http: served model name")
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     a("--api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    a("--judge_extra_body", default=None,
-      help='http: JSON merged into each request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'')
+    a(
+        "--judge_extra_body",
+        default=None,
+        help='http: JSON merged into each request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'',
+    )
     a("--prompts_dir", default=str(PROMPTS_DIR), help="folder with criteria.txt, stage1.txt, stage2.txt")
     a("--combine", default="calibrated", choices=COMBINE, help="how stage 1 and stage 2 make the reward")
     a("--weights", default=None, help="criterion weights in the stage-1 total, e.g. separation=2,alpha=1 (others 1)")
@@ -422,8 +486,15 @@ def main(argv=None):
         if args.reward == "vlm":
             extra = json.loads(args.judge_extra_body) if args.judge_extra_body else None
             opts = {"api_key_env": args.api_key_env, "extra_body": extra} if args.judge == "http" else {}
-            kwargs["judge"] = load_judge(args.judge, args.judge_model, args.judge_url, prompts_dir=args.prompts_dir,
-                                         panel_size=args.panel_size, grid_size=args.grid_size, **opts)
+            kwargs["judge"] = load_judge(
+                args.judge,
+                args.judge_model,
+                args.judge_url,
+                prompts_dir=args.prompts_dir,
+                panel_size=args.panel_size,
+                grid_size=args.grid_size,
+                **opts,
+            )
         rows = []
         for stem, image, layers in tqdm(groups, desc="groups", disable=len(groups) < 2):
             save = str(Path(args.output_dir) / stem) if args.output_dir else None

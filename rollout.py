@@ -43,8 +43,9 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  #
 
 
 # ----------------------------------------------------------------------------- loading
-def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False,
-                  quantize="none"):
+def load_pipeline(
+    pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False, quantize="none"
+):
     """A QwenImageLayeredPipeline from a hub id or local folder; "tiny" for the tiny random one, "random" for the
     released configuration with random weights (built on `device`; "random:K" builds K of the 60 blocks).
 
@@ -69,11 +70,14 @@ def load_pipeline(pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None,
     else:
         extra = {} if captioning else {"processor": None}
         try:
-            pipe = QwenImageLayeredPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype,
-                                                            **extra)
+            pipe = QwenImageLayeredPipeline.from_pretrained(
+                pretrained_model_name_or_path, torch_dtype=torch_dtype, **extra
+            )
         except (OSError, ValueError) as e:
-            raise ValueError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
-                             f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'.") from None
+            raise ValueError(
+                f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
+                f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'."
+            ) from None
     quantize_blocks(pipe.transformer, quantize, device)  # "random" was built on `device`: quantized in place
     if device is not None:
         pipe.to(device)
@@ -144,9 +148,11 @@ def prepare_images(pipe, images, resolution, sizing="longest"):
         raise ValueError("images: every item must be a PIL.Image (use data.open_image for files)")
     sizes = {condition_size(im, resolution, sizing) for im in images}
     if len(sizes) > 1:
-        raise ValueError(f"images resolve to different sizes {sorted(sizes)} at resolution {resolution}; "
-                         "sample them in separate calls")
-    (width, height), = sizes
+        raise ValueError(
+            f"images resolve to different sizes {sorted(sizes)} at resolution {resolution}; "
+            "sample them in separate calls"
+        )
+    ((width, height),) = sizes
     rgb = [pipe.image_processor.resize(to_rgb(im), height, width) for im in images]
     pixels = pipe.image_processor.preprocess([im.convert("RGBA") for im in rgb], height, width)
     return pixels.unsqueeze(2), rgb, height, width  # (n, 4, 1, H, W)
@@ -185,8 +191,9 @@ def caption(pipe, image):
 
 
 # ----------------------------------------------------------------------------- the SDE step
-def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, prev_sample=None, generator=None,
-                          sde_type="sde"):
+def sde_step_with_logprob(
+    velocity, latents, sigma, sigma_next, noise_level, prev_sample=None, generator=None, sde_type="sde"
+):
     """One reverse step x_t -> x_{t-1} of Flow-GRPO and the log-density of the sample (all float32).
 
     Flow-GRPO (arXiv:2505.05470, "ODE to SDE"), with dt = sigma_next - sigma < 0, a = noise_level:
@@ -211,8 +218,7 @@ def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, pre
     dims = tuple(range(1, x.ndim))
     if sde_type == "sde":
         std_dev_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
-        prev_mean = (x * (1 + std_dev_t**2 / (2 * sigma) * dt)
-                     + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt)
+        prev_mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
         scale = std_dev_t * torch.sqrt(-dt)
     elif sde_type == "cps":
         std_dev_t = sigma_next * math.sin(noise_level * math.pi / 2)
@@ -230,8 +236,11 @@ def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, pre
     elif sde_type == "cps":
         log_prob = -((prev_sample.detach() - prev_mean) ** 2).mean(dims)
     else:
-        log_prob = (-((prev_sample.detach() - prev_mean) ** 2) / (2 * scale**2)
-                    - torch.log(scale) - 0.5 * math.log(2 * math.pi)).mean(dims)
+        log_prob = (
+            -((prev_sample.detach() - prev_mean) ** 2) / (2 * scale**2)
+            - torch.log(scale)
+            - 0.5 * math.log(2 * math.pi)
+        ).mean(dims)
     return prev_sample, log_prob, prev_mean, std_dev_t
 
 
@@ -239,6 +248,7 @@ def sde_step_with_logprob(velocity, latents, sigma, sigma_next, noise_level, pre
 @dataclass
 class Trajectory:
     """What one rollout hands to the GRPO update (B = number of images * group_size, rows grouped)."""
+
     latents: torch.Tensor  # (B, K+1, S, 64) float32: states before/after each of the K SDE steps of the window
     log_probs: torch.Tensor  # (B, K) float32: log p_old of each stored transition
     window: tuple  # (start, end): steps start..end-1 are SDE steps; all others ODE, nothing stored
@@ -272,26 +282,50 @@ def predict_velocity(transformer, traj, latents, t, rows=slice(None)):
     dtype = traj.image_latents.dtype
     x = torch.cat([latents.to(dtype), traj.image_latents[rows]], dim=1)
     timestep = t.expand(n).to(dtype) / 1000  # exactly as diffusers forms it
-    common = dict(hidden_states=x, timestep=timestep, img_shapes=traj.img_shapes(n), attention_kwargs={},
-                  additional_t_cond=torch.zeros(n, dtype=torch.long, device=x.device), return_dict=False)
+    common = dict(
+        hidden_states=x,
+        timestep=timestep,
+        img_shapes=traj.img_shapes(n),
+        attention_kwargs={},
+        additional_t_cond=torch.zeros(n, dtype=torch.long, device=x.device),
+        return_dict=False,
+    )
 
     def mask(m):
         return None if m is None else m[rows]
 
-    v = transformer(encoder_hidden_states=traj.prompt_embeds[rows], encoder_hidden_states_mask=mask(
-        traj.prompt_embeds_mask), **common)[0][:, : latents.shape[1]]
+    v = transformer(
+        encoder_hidden_states=traj.prompt_embeds[rows],
+        encoder_hidden_states_mask=mask(traj.prompt_embeds_mask),
+        **common,
+    )[0][:, : latents.shape[1]]
     if traj.negative_prompt_embeds is None:
         return v
-    v_neg = transformer(encoder_hidden_states=traj.negative_prompt_embeds[rows], encoder_hidden_states_mask=mask(
-        traj.negative_prompt_embeds_mask), **common)[0][:, : latents.shape[1]]
+    v_neg = transformer(
+        encoder_hidden_states=traj.negative_prompt_embeds[rows],
+        encoder_hidden_states_mask=mask(traj.negative_prompt_embeds_mask),
+        **common,
+    )[0][:, : latents.shape[1]]
     combined = v_neg + traj.true_cfg_scale * (v - v_neg)
     if traj.cfg_normalize:
         combined = combined * (v.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
     return combined
 
 
-def _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
-           negative_prompt, cfg_normalize, generator, sizing="longest"):
+def _start(
+    pipe,
+    images,
+    layers,
+    group_size,
+    num_inference_steps,
+    resolution,
+    prompt,
+    true_cfg_scale,
+    negative_prompt,
+    cfg_normalize,
+    generator,
+    sizing="longest",
+):
     """Everything before the denoising loop, as diffusers does it: condition latents, prompt embeddings,
     initial noise (B, (N+1) * h * w, 64) and the shifted schedule. Returns (trajectory skeleton, latents)."""
     if layers < 1:
@@ -311,26 +345,66 @@ def _start(pipe, images, layers, group_size, num_inference_steps, resolution, pr
     with torch.no_grad():
         image_latents = pipe._encode_vae_image(pixels.to(device, dtype), generator=None)  # (n, 16, 1, h, w)
         latents, image_latents = pipe.prepare_latents(
-            per_row(image_latents), batch, pipe.transformer.config.in_channels // 4, height, width, layers,
-            dtype, device, generator)  # noise (B, (N+1) h w, 64), condition tokens (B, h w, 64)
+            per_row(image_latents),
+            batch,
+            pipe.transformer.config.in_channels // 4,
+            height,
+            width,
+            layers,
+            dtype,
+            device,
+            generator,
+        )  # noise (B, (N+1) h w, 64), condition tokens (B, h w, 64)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     mu = (image_latents.shape[1] / 256) ** 0.5  # sqrt(condition tokens / 256): 2.5 at 640 px
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0, num_inference_steps + 1)[:-1], mu=mu, device=device)
     traj = Trajectory(
-        latents=None, log_probs=None, window=(0, 0), sigmas=scheduler.sigmas, timesteps=scheduler.timesteps,
-        image_latents=image_latents, prompt_embeds=per_row(torch.cat([e for e, _ in embeds]).to(dtype)),
+        latents=None,
+        log_probs=None,
+        window=(0, 0),
+        sigmas=scheduler.sigmas,
+        timesteps=scheduler.timesteps,
+        image_latents=image_latents,
+        prompt_embeds=per_row(torch.cat([e for e, _ in embeds]).to(dtype)),
         prompt_embeds_mask=None if embeds[0][1] is None else per_row(torch.cat([m for _, m in embeds])),
         negative_prompt_embeds=None if neg is None else per_row(neg.to(dtype)),
-        negative_prompt_embeds_mask=per_row(neg_mask), layers=None, images=rgb, num_layers=layers, height=height,
-        width=width, group_size=group_size, noise_level=0.0, true_cfg_scale=true_cfg_scale,
-        cfg_normalize=cfg_normalize, sde_type="sde")
+        negative_prompt_embeds_mask=per_row(neg_mask),
+        layers=None,
+        images=rgb,
+        num_layers=layers,
+        height=height,
+        width=width,
+        group_size=group_size,
+        noise_level=0.0,
+        true_cfg_scale=true_cfg_scale,
+        cfg_normalize=cfg_normalize,
+        sde_type="sde",
+    )
     return traj, latents.float()
 
 
 @torch.no_grad()
-def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_level=1.2, resolution=640,
-           prompt=DEFAULT_PROMPT, true_cfg_scale=1.0, negative_prompt=" ", cfg_normalize=True, sde_window=None,
-           sde_type="sde", generator=None, decode=True, progress=False, sizing="longest", decode_chunk=8):
+def sample(
+    pipe,
+    images,
+    *,
+    layers,
+    group_size=1,
+    num_inference_steps=10,
+    noise_level=1.2,
+    resolution=640,
+    prompt=DEFAULT_PROMPT,
+    true_cfg_scale=1.0,
+    negative_prompt=" ",
+    cfg_normalize=True,
+    sde_window=None,
+    sde_type="sde",
+    generator=None,
+    decode=True,
+    progress=False,
+    sizing="longest",
+    decode_chunk=8,
+):
     """Sample group_size candidate decompositions of each image with the Flow-GRPO SDE sampler.
 
     Steps sde_window = (start, end) (default: every step but the last, 0..T-2, as upstream) take
@@ -341,13 +415,27 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
     rescales the guided velocity to the conditional one's norm per token, as upstream's Qwen-Image trainer.
     Returns a Trajectory with layers (B, layers, 4, H, W) in [0, 1] if decode (decode_chunk frames at a time).
     """
-    traj, x = _start(pipe, images, layers, group_size, num_inference_steps, resolution, prompt, true_cfg_scale,
-                     negative_prompt, cfg_normalize, generator, sizing)
+    traj, x = _start(
+        pipe,
+        images,
+        layers,
+        group_size,
+        num_inference_steps,
+        resolution,
+        prompt,
+        true_cfg_scale,
+        negative_prompt,
+        cfg_normalize,
+        generator,
+        sizing,
+    )
     last = num_inference_steps if noise_level == 0 else num_inference_steps - 1  # ODE windows may hold the last
     start, end = sde_window or (0, last)
     if not 0 <= start < end <= last:
-        raise ValueError(f"sde_window {sde_window}: need 0 <= start < end <= {last} (num_inference_steps - 1: the "
-                         "last step, to sigma 0, is never an SDE step)")
+        raise ValueError(
+            f"sde_window {sde_window}: need 0 <= start < end <= {last} (num_inference_steps - 1: the "
+            "last step, to sigma 0, is never an SDE step)"
+        )
     traj.window, traj.noise_level, traj.sde_type = (start, end), float(noise_level), sde_type
     states, log_probs = [], []
     for i in tqdm(range(num_inference_steps), desc="denoise", leave=False, disable=not progress):
@@ -356,8 +444,9 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
         if start <= i < end:
             if i == start:
                 states.append(x)
-            x, log_prob, _, _ = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, generator=generator,
-                                                      sde_type=sde_type)
+            x, log_prob, _, _ = sde_step_with_logprob(
+                v, x, sigma, sigma_next, noise_level, generator=generator, sde_type=sde_type
+            )
             states.append(x)
             log_probs.append(log_prob)
         else:
@@ -370,8 +459,20 @@ def sample(pipe, images, *, layers, group_size=1, num_inference_steps=10, noise_
 
 
 @torch.no_grad()
-def decompose(pipe, images, *, layers, sampler="heun", num_inference_steps=50, resolution=640, true_cfg_scale=1.0,
-              generator=None, prompt=DEFAULT_PROMPT, progress=False, sizing="longest"):
+def decompose(
+    pipe,
+    images,
+    *,
+    layers,
+    sampler="heun",
+    num_inference_steps=50,
+    resolution=640,
+    true_cfg_scale=1.0,
+    generator=None,
+    prompt=DEFAULT_PROMPT,
+    progress=False,
+    sizing="longest",
+):
     """Deterministic decomposition for evaluation: (B, layers, 4, H, W) in [0, 1].
 
     sampler="heun" is the released model's setting (2nd-order Heun on the same shifted schedule:
@@ -379,13 +480,25 @@ def decompose(pipe, images, *, layers, sampler="heun", num_inference_steps=50, r
     sampler="euler" is diffusers' own Euler loop (= sample(..., noise_level=0)).
     """
     if sampler == "euler":
-        return sample(pipe, images, layers=layers, num_inference_steps=num_inference_steps, noise_level=0.0,
-                      resolution=resolution, prompt=prompt, true_cfg_scale=true_cfg_scale, generator=generator,
-                      sde_window=(0, 1), progress=progress, sizing=sizing).layers
+        return sample(
+            pipe,
+            images,
+            layers=layers,
+            num_inference_steps=num_inference_steps,
+            noise_level=0.0,
+            resolution=resolution,
+            prompt=prompt,
+            true_cfg_scale=true_cfg_scale,
+            generator=generator,
+            sde_window=(0, 1),
+            progress=progress,
+            sizing=sizing,
+        ).layers
     if sampler != "heun":
         raise ValueError(f"--sampler {sampler!r}: use 'heun' or 'euler'")
-    traj, x = _start(pipe, images, layers, 1, num_inference_steps, resolution, prompt, true_cfg_scale, " ",
-                     True, generator, sizing)
+    traj, x = _start(
+        pipe, images, layers, 1, num_inference_steps, resolution, prompt, true_cfg_scale, " ", True, generator, sizing
+    )
     sig, ts = traj.sigmas, traj.timesteps
     for i in tqdm(range(num_inference_steps), desc="heun", leave=False, disable=not progress):
         dt = sig[i + 1] - sig[i]
@@ -419,32 +532,58 @@ def step_log_prob(transformer, traj, j, rows=slice(None)):
     x = traj.latents[rows, j]
     v = predict_velocity(transformer, traj, x, traj.timesteps[i], rows)
     _, log_prob, prev_mean, std_dev_t = sde_step_with_logprob(
-        v, x, traj.sigmas[i], traj.sigmas[i + 1], traj.noise_level, prev_sample=traj.latents[rows, j + 1],
-        sde_type=traj.sde_type)
+        v,
+        x,
+        traj.sigmas[i],
+        traj.sigmas[i + 1],
+        traj.noise_level,
+        prev_sample=traj.latents[rows, j + 1],
+        sde_type=traj.sde_type,
+    )
     return log_prob, prev_mean, std_dev_t
 
 
 # ----------------------------------------------------------------------------- files
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description="Sample G candidate layer decompositions per image (Flow-GRPO SDE sampler) "
-                            "and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png.")
+    p = runs.ArgumentParser(
+        description="Sample G candidate layer decompositions per image (Flow-GRPO SDE sampler) "
+        "and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png."
+    )
     p.add_argument("--images", required=True, help="folder of input images (searched recursively)")
-    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
-                   "'random' (the released configuration, random weights)")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny', or 'random' (the released configuration, random weights)",
+    )
     p.add_argument("--lora", default=None, help="optional LoRA: diffusers .safetensors (or folder) or PEFT folder")
     p.add_argument("--output_dir", default="outputs/rollout", help="where the PNGs go")
     p.add_argument("--layers", type=int, default=4, help="number of RGBA layers N")
     p.add_argument("--group_size", type=int, default=4, help="candidates per image G")
     p.add_argument("--num_inference_steps", type=int, default=10, help="denoising steps T")
     p.add_argument("--noise_level", type=float, default=1.2, help="SDE noise level a (0 = deterministic Euler)")
-    p.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("START", "END"),
-                   help="only steps START..END-1 are SDE (default 0..T-2: every step but the last)")
+    p.add_argument(
+        "--sde_window",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("START", "END"),
+        help="only steps START..END-1 are SDE (default 0..T-2: every step but the last)",
+    )
     p.add_argument("--resolution", type=int, default=640, help="longest side in px: 640 (released) or 1024")
-    p.add_argument("--sizing", choices=["longest", "area"], default="longest", help="condition size: longest side = "
-                   "resolution, multiples of 16 (released inference), or diffusers' area rule (~resolution^2 px, x32)")
+    p.add_argument(
+        "--sizing",
+        choices=["longest", "area"],
+        default="longest",
+        help="condition size: longest side = "
+        "resolution, multiples of 16 (released inference), or diffusers' area rule (~resolution^2 px, x32)",
+    )
     p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
-    p.add_argument("--cfg_normalize", action=argparse.BooleanOptionalAction, default=True,
-                   help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
+    p.add_argument(
+        "--cfg_normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
@@ -461,10 +600,20 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)
     out = Path(args.output_dir)
     for path in tqdm(paths, desc="images"):
-        traj = sample(pipe, [open_image(path)], layers=args.layers, group_size=args.group_size, generator=generator,
-                      num_inference_steps=args.num_inference_steps, noise_level=args.noise_level,
-                      sde_window=args.sde_window, resolution=args.resolution, true_cfg_scale=args.true_cfg_scale,
-                      cfg_normalize=args.cfg_normalize, sizing=args.sizing)
+        traj = sample(
+            pipe,
+            [open_image(path)],
+            layers=args.layers,
+            group_size=args.group_size,
+            generator=generator,
+            num_inference_steps=args.num_inference_steps,
+            noise_level=args.noise_level,
+            sde_window=args.sde_window,
+            resolution=args.resolution,
+            true_cfg_scale=args.true_cfg_scale,
+            cfg_normalize=args.cfg_normalize,
+            sizing=args.sizing,
+        )
         folder = out / path.relative_to(args.images).with_suffix("")
         folder.mkdir(parents=True, exist_ok=True)
         traj.images[0].save(folder / "image.png")

@@ -71,8 +71,10 @@ def pick_device(device=None, mixed_precision="bf16"):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu "
-                         "or install a CUDA build of torch")
+        raise InputError(
+            f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu "
+            "or install a CUDA build of torch"
+        )
     if not device.startswith(("cuda", "cpu")):
         raise InputError(f"--device {device}: use cpu, cuda or cuda:N")
     return device, rollout.DTYPES[mixed_precision] if device.startswith("cuda") else torch.float32
@@ -115,8 +117,10 @@ def guard(output_dir, timer, save, close):
         if parallel.rank() != 0:
             raise SystemExit(2) from None
         close()
-        fail(f"{stop} Saved checkpoint-{stop.trained} in {output_dir}: {stop.hint}, rerun with "
-             "--resume_from_checkpoint latest")
+        fail(
+            f"{stop} Saved checkpoint-{stop.trained} in {output_dir}: {stop.hint}, rerun with "
+            "--resume_from_checkpoint latest"
+        )
     except torch.OutOfMemoryError:
         close()
         fail(out_of_memory(timer.phase, output_dir))
@@ -150,8 +154,10 @@ def memory_figures(device):
     process's peak resident set (which never resets)."""
     if not str(device).startswith("cuda"):
         return {"mem/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    out = {"mem/peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-           "mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    out = {
+        "mem/peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "mem/reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+    }
     torch.cuda.reset_peak_memory_stats()
     return out
 
@@ -177,16 +183,19 @@ def claim_output_dir(output_dir, resume=None):
         output_dir.mkdir(parents=True, exist_ok=True)
         f = open(output_dir / ".lock", "a+")
     except OSError as e:
-        raise InputError(f"--output_dir {output_dir}: cannot make it or write there ({e.strerror}: {e.filename}); "
-                         "choose another --output_dir") from None
+        raise InputError(
+            f"--output_dir {output_dir}: cannot make it or write there ({e.strerror}: {e.filename}); "
+            "choose another --output_dir"
+        ) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        fail(f"--output_dir {output_dir} is in use by {holder}; wait for that run to end or choose another "
-             "--output_dir")
+        fail(
+            f"--output_dir {output_dir} is in use by {holder}; wait for that run to end or choose another --output_dir"
+        )
     held = None if resume or made else held_run(output_dir)
     if held:
         f.close()
@@ -222,8 +231,9 @@ def run_step(output_dir):
     output_dir = Path(output_dir)
     path = output_dir / "metrics.jsonl"
     rows = [_row_step(line) for line in (path.read_text().splitlines() if path.is_file() else [])]
-    return max([int(p.name.split("-")[1]) for p in checkpoints(output_dir)] + [r for r in rows if r < float("inf")],
-               default=0)
+    return max(
+        [int(p.name.split("-")[1]) for p in checkpoints(output_dir)] + [r for r in rows if r < float("inf")], default=0
+    )
 
 
 def held_run(output_dir):
@@ -236,11 +246,15 @@ def held_run(output_dir):
     if step or saved or final:
         held = saved + ["metrics.jsonl"] * ("metrics.jsonl" in found) + ["the final LoRA"] * final
         on = "To go on from its last checkpoint add" if saved else "It saved no checkpoint: to redo it from step 0 add"
-        return (f"--output_dir {output_dir} holds a run, to step {step} ({', '.join(held)}); nothing was changed. {on} "
-                "--resume_from_checkpoint latest; to start a new run choose another --output_dir")
+        return (
+            f"--output_dir {output_dir} holds a run, to step {step} ({', '.join(held)}); nothing was changed. {on} "
+            "--resume_from_checkpoint latest; to start a new run choose another --output_dir"
+        )
     if found:
-        return (f"--output_dir {output_dir} holds {', '.join(found)}, which a run writes; nothing was changed. Choose "
-                "another --output_dir, or add --resume_from_checkpoint latest to write there")
+        return (
+            f"--output_dir {output_dir} holds {', '.join(found)}, which a run writes; nothing was changed. Choose "
+            "another --output_dir, or add --resume_from_checkpoint latest to write there"
+        )
     return None
 
 
@@ -253,8 +267,10 @@ def finished(output_dir, resume, max_train_steps):
     if not (step and int(step[1]) >= max_train_steps and (output_dir / "pytorch_lora_weights.safetensors").is_file()):
         return False
     if os.environ.get("RANK", "0") == "0":  # one line under torchrun too
-        print(f"{output_dir} is trained to step {step[1]} (--max_train_steps {max_train_steps}) and holds its final "
-              "LoRA: nothing to do. To train further, raise --max_train_steps")
+        print(
+            f"{output_dir} is trained to step {step[1]} (--max_train_steps {max_train_steps}) and holds its final "
+            "LoRA: nothing to do. To train further, raise --max_train_steps"
+        )
     return True
 
 
@@ -262,11 +278,17 @@ def written(output_dir):
     """The script's last line: what the run wrote where."""
     d, saved = Path(output_dir), checkpoints(output_dir)
     samples = sorted((d / "samples").glob("*.png"))
-    items = [("the final LoRA (pytorch_lora_weights.safetensors, peft/, model card README.md)",
-              (d / "pytorch_lora_weights.safetensors").is_file()), (", ".join(p.name + "/" for p in saved), saved),
-             (f"metrics.jsonl (to step {run_step(d)})", (d / "metrics.jsonl").is_file()),
-             (f"samples/ ({len(samples)} pictures)", samples), ("wandb/", (d / "wandb").is_dir()),
-             (f"logs/ (tensorboard --logdir {d / 'logs'})", (d / "logs").is_dir())]
+    items = [
+        (
+            "the final LoRA (pytorch_lora_weights.safetensors, peft/, model card README.md)",
+            (d / "pytorch_lora_weights.safetensors").is_file(),
+        ),
+        (", ".join(p.name + "/" for p in saved), saved),
+        (f"metrics.jsonl (to step {run_step(d)})", (d / "metrics.jsonl").is_file()),
+        (f"samples/ ({len(samples)} pictures)", samples),
+        ("wandb/", (d / "wandb").is_dir()),
+        (f"logs/ (tensorboard --logdir {d / 'logs'})", (d / "logs").is_dir()),
+    ]
     return f"wrote in {d}: " + "; ".join(text for text, present in items if present)
 
 
@@ -275,8 +297,16 @@ def device_line(device, dtype, quantize=None):
     import quantize as q
 
     line = f"device {device}, {str(dtype).removeprefix('torch.')} weights"
-    return line if quantize is None else line + (", no quantization (--quantize none)" if quantize == "none" else
-                                                 f", blocks quantized to {quantize} ({q.QUANTIZE[quantize]})")
+    return (
+        line
+        if quantize is None
+        else line
+        + (
+            ", no quantization (--quantize none)"
+            if quantize == "none"
+            else f", blocks quantized to {quantize} ({q.QUANTIZE[quantize]})"
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- metrics and trackers
@@ -292,17 +322,25 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise InputError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
-                                 "(or --report_to none)") from None
+                raise InputError(
+                    "--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                    "(or --report_to none)"
+                ) from None
             self.tb = SummaryWriter(log_dir=str(self.output_dir / "logs"))
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError:
-                raise InputError("--report_to wandb needs the wandb package: pip install wandb "
-                                 "(or --report_to none)") from None
-            self.wandb = wandb.init(project=project, dir=str(self.output_dir), config=config or {},
-                                    name=self.output_dir.name, resume="allow")
+                raise InputError(
+                    "--report_to wandb needs the wandb package: pip install wandb (or --report_to none)"
+                ) from None
+            self.wandb = wandb.init(
+                project=project,
+                dir=str(self.output_dir),
+                config=config or {},
+                name=self.output_dir.name,
+                resume="allow",
+            )
         elif report_to != "none":
             raise InputError(f"--report_to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
 
@@ -311,8 +349,11 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record["step"]
-        scalars = {k: float(v) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: float(v)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
@@ -459,14 +500,18 @@ def check_attention(device, dtype):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             torch.nn.functional.scaled_dot_product_attention(q, q, q)
     except RuntimeError as e:
-        raise InputError(f"no memory-efficient attention kernel on {device} ({str(e).splitlines()[0][:120]}): "
-                              "the math path cannot fit a 640 px step; install a CUDA build of torch >= 2.4 and use "
-                              "--mixed_precision bf16") from None
+        raise InputError(
+            f"no memory-efficient attention kernel on {device} ({str(e).splitlines()[0][:120]}): "
+            "the math path cannot fit a 640 px step; install a CUDA build of torch >= 2.4 and use "
+            "--mixed_precision bf16"
+        ) from None
 
 
 def out_of_memory(phase, output_dir):
     found = checkpoints(output_dir)
     phase = {"train": "update", "judge_wait": "scoring", "log": "logging and checkpointing"}.get(phase, phase)
-    return (f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
-            "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
-            f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}")
+    return (
+        f"CUDA out of memory during the {phase}. Lower it with --train_batch_size 1 (update), a smaller "
+        "--group_size (rollout) or --rank, or serve the judge elsewhere (--judge_url); then resume with "
+        f"--resume_from_checkpoint {found[-1] if found else 'latest (none saved yet: starts at step 0)'}"
+    )

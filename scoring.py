@@ -42,17 +42,28 @@ def load_judge(args, rewards, device, dtype, pipeline=None, concurrency=16):
     if kind == "text_encoder" and pipeline is None:
         return None
     cuda = str(device).startswith("cuda")
-    options = {"local": {"device": device, "dtype": dtype, "offload": getattr(args, "judge_offload", False) and cuda},
-               "http": {"api_key_env": getattr(args, "judge_api_key_env", "OPENAI_API_KEY"),
-                        "concurrency": concurrency},
-               "text_encoder": {"pipeline": pipeline}}[kind] if kind != "tiny" else {}
-    return reward.load_judge(kind, model=args.judge_model or (reward.DEFAULT_JUDGE if kind == "local" else None),
-                             url=args.judge_url, prompts_dir=args.prompts_dir, **options)
+    options = (
+        {
+            "local": {"device": device, "dtype": dtype, "offload": getattr(args, "judge_offload", False) and cuda},
+            "http": {"api_key_env": getattr(args, "judge_api_key_env", "OPENAI_API_KEY"), "concurrency": concurrency},
+            "text_encoder": {"pipeline": pipeline},
+        }[kind]
+        if kind != "tiny"
+        else {}
+    )
+    return reward.load_judge(
+        kind,
+        model=args.judge_model or (reward.DEFAULT_JUDGE if kind == "local" else None),
+        url=args.judge_url,
+        prompts_dir=args.prompts_dir,
+        **options,
+    )
 
 
 @dataclass
 class Scores:
     """One step's scoring, every rank's, in image order."""
+
     rewards: torch.Tensor  # (images_per_step * G,) float32
     answered: bool  # the judge answered at least one request of the step (always True without a judge)
     metrics: dict  # the rewards' info numbers, each the mean over the step's groups: reward/<key> or its own a/b name
@@ -65,8 +76,9 @@ class Scoring:
     overlap: score in `threads` threads (an HTTP judge), each with one torch thread (their own OpenMP teams would
     outnumber the cores the rollouts use). `timer` (runs.Timer) counts the main thread's waits as judge_wait."""
 
-    def __init__(self, reward_fn, judge, group_size, timer, overlap=False, threads=1, max_failed_steps=1,
-                 last_step=None):
+    def __init__(
+        self, reward_fn, judge, group_size, timer, overlap=False, threads=1, max_failed_steps=1, last_step=None
+    ):
         self.reward_fn, self.judge, self.group_size, self.timer = reward_fn, judge, group_size, timer
         self.max_failed_steps, self.last_step, self.failed_steps = max_failed_steps, last_step, 0
         self.pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if overlap else None
@@ -89,8 +101,9 @@ class Scoring:
             mine = [p.result() if self.pool else p for p in self.pending]
         self.pending = []
         rewards = torch.cat(parallel.all_gather(torch.cat([r for r, _, _ in mine])))
-        infos = sum(parallel.all_gather([{k: v for k, v in info.items() if k != "candidates"}
-                                         for _, info, _ in mine]), [])
+        infos = sum(
+            parallel.all_gather([{k: v for k, v in info.items() if k != "candidates"} for _, info, _ in mine]), []
+        )
         counted = [i["judge/answered"] for i in infos if "judge/answered" in i]
         answered = self.judge is None or not counted or sum(counted) > 0
         self.failed_steps = 0 if answered else self.failed_steps + 1
@@ -99,9 +112,13 @@ class Scoring:
         if self.failed_steps >= self.max_failed_steps or (self.failed_steps and step + 1 == self.last_step):
             errors = [i["judge_last_error"] for i in infos if i.get("judge_last_error")]
             trained = step + 1 - self.failed_steps
-            raise runs.Stop(f"the judge {self.judge.name} answered none of its requests in {self.failed_steps} "
-                            f"step(s) in a row (steps {trained + 1}..{step + 1}, not trained); last error: "
-                            f"{errors[-1] if errors else 'none reported'}.", trained, "once the judge answers")
+            raise runs.Stop(
+                f"the judge {self.judge.name} answered none of its requests in {self.failed_steps} "
+                f"step(s) in a row (steps {trained + 1}..{step + 1}, not trained); last error: "
+                f"{errors[-1] if errors else 'none reported'}.",
+                trained,
+                "once the judge answers",
+            )
         numbers = [k for k, v in infos[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         metrics = {k if "/" in k else f"reward/{k}": sum(i[k] for i in infos) / len(infos) for k in numbers}
         return Scores(rewards, answered, metrics, mine[0][1].get("candidates", []), sum(s for _, _, s in mine))

@@ -71,9 +71,15 @@ def synthetic_specs(num, seed, layers, size, held_out=False):
     """Design k: data.make_design(numpy.random.default_rng([seed, k]), layers[k % len(layers)], (size, size)), the
     convention of `data.py synthetic` (L balanced by construction); held-out designs use [seed, k, 1], a stream
     the training designs never draw."""
-    return [{"name": f"synthetic design {k}{' (held out)' if held_out else ''}",
-             "entropy": [seed, k, 1] if held_out else [seed, k], "layers": layers[k % len(layers)], "size": size}
-            for k in range(num)]
+    return [
+        {
+            "name": f"synthetic design {k}{' (held out)' if held_out else ''}",
+            "entropy": [seed, k, 1] if held_out else [seed, k],
+            "layers": layers[k % len(layers)],
+            "size": size,
+        }
+        for k in range(num)
+    ]
 
 
 def sample_problem(folder, max_layers):
@@ -92,8 +98,10 @@ def sample_problem(folder, max_layers):
         for i in found:
             if Image.open(folder / f"layer_{i}.png").size != size:
                 w, h = Image.open(folder / f"layer_{i}.png").size
-                return (f"layer_{i}.png is {w}x{h} but image.png is {size[0]}x{size[1]} (layers must have its size)",
-                        len(found))
+                return (
+                    f"layer_{i}.png is {w}x{h} but image.png is {size[0]}x{size[1]} (layers must have its size)",
+                    len(found),
+                )
     except OSError as e:
         return f"an unreadable PNG ({e.__class__.__name__})", len(found)
     return None, len(found)
@@ -199,8 +207,9 @@ def sigma_table(pipe, cond_tokens, cache):
 def draw_sigma(args, table, generator):
     """u ~ --weighting_scheme's density on [0, 1) (diffusers' compute_density_for_timestep_sampling), then
     sigma = table[floor(u N)], as the diffusers example indexes its table. Returns (1,) float32."""
-    u = compute_density_for_timestep_sampling(args.weighting_scheme, 1, args.logit_mean, args.logit_std,
-                                              args.mode_scale, generator=generator)
+    u = compute_density_for_timestep_sampling(
+        args.weighting_scheme, 1, args.logit_mean, args.logit_std, args.mode_scale, generator=generator
+    )
     return table[(u * len(table)).long().clamp(0, len(table) - 1)]
 
 
@@ -214,13 +223,22 @@ def flow_matching_loss(transformer, prompt, x0, cond, sigma, noise, layers, heig
     condition tokens] with timestep sigma, sliced back to the x_t tokens: rollout.predict_velocity, the code the
     sampler integrates, given a Trajectory holding only what it reads (no CFG).
     x0, noise (B, S, 64) float32, sigma (B,). Returns the loss per sample (B,)."""
-    inputs = {**{f.name: None for f in dataclasses.fields(rollout.Trajectory)}, "image_latents": cond,
-              "prompt_embeds": prompt[0], "prompt_embeds_mask": prompt[1], "num_layers": layers, "height": height,
-              "width": width, "true_cfg_scale": 1.0, "cfg_normalize": False}
+    inputs = {
+        **{f.name: None for f in dataclasses.fields(rollout.Trajectory)},
+        "image_latents": cond,
+        "prompt_embeds": prompt[0],
+        "prompt_embeds_mask": prompt[1],
+        "num_layers": layers,
+        "height": height,
+        "width": width,
+        "true_cfg_scale": 1.0,
+        "cfg_normalize": False,
+    }
     s = sigma.view(-1, 1, 1)
     latents = (1 - s) * x0 + s * noise  # (B, S, 64)
-    v = rollout.predict_velocity(transformer, rollout.Trajectory(**inputs), latents,
-                                 sigma * 1000).float()  # predict_velocity takes scheduler timesteps (sigma * 1000)
+    v = rollout.predict_velocity(
+        transformer, rollout.Trajectory(**inputs), latents, sigma * 1000
+    ).float()  # predict_velocity takes scheduler timesteps (sigma * 1000)
     weight = compute_loss_weighting_for_sd3(weighting_scheme, sigmas=sigma)
     return weight * ((v - (noise - x0)) ** 2).mean(dim=(1, 2))
 
@@ -264,11 +282,21 @@ def supervised_step(pipe, prompt, batches, args, step, params, optimizer, tables
     else:
         tqdm.write(f"step {step + 1}: non-finite loss or gradient, update skipped")
     optimizer.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GPU allocated, or CPU process RSS
-    return {"loss": float(np.mean(losses)), "sigma": float(np.mean(sigmas)), "layers": counts,
-            "train/grad_norm": grad_norm.item(), "train/skipped_updates": int(not finite),
-            "time/step_s": time.perf_counter() - t0, "time/data_wait_s": wait, "mem/peak_gb": peak}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )  # GPU allocated, or CPU process RSS
+    return {
+        "loss": float(np.mean(losses)),
+        "sigma": float(np.mean(sigmas)),
+        "layers": counts,
+        "train/grad_norm": grad_norm.item(),
+        "train/skipped_updates": int(not finite),
+        "time/step_s": time.perf_counter() - t0,
+        "time/data_wait_s": wait,
+        "mem/peak_gb": peak,
+    }
 
 
 @torch.no_grad()
@@ -277,7 +305,9 @@ def validate(transformer, prompt, held_out, args):
     from (seed, 1, j), so every evaluation sees the same draws."""
     transformer.eval()
     with lora.lora_precision(transformer):
-        losses = [flow_matching_loss(transformer, prompt, *sample, args.weighting_scheme).item() for sample in held_out]
+        losses = [
+            flow_matching_loss(transformer, prompt, *sample, args.weighting_scheme).item() for sample in held_out
+        ]
     return float(np.mean(losses))
 
 
@@ -287,8 +317,11 @@ def measure_data(args):
     pipeline lends its image processor, built like the real one's) and the workers that keep a GPU busy. The GPU's
     time per design is estimated: 3 x the forward's FLOP (forward + backward; gradient checkpointing adds a 4th,
     so this is the fast bound) at 40% of an H100's 989 TFLOP/s, the FLOP scaled by the (L+2) frames' tokens."""
-    designs = Samples(synthetic_specs(args.measure_data, args.seed, args.layers, args.resolution), args.resolution,
-                      rollout.load_pipeline("tiny").image_processor)
+    designs = Samples(
+        synthetic_specs(args.measure_data, args.seed, args.layers, args.resolution),
+        args.resolution,
+        rollout.load_pipeline("tiny").image_processor,
+    )
     torch.set_num_threads(1)  # as in a DataLoader worker
     t0, c0 = time.perf_counter(), time.process_time()
     for k in tqdm(range(len(designs)), desc="designs"):
@@ -296,9 +329,11 @@ def measure_data(args):
     rate = len(designs) / (time.process_time() - c0)  # per CPU second: one worker on a core of its own
     frames = float(np.mean(args.layers)) + 2  # L+1 target frames + the condition
     gpu_s = 3 * FLOP_PER_FORWARD * frames / 6 / (0.4 * 989e12)
-    print(f"{rate:.2f} designs/s per worker ({len(designs) / (time.perf_counter() - t0):.2f} by the wall clock) at "
-          f"{args.resolution} px, L in {args.layers}; the GPU needs ~{gpu_s:.2f} s per design (estimated) -> "
-          f"{math.ceil(1 / (gpu_s * rate))} worker(s) keep it fed (use at least 2)")
+    print(
+        f"{rate:.2f} designs/s per worker ({len(designs) / (time.perf_counter() - t0):.2f} by the wall clock) at "
+        f"{args.resolution} px, L in {args.layers}; the GPU needs ~{gpu_s:.2f} s per design (estimated) -> "
+        f"{math.ceil(1 / (gpu_s * rate))} worker(s) keep it fed (use at least 2)"
+    )
     return rate
 
 
@@ -307,11 +342,17 @@ METHOD = "supervised flow matching (sft.py)"  # the model card's words
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(
+        description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
-      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
+    a(
+        "--pretrained_model_name_or_path",
+        default=rollout.DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny', or "
+        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="reference-format folder: <sample>/image.png, layer_<i>.png")
     source.add_argument("--synthetic", type=int, default=None, help="N synthetic designs made on the fly")
@@ -330,19 +371,38 @@ def parse_args(argv=None):
     a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay (diffusers' default)")
     a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
     a("--gradient_accumulation_steps", type=int, default=1, help="designs per optimizer step (one per forward)")
-    a("--weighting_scheme", default="none", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
-      help="timestep density / loss weighting (diffusers' SD3 schemes); none = uniform u, weight 1")
+    a(
+        "--weighting_scheme",
+        default="none",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="timestep density / loss weighting (diffusers' SD3 schemes); none = uniform u, weight 1",
+    )
     a("--logit_mean", type=float, default=0.0, help="mean of the logit_normal density")
     a("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     a("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the "
-      "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)")
-    a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="attention kernel through "
-      "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)")
+    a(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="regional torch.compile of the "
+        "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)",
+    )
+    a(
+        "--attention_backend",
+        default=None,
+        choices=rollout.ATTENTION_BACKENDS,
+        help="attention kernel through "
+        "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)",
+    )
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen transformer blocks in fewer "
-      "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)")
+    a(
+        "--quantize",
+        default="none",
+        choices=list(quantize.QUANTIZE),
+        help="the frozen transformer blocks in fewer "
+        "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
+    )
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N steps")
@@ -353,12 +413,16 @@ def parse_args(argv=None):
     a("--measure_data", type=int, default=0, help="only time N synthetic designs (one worker) and exit")
     a("--eval_lora", default=None, help="only print the held-out val/loss of the base model + this LoRA and exit")
     args = p.parse_args(argv)
-    checks = [(args.measure_data or args.eval_lora or args.data or args.synthetic, "give --data DIR or --synthetic N"),
-              (args.synthetic is None or args.synthetic >= 1, "--synthetic must be >= 1"),
-              (min(args.layers) >= 1 and max(args.layers) <= args.max_layers, "--layers must be in 1..--max_layers"),
-              (args.gradient_accumulation_steps >= 1 and args.validation_every >= 1 and args.checkpointing_steps >= 1,
-               "--gradient_accumulation_steps, --validation_every and --checkpointing_steps must be >= 1"),
-              (args.max_train_steps >= 0 and args.validation_synthetic >= 0, "counts must be >= 0")]
+    checks = [
+        (args.measure_data or args.eval_lora or args.data or args.synthetic, "give --data DIR or --synthetic N"),
+        (args.synthetic is None or args.synthetic >= 1, "--synthetic must be >= 1"),
+        (min(args.layers) >= 1 and max(args.layers) <= args.max_layers, "--layers must be in 1..--max_layers"),
+        (
+            args.gradient_accumulation_steps >= 1 and args.validation_every >= 1 and args.checkpointing_steps >= 1,
+            "--gradient_accumulation_steps, --validation_every and --checkpointing_steps must be >= 1",
+        ),
+        (args.max_train_steps >= 0 and args.validation_synthetic >= 0, "counts must be >= 0"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -380,14 +444,21 @@ def main(argv=None):
 
     with runs.input_errors():
         rollout.condition_size(Image.new("RGB", (args.resolution,) * 2), args.resolution)  # rejects a bad resolution
-        specs = (folder_specs(args.data, args.max_layers, "--data") if args.data else
-                 synthetic_specs(args.synthetic or 0, args.seed, args.layers, args.resolution))
-        held_out = (folder_specs(args.validation_data, args.max_layers, "--validation_data") if args.validation_data
-                    else synthetic_specs(args.validation_synthetic, args.seed, args.layers, args.resolution, True))
+        specs = (
+            folder_specs(args.data, args.max_layers, "--data")
+            if args.data
+            else synthetic_specs(args.synthetic or 0, args.seed, args.layers, args.resolution)
+        )
+        held_out = (
+            folder_specs(args.validation_data, args.max_layers, "--validation_data")
+            if args.validation_data
+            else synthetic_specs(args.validation_synthetic, args.seed, args.layers, args.resolution, True)
+        )
         torch.manual_seed(args.seed)
         quantize.check(args.quantize, device)
-        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device,
-                                     quantize=args.quantize)
+        pipe = rollout.load_pipeline(
+            args.pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=args.quantize
+        )
         if args.eval_lora:
             lora.load_lora(pipe, args.eval_lora)
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)
@@ -395,11 +466,15 @@ def main(argv=None):
     rollout.free_text_encoder(pipe)
     tables = {}  # the shifted sigma table of each condition token count
     held_out = Samples(held_out, args.resolution, pipe.image_processor)
-    held_out = [prepare(pipe, held_out[j][1], args, torch.Generator().manual_seed(rng_seed(args.seed, 1, j)), tables)
-                for j in range(len(held_out))]  # encoded once: fixed sigma and noise per sample
+    held_out = [
+        prepare(pipe, held_out[j][1], args, torch.Generator().manual_seed(rng_seed(args.seed, 1, j)), tables)
+        for j in range(len(held_out))
+    ]  # encoded once: fixed sigma and noise per sample
     if args.eval_lora:
         loss = validate(pipe.transformer, prompt, held_out, args)
-        print(f"val/loss {loss:.6f}: {args.pretrained_model_name_or_path} + {args.eval_lora}, {len(held_out)} held out")
+        print(
+            f"val/loss {loss:.6f}: {args.pretrained_model_name_or_path} + {args.eval_lora}, {len(held_out)} held out"
+        )
         return loss
 
     transformer = pipe.transformer
@@ -409,15 +484,24 @@ def main(argv=None):
     rollout.speed_up(transformer, args.attention_backend, args.compile)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     with runs.input_errors():
-        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer) \
-            if args.resume_from_checkpoint else 0
+        start = (
+            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
+            if args.resume_from_checkpoint
+            else 0
+        )
         log = runs.RunLog(output_dir, args.report_to, config=vars(args))  # after resume rewrote metrics.jsonl
-    loader = torch.utils.data.DataLoader(Samples(specs, args.resolution, pipe.image_processor), batch_size=None,
-                                         sampler=data_order(args, len(specs), start),
-                                         num_workers=args.dataloader_num_workers, pin_memory=device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(
+        Samples(specs, args.resolution, pipe.image_processor),
+        batch_size=None,
+        sampler=data_order(args, len(specs), start),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=device.startswith("cuda"),
+    )
     batches = iter(loader)
-    print(f"{len(specs)} training samples, {len(held_out)} held out, {sum(p.numel() for p in params) / 1e6:.2f}M "
-          "LoRA parameters, " + runs.device_line(device, dtype, args.quantize))
+    print(
+        f"{len(specs)} training samples, {len(held_out)} held out, {sum(p.numel() for p in params) / 1e6:.2f}M "
+        "LoRA parameters, " + runs.device_line(device, dtype, args.quantize)
+    )
     if start == 0 and held_out:
         log.log({"step": 0, "val/loss": validate(transformer, prompt, held_out, args)})
 
@@ -429,8 +513,9 @@ def main(argv=None):
         log.log(record)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val/loss") if k in record})
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit,
-                                 method=METHOD)
+            runs.save_checkpoint(
+                output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit, method=METHOD
+            )
     runs.save_final(output_dir, transformer, args, method=METHOD)
     log.close()
     lock.close()

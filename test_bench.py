@@ -15,13 +15,33 @@ import tiny
 torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
-
 # ----------------------------------------------------------------------------- bench
 def test_bench_cpu_toy_table(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    res = bench.main(["--device", "cpu", "--size", "toy", "--resolution", "32", "--layers", "1", "--group_size", "2",
-                      "--train_batch_size", "1", "--num_inference_steps", "3", "--warmup", "0", "--repeats", "1",
-                      "--json", str(path)])
+    res = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--size",
+            "toy",
+            "--resolution",
+            "32",
+            "--layers",
+            "1",
+            "--group_size",
+            "2",
+            "--train_batch_size",
+            "1",
+            "--num_inference_steps",
+            "3",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--json",
+            str(path),
+        ]
+    )
     rows = res["rows"]
     assert list(rows) == ["rollout_ours", "rollout_diffusers", "decode", "train_no_kl", "train_kl", "rollout_lora"]
     for key, row in rows.items():
@@ -34,10 +54,12 @@ def test_bench_cpu_toy_table(tmp_path, capsys):
     assert rows["train_kl"]["flop"] > rows["train_no_kl"]["flop"] > rows["rollout_ours"]["flop"] / 2
     assert rows["rollout_lora"]["flop"] > rows["rollout_ours"]["flop"] == rows["rollout_diffusers"]["flop"]
     ratios = res["ratios"]
-    assert ratios["rollout ours / diffusers"] == pytest.approx(rows["rollout_ours"]["seconds"]
-                                                               / rows["rollout_diffusers"]["seconds"])
-    assert ratios["train with KL / without KL"] == pytest.approx(rows["train_kl"]["seconds"]
-                                                                 / rows["train_no_kl"]["seconds"])
+    assert ratios["rollout ours / diffusers"] == pytest.approx(
+        rows["rollout_ours"]["seconds"] / rows["rollout_diffusers"]["seconds"]
+    )
+    assert ratios["train with KL / without KL"] == pytest.approx(
+        rows["train_kl"]["seconds"] / rows["train_no_kl"]["seconds"]
+    )
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert res["train_step_estimate"]["seconds"] > rows["decode"]["seconds"]
     printed = capsys.readouterr().out
@@ -52,9 +74,33 @@ def test_full_size_loop_reduced_to_one_block_on_cpu(capsys):
     steps of train.py with a resume between them, ratio 1, and checkpoints holding exactly the LoRA twice (diffusers
     and PEFT files) and AdamW's two moments: 4 x 4 bytes x 22 r D (the last block's 8 adapted linears: 6 of D -> D,
     2 of D <-> 4D)."""
-    res = bench.main(["--loop", "--device", "cpu", "--num_blocks", "1", "--resolution", "32", "--layers", "1",
-                      "--group_size", "2", "--train_batch_size", "2", "--num_inference_steps", "3", "--sde_window", "1",
-                      "--beta", "0", "--rank", "4", "--lora_alpha", "8"])
+    res = bench.main(
+        [
+            "--loop",
+            "--device",
+            "cpu",
+            "--num_blocks",
+            "1",
+            "--resolution",
+            "32",
+            "--layers",
+            "1",
+            "--group_size",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--num_inference_steps",
+            "3",
+            "--sde_window",
+            "1",
+            "--beta",
+            "0",
+            "--rank",
+            "4",
+            "--lora_alpha",
+            "8",
+        ]
+    )
     assert res["model"] == "random:1" and res["steps"] == [1, 2] and res["checkpoints_written"] == 2
     assert all(abs(res[f"step{s} diag/ratio_mean"] - 1) < 1e-5 for s in (1, 2))
     assert res["checkpoint_mib"] * 2**20 == pytest.approx(16 * 22 * 4 * 3072, rel=0.01)
@@ -71,11 +117,14 @@ def test_bench_flop_formula_matches_torch_count():
     torch.set_num_threads(1)  # tiny kernels: threads only add OpenMP spin-waits on a busy CI machine
     cfg, batch, layers, h, n_txt, rank = transformer.config, 2, 2, 4, 5, 4
     n_noise = (layers + 1) * h * h
-    kwargs = dict(hidden_states=torch.randn(batch, n_noise + h * h, cfg.in_channels),
-                  timestep=torch.full((batch,), 0.5),
-                  encoder_hidden_states=torch.randn(batch, n_txt, cfg.joint_attention_dim),
-                  img_shapes=[[(1, h, h)] * (layers + 1) + [(1, h, h)]] * batch,
-                  additional_t_cond=torch.zeros(batch, dtype=torch.long), return_dict=False)
+    kwargs = dict(
+        hidden_states=torch.randn(batch, n_noise + h * h, cfg.in_channels),
+        timestep=torch.full((batch,), 0.5),
+        encoder_hidden_states=torch.randn(batch, n_txt, cfg.joint_attention_dim),
+        img_shapes=[[(1, h, h)] * (layers + 1) + [(1, h, h)]] * batch,
+        additional_t_cond=torch.zeros(batch, dtype=torch.long),
+        return_dict=False,
+    )
 
     def count(grad=False):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):

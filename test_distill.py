@@ -3,6 +3,7 @@ reaching one teacher, teachers per folder, --student_init, resume, bad input, tw
 
     python -m pytest -q test_distill.py -s     # -s shows the two-reward figures
 """
+
 import json
 import time
 
@@ -24,10 +25,38 @@ import train
 
 # tiny settings shared by train.py and distill.py (64 px, G = 4, T = 4, rank 4, one image per step); sizing "area":
 # with "longest" (64x32 px for these 48x32 images) 20-30 train.py steps lowered both rewards on this toy model
-TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--sizing", "area", "--layers", "2",
-        "--group_size", "4", "--num_inference_steps", "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision",
-        "no", "--train_batch_size", "4", "--images_per_step", "1", "--report_to", "none", "--sample_every", "0",
-        "--checkpointing_steps", "1000", "--device", "cpu"]
+TINY = [
+    "--pretrained_model_name_or_path",
+    "tiny",
+    "--resolution",
+    "64",
+    "--sizing",
+    "area",
+    "--layers",
+    "2",
+    "--group_size",
+    "4",
+    "--num_inference_steps",
+    "4",
+    "--rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--mixed_precision",
+    "no",
+    "--train_batch_size",
+    "4",
+    "--images_per_step",
+    "1",
+    "--report_to",
+    "none",
+    "--sample_every",
+    "0",
+    "--checkpointing_steps",
+    "1000",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +83,17 @@ def tiny_pipe(student=None, teachers=()):
 
 def scores(pipe, images, names=("opaque_background", "recon")):
     """Mean reward of 2 images x 8 candidates on fixed seeds (the same noise for every model compared)."""
-    traj = rollout.sample(pipe, images, layers=2, group_size=8, num_inference_steps=4, noise_level=1.2,
-                          resolution=64, sizing="area", generator=torch.Generator().manual_seed(100))
+    traj = rollout.sample(
+        pipe,
+        images,
+        layers=2,
+        group_size=8,
+        num_inference_steps=4,
+        noise_level=1.2,
+        resolution=64,
+        sizing="area",
+        generator=torch.Generator().manual_seed(100),
+    )
     return {n: reward.REWARDS[n](images, traj.layers, 8)[0].mean().item() for n in names}
 
 
@@ -85,8 +123,18 @@ def velocity_gap(pipe, images, teacher="t"):
     """Mean squared difference of the student's and the teacher's velocity at every state of the student's own
     rollout (fixed seeds, steps 0..T-2)."""
     tr = pipe.transformer
-    traj = rollout.sample(pipe, images, layers=2, group_size=4, num_inference_steps=4, resolution=64, sizing="area",
-                          sde_window=(0, 3), decode=False, generator=torch.Generator().manual_seed(7))
+    traj = rollout.sample(
+        pipe,
+        images,
+        layers=2,
+        group_size=4,
+        num_inference_steps=4,
+        resolution=64,
+        sizing="area",
+        sde_window=(0, 3),
+        decode=False,
+        generator=torch.Generator().manual_seed(7),
+    )
     gaps = []
     with torch.no_grad():
         for j in range(3):
@@ -119,9 +167,23 @@ def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path):
     teacher falls by at least half in 15 steps; the LoRA written is the student's, not the teacher's."""
     images = [data.open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
     before = velocity_gap(tiny_pipe(teachers=[("t", teacher)]), images)
-    student = distill.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "student"), *TINY,
-                            "--teacher", f"t={teacher}", "--max_train_steps", "15",
-                            "--learning_rate", "1e-2", "--sde_window", "0"])
+    student = distill.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path / "student"),
+            *TINY,
+            "--teacher",
+            f"t={teacher}",
+            "--max_train_steps",
+            "15",
+            "--learning_rate",
+            "1e-2",
+            "--sde_window",
+            "0",
+        ]
+    )
     after = velocity_gap(tiny_pipe(tmp_path / "student" / "peft", [("t", teacher / "peft")]), images)
     print(f"velocity error to the teacher: {before:.3e} -> {after:.3e}")
     assert after <= 0.5 * before
@@ -136,18 +198,55 @@ def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path):
 
 def test_resume_repeats_the_run(image_dir, tmp_path):
     """2 steps + resume to 4 give the same student LoRA as 4 steps in one go (a teacher being a train.py output)."""
-    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "teacher"), "--reward", "recon",
-                "--max_train_steps", "1", "--beta", "0", *TINY])
-    argv = ["--images", str(image_dir), *TINY, "--teacher", f"t={tmp_path / 'teacher'}", "--checkpointing_steps",
-            "2", "--group_size", "2", "--learning_rate", "1e-2"]
+    train.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path / "teacher"),
+            "--reward",
+            "recon",
+            "--max_train_steps",
+            "1",
+            "--beta",
+            "0",
+            *TINY,
+        ]
+    )
+    argv = [
+        "--images",
+        str(image_dir),
+        *TINY,
+        "--teacher",
+        f"t={tmp_path / 'teacher'}",
+        "--checkpointing_steps",
+        "2",
+        "--group_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+    ]
     distill.main([*argv, "--output_dir", str(tmp_path / "once"), "--max_train_steps", "4"])
     distill.main([*argv, "--output_dir", str(tmp_path / "twice"), "--max_train_steps", "2"])
-    distill.main([*argv, "--output_dir", str(tmp_path / "twice"), "--max_train_steps", "4",
-                  "--resume_from_checkpoint", "latest"])
+    distill.main(
+        [
+            *argv,
+            "--output_dir",
+            str(tmp_path / "twice"),
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     once, twice = (load_file(tmp_path / d / "peft" / "adapter_model.safetensors") for d in ("once", "twice"))
     assert all(torch.equal(once[k], twice[k]) for k in once)
-    assert [json.loads(line)["step"] for line in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()] \
-        == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
@@ -156,31 +255,66 @@ def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
     data.make_design(np.random.default_rng(9), 2, size=(48, 32))[0].save(extra / "x.png")
-    args = distill.parse_args(["--images", str(image_dir), "--teacher", f"all={teacher}", "--teacher_weight",
-                               "all=0.5", "--teacher", f"own={teacher}:{extra}"])
+    args = distill.parse_args(
+        [
+            "--images",
+            str(image_dir),
+            "--teacher",
+            f"all={teacher}",
+            "--teacher_weight",
+            "all=0.5",
+            "--teacher",
+            f"own={teacher}:{extra}",
+        ]
+    )
     paths, W = distill.image_pool(args)
     assert [p.name for p in paths] == ["0.png", "1.png", "2.png", "3.png", "x.png"]
     assert W.tolist() == [[0.5, 0.0]] * 4 + [[0.5, 1.0]]
     with pytest.raises(runs.InputError, match="no teacher"):
         distill.image_pool(distill.parse_args(["--images", str(image_dir), "--teacher", f"own={teacher}:{extra}"]))
-    distill.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "copy"), *TINY, "--teacher",
-                  f"t={teacher / 'peft'}", "--student_init", "t", "--max_train_steps", "0"])
+    distill.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path / "copy"),
+            *TINY,
+            "--teacher",
+            f"t={teacher / 'peft'}",
+            "--student_init",
+            "t",
+            "--max_train_steps",
+            "0",
+        ]
+    )
     copy, taught = (load_file(f / "peft" / "adapter_model.safetensors") for f in (tmp_path / "copy", teacher))
     assert copy.keys() == taught.keys() and all(torch.equal(copy[k], taught[k]) for k in taught)
 
 
 def test_bad_input(image_dir, tmp_path, capsys):
     """Bad flags stop in parse_args (exit 2); a teacher that is not a LoRA stops with one line naming it."""
-    for argv, message in [(["--teacher", "nope"], "--teacher 'nope'"), (["--teacher", "default=x"], "'default'"),
-                          (["--teacher", "a=x", "--teacher_weight", "b=1"], "--teacher_weight 'b=1'"),
-                          (["--teacher", "a=x", "--teacher_reward", "a=nope"], "--teacher_reward")]:
+    for argv, message in [
+        (["--teacher", "nope"], "--teacher 'nope'"),
+        (["--teacher", "default=x"], "'default'"),
+        (["--teacher", "a=x", "--teacher_weight", "b=1"], "--teacher_weight 'b=1'"),
+        (["--teacher", "a=x", "--teacher_reward", "a=nope"], "--teacher_reward"),
+    ]:
         with pytest.raises(SystemExit) as e:
             distill.parse_args(["--images", str(image_dir), *argv])
         assert e.value.code == 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        distill.main(["--images", str(image_dir), "--output_dir", str(tmp_path), *TINY,
-                      "--teacher", f"a={tmp_path / 'missing'}"])
+        distill.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path),
+                *TINY,
+                "--teacher",
+                f"a={tmp_path / 'missing'}",
+            ]
+        )
     assert e.value.code == 2 and f"error: --teacher a={tmp_path / 'missing'}: neither" in capsys.readouterr().err
 
 
@@ -192,22 +326,60 @@ def test_two_rewards_in_one_student(image_dir, tmp_path):
     steps, distill_steps = 30, 20
     images = [data.open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
     for name in ("opaque_background", "recon"):
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / name), "--reward", name,
-                    "--max_train_steps", str(steps), "--beta", "0", "--learning_rate", "3e-2", *TINY])
-    distill.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "student"), *TINY,
-                  "--teacher", f"opaque={tmp_path / 'opaque_background'}", "--teacher", f"recon={tmp_path / 'recon'}",
-                  "--teacher_reward", "opaque=opaque_background", "--teacher_reward", "recon=recon",
-                  "--max_train_steps", str(distill_steps), "--learning_rate", "1e-2"])
+        train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path / name),
+                "--reward",
+                name,
+                "--max_train_steps",
+                str(steps),
+                "--beta",
+                "0",
+                "--learning_rate",
+                "3e-2",
+                *TINY,
+            ]
+        )
+    distill.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path / "student"),
+            *TINY,
+            "--teacher",
+            f"opaque={tmp_path / 'opaque_background'}",
+            "--teacher",
+            f"recon={tmp_path / 'recon'}",
+            "--teacher_reward",
+            "opaque=opaque_background",
+            "--teacher_reward",
+            "recon=recon",
+            "--max_train_steps",
+            str(distill_steps),
+            "--learning_rate",
+            "1e-2",
+        ]
+    )
     figures = {"base": scores(tiny_pipe(), images)}
     for name in ("opaque_background", "recon", "student"):
         figures[name] = scores(tiny_pipe(tmp_path / name / "peft"), images)
     logged = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"\ntwo rewards, {steps} teacher steps and {distill_steps} distillation steps of G = 4 (fixed seeds, "
-          "2 images x 8):")
+    print(
+        f"\ntwo rewards, {steps} teacher steps and {distill_steps} distillation steps of G = 4 (fixed seeds, "
+        "2 images x 8):"
+    )
     for model, s in figures.items():
-        print(f"  {model:18s} opaque_background {s['opaque_background']:.4f}  recon {s['recon']:.4f}  "
-              f"sum {sum(s.values()):.4f}")
-    print(f"  student's last logged KL: opaque {logged['kl/opaque']:.3g}, recon {logged['kl/recon']:.3g}; "
-          f"time {time.perf_counter() - t0:.0f} s")
+        print(
+            f"  {model:18s} opaque_background {s['opaque_background']:.4f}  recon {s['recon']:.4f}  "
+            f"sum {sum(s.values()):.4f}"
+        )
+    print(
+        f"  student's last logged KL: opaque {logged['kl/opaque']:.3g}, recon {logged['kl/recon']:.3g}; "
+        f"time {time.perf_counter() - t0:.0f} s"
+    )
     for name in ("opaque_background", "recon"):
         assert figures["student"][name] > figures["base"][name]

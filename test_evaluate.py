@@ -18,7 +18,6 @@ import tiny
 torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
-
 # ----------------------------------------------------------------------------- evaluate
 torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
@@ -137,15 +136,31 @@ def test_grouping_counts_outputs_and_json(tmp_path, capsys):
     for k, name in enumerate(names):  # run "copy": the references themselves; run "edited": k-dependent edits
         _copy_sample(refs / name, tmp_path / "copy" / name)
         _copy_sample(refs / name, tmp_path / "edited" / name, drop_last=k in (0, 3), extra=k == 1, scale=1 + (k == 2))
-    ev.main(["--references", str(refs), "--predictions", str(tmp_path / "copy"), "--predictions",
-             f"mine={tmp_path / 'edited'}", "--output_dir", str(tmp_path / "out")])
+    ev.main(
+        [
+            "--references",
+            str(refs),
+            "--predictions",
+            str(tmp_path / "copy"),
+            "--predictions",
+            f"mine={tmp_path / 'edited'}",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(res) == ["copy", "mine"] and all(list(r) == ["2", "3", "4"] for r in res.values())
     for run in res.values():
         for L, s in run.items():
             assert s["n"] == 2 and len(s["per_layer_l1"]) == int(L) == len(s["per_layer_alpha_l1"])
-            assert {"mean_l1", "recon_l1", "missing_layers", "extra_layers", "layerd_rgb_l1",
-                    "layerd_alpha_iou"} <= set(s)
+            assert {
+                "mean_l1",
+                "recon_l1",
+                "missing_layers",
+                "extra_layers",
+                "layerd_rgb_l1",
+                "layerd_alpha_iou",
+            } <= set(s)
             assert s["mean_l1"] == pytest.approx(np.mean(s["per_layer_l1"]))
     assert all(s["mean_l1"] == 0 and s["recon_l1"] < 1 / 255 for s in res["copy"].values())
     # L of sample k is (2, 3, 4)[k % 3]: drops on k=0 (L=2) and k=3 (L=2), extra on k=1 (L=3), 2x size on k=2 (L=4)
@@ -170,8 +185,9 @@ def test_synthetic_generator(tmp_path):
     Ls = [len(list((tmp_path / "a" / p).glob("layer_*.png"))) for p in sorted(x.split("/")[-1] for x in a)]
     assert Ls == [2, 3, 4, 2, 3, 4]  # balanced mix
     for k in range(3):  # same seed, same sample, whatever num_samples
-        assert (tmp_path / "a" / f"synth_{k:04d}" / "image.png").read_bytes() == \
-               (tmp_path / "b" / f"synth_{k:04d}" / "image.png").read_bytes()
+        assert (tmp_path / "a" / f"synth_{k:04d}" / "image.png").read_bytes() == (
+            tmp_path / "b" / f"synth_{k:04d}" / "image.png"
+        ).read_bytes()
     img, layers = data.make_design(random.Random(0), 4, (48, 40))
     stack = torch.stack([data.pil_to_rgba(x) for x in layers])
     assert img.mode == "RGB" and img.size == (48, 40) and stack.shape == (4, 4, 40, 48)
@@ -181,23 +197,35 @@ def test_synthetic_generator(tmp_path):
     assert (recon - data.pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
     other, _ = data.make_design(random.Random(1), 4, (48, 40))
     assert np.abs(np.asarray(img, float) - np.asarray(other, float)).mean() > 5
-    data.main(["synthetic", str(tmp_path / "imgs"), "--num_samples", "3", "--size", "48x40", "--seed", "7",
-               "--images_only"])
+    data.main(
+        ["synthetic", str(tmp_path / "imgs"), "--num_samples", "3", "--size", "48x40", "--seed", "7", "--images_only"]
+    )
     files = sorted((tmp_path / "imgs").iterdir())
     assert [f.name for f in files] == ["synth_0000.png", "synth_0001.png", "synth_0002.png"]
     assert files[1].read_bytes() == (tmp_path / "a" / "synth_0001" / "image.png").read_bytes()
 
 
 def _element(color, left, top, width, height, angle=0.0, opacity=1.0):
-    return {"image": Image.new("RGBA", (width, height), color + (255,)), "left": left, "top": top, "width": width,
-            "height": height, "angle": angle, "opacity": opacity}
+    return {
+        "image": Image.new("RGBA", (width, height), color + (255,)),
+        "left": left,
+        "top": top,
+        "width": width,
+        "height": height,
+        "angle": angle,
+        "opacity": opacity,
+    }
 
 
 def test_crello_elements_to_layers():
-    els = [_element((0, 0, 255), 0, 0, 40, 30),
-           _element((255, 0, 0), 2, 2, 5, 5), _element((0, 255, 0), 10, 2, 5, 5),  # group 1
-           _element((255, 255, 0), 20, 2, 5, 5, opacity=0.5), _element((0, 0, 0), -3, 20, 6, 4),  # group 2
-           _element((255, 0, 255), 25, 15, 10, 4, angle=math.pi / 2)]  # group 3, rotated a quarter turn
+    els = [
+        _element((0, 0, 255), 0, 0, 40, 30),
+        _element((255, 0, 0), 2, 2, 5, 5),
+        _element((0, 255, 0), 10, 2, 5, 5),  # group 1
+        _element((255, 255, 0), 20, 2, 5, 5, opacity=0.5),
+        _element((0, 0, 0), -3, 20, 6, 4),  # group 2
+        _element((255, 0, 255), 25, 15, 10, 4, angle=math.pi / 2),
+    ]  # group 3, rotated a quarter turn
     layers = data.elements_to_layers(els, (40, 30), max_layers=4)
     a = [np.asarray(x)[..., 3] for x in layers]
     assert len(layers) == 4 and all(x.size == (40, 30) for x in layers)
@@ -225,8 +253,16 @@ def test_evaluate_bad_input(tmp_path, capsys):
     (tmp_path / "preds" / "synth_0001").mkdir()
     shutil.copy(tmp_path / "refs" / "synth_0001" / "layer_0.png", tmp_path / "preds" / "synth_0001" / "layer_2.png")
     with pytest.raises(SystemExit):
-        ev.main(["--references", str(tmp_path / "refs"), "--predictions", str(tmp_path / "preds"),
-                 "--output_dir", str(tmp_path / "out")])
+        ev.main(
+            [
+                "--references",
+                str(tmp_path / "refs"),
+                "--predictions",
+                str(tmp_path / "preds"),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert "without gaps" in capsys.readouterr().err
     try:
         import datasets  # noqa: F401
@@ -246,25 +282,48 @@ def test_model_mode_base_and_lora_in_each_format(tmp_path):
     # one set of LoRA weights, written by peft itself (PEFT folder) and by diffusers (pytorch_lora_weights, with
     # lora_alpha in its metadata); lora_alpha != r, so a loader that drops alpha would give different layers
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v",
-                                                                                         "to_out.0"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
     model = get_peft_model(tiny.tiny_pipeline().transformer, config)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # "gaussian" only draws lora_A; B starts at 0, which would leave outputs unchanged
             torch.nn.init.normal_(p, std=0.5)
     model.save_pretrained(tmp_path / "peft_lora")
     state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
-    QwenImageLayeredPipeline.save_lora_weights(tmp_path / "diffusers_lora", transformer_lora_layers=state,
-                                               transformer_lora_adapter_metadata=config.to_dict())
+    QwenImageLayeredPipeline.save_lora_weights(
+        tmp_path / "diffusers_lora", transformer_lora_layers=state, transformer_lora_adapter_metadata=config.to_dict()
+    )
 
     out = tmp_path / "out"
-    ev.main(["--references", str(refs), "--pretrained_model_name_or_path", "tiny", "--device", "cpu", "--base",
-             "--lora", f"diffusers={tmp_path / 'diffusers_lora' / 'pytorch_lora_weights.safetensors'}",
-             "--lora", f"peft={tmp_path / 'peft_lora'}", "--resolution", "64", "--num_inference_steps", "2",
-             "--output_dir", str(out)])
-    pred = {run: {s: np.stack([np.asarray(Image.open(out / "predictions" / run / s / f"layer_{i}.png"))
-                               for i in range(L)]) for s, L in (("synth_0000", 2), ("synth_0001", 3))}
-            for run in ("base", "diffusers", "peft")}
+    ev.main(
+        [
+            "--references",
+            str(refs),
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--device",
+            "cpu",
+            "--base",
+            "--lora",
+            f"diffusers={tmp_path / 'diffusers_lora' / 'pytorch_lora_weights.safetensors'}",
+            "--lora",
+            f"peft={tmp_path / 'peft_lora'}",
+            "--resolution",
+            "64",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    pred = {
+        run: {
+            s: np.stack([np.asarray(Image.open(out / "predictions" / run / s / f"layer_{i}.png")) for i in range(L)])
+            for s, L in (("synth_0000", 2), ("synth_0001", 3))
+        }
+        for run in ("base", "diffusers", "peft")
+    }
     for s in ("synth_0000", "synth_0001"):
         assert pred["base"][s].shape[1:] == (64, 64, 4)
         assert np.abs(pred["diffusers"][s].astype(int) - pred["base"][s]).mean() > 1  # the LoRA changes layers

@@ -41,8 +41,25 @@ def rows(out):
 def test_programmatic_reward_from_the_readme(design_images, tmp_path, monkeypatch):
     script = readme_file("my_reward.py", tmp_path / "mine")
     out = tmp_path / "out"
-    run(script, ["--images", str(design_images), "--reward", "coverage", "--output_dir", str(out), "--layers", "2",
-                 "--max_train_steps", "2", "--sample_every", "0", *TINY], monkeypatch)
+    run(
+        script,
+        [
+            "--images",
+            str(design_images),
+            "--reward",
+            "coverage",
+            "--output_dir",
+            str(out),
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--sample_every",
+            "0",
+            *TINY,
+        ],
+        monkeypatch,
+    )
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2] and all(x["train/skipped_updates"] == 0 for x in r)
     assert all(x["reward/mean"] == pytest.approx(x["coverage/mean"], abs=1e-6) for x in r)  # the reward is its own
@@ -61,9 +78,27 @@ def test_judged_reward_and_criteria_from_the_readme_with_the_tiny_judge(design_i
     script = readme_file("my_judged_reward.py", tmp_path / "mine")
     prompts = readme_file("my_prompts/criteria.txt", tmp_path / "mine").parent
     out = tmp_path / "judged"
-    run(script, ["--images", str(design_images), "--reward", "vlm_minus_blank", "--prompts_dir", str(prompts),
-                 "--output_dir", str(out), "--layers", "2", "--max_train_steps", "1", "--sample_every", "0", *TINY],
-        monkeypatch)
+    run(
+        script,
+        [
+            "--images",
+            str(design_images),
+            "--reward",
+            "vlm_minus_blank",
+            "--prompts_dir",
+            str(prompts),
+            "--output_dir",
+            str(out),
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "1",
+            "--sample_every",
+            "0",
+            *TINY,
+        ],
+        monkeypatch,
+    )
     (row,) = rows(out)
     assert row["judge/answered"] == 4 + 1 and row["train/skipped_updates"] == 0
     assert {"stage1/text", "stage1/background", "blank/layers"} <= set(row) and "stage1/separation" not in row
@@ -84,10 +119,33 @@ def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(design_im
 
     out = tmp_path / "http"
     with judge_server(answer) as (server, url):
-        run(script, ["--images", str(design_images), "--reward", "vlm_minus_blank", "--judge_url", url,
-                     "--judge_model", "judge-test", "--prompts_dir", str(prompts), "--output_dir", str(out),
-                     "--layers", "2", "--max_train_steps", "1", "--sample_every", "0", *TINY, "--images_per_step",
-                     "2"], monkeypatch)
+        run(
+            script,
+            [
+                "--images",
+                str(design_images),
+                "--reward",
+                "vlm_minus_blank",
+                "--judge_url",
+                url,
+                "--judge_model",
+                "judge-test",
+                "--prompts_dir",
+                str(prompts),
+                "--output_dir",
+                str(out),
+                "--layers",
+                "2",
+                "--max_train_steps",
+                "1",
+                "--sample_every",
+                "0",
+                *TINY,
+                "--images_per_step",
+                "2",
+            ],
+            monkeypatch,
+        )
     (row,) = rows(out)
     assert sorted(map(tuple, asked)) == sorted([("text", "background")] * 8 + [tuple("ABCD")] * 2)
     assert row["judge/answered"] == 5 and row["judge/fallbacks"] == 0  # the mean over the step's two groups
@@ -98,8 +156,26 @@ def test_judged_reward_with_the_pipelines_own_text_encoder_as_judge(design_image
     """--judge text_encoder (the pipeline's Qwen2.5-VL, kept instead of freed) serves a reward of your own too."""
     script = readme_file("my_judged_reward.py", tmp_path / "mine")
     out = tmp_path / "text_encoder"
-    run(script, ["--images", str(design_images), "--reward", "vlm_minus_blank", "--judge", "text_encoder",
-                 "--output_dir", str(out), "--layers", "2", "--max_train_steps", "1", "--sample_every", "0", *TINY],
-        monkeypatch)
+    run(
+        script,
+        [
+            "--images",
+            str(design_images),
+            "--reward",
+            "vlm_minus_blank",
+            "--judge",
+            "text_encoder",
+            "--output_dir",
+            str(out),
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "1",
+            "--sample_every",
+            "0",
+            *TINY,
+        ],
+        monkeypatch,
+    )
     (row,) = rows(out)
     assert row["judge/answered"] == 4 + 1 and {"stage1/separation", "blank/layers"} <= set(row)

@@ -23,9 +23,34 @@ import tiny
 import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--layers", "2", "--group_size", "4",
-        "--num_inference_steps", "4", "--rank", "4", "--lora_alpha", "8", "--train_batch_size", "4",
-        "--images_per_step", "1", "--report_to", "none", "--sample_every", "0", "--reward", "recon", "--device", "cuda"]
+TINY = [
+    "--pretrained_model_name_or_path",
+    "tiny",
+    "--resolution",
+    "64",
+    "--layers",
+    "2",
+    "--group_size",
+    "4",
+    "--num_inference_steps",
+    "4",
+    "--rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--train_batch_size",
+    "4",
+    "--images_per_step",
+    "1",
+    "--report_to",
+    "none",
+    "--sample_every",
+    "0",
+    "--reward",
+    "recon",
+    "--device",
+    "cuda",
+]
 
 
 def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
@@ -36,8 +61,21 @@ def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        pipe = train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "2",
-                           "--mixed_precision", "bf16", "--learning_rate", "1e-2", *TINY])
+        pipe = train.main(
+            [
+                "--images",
+                str(design_images),
+                "--output_dir",
+                str(tmp_path),
+                "--max_train_steps",
+                "2",
+                "--mixed_precision",
+                "bf16",
+                "--learning_rate",
+                "1e-2",
+                *TINY,
+            ]
+        )
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
@@ -59,8 +97,15 @@ def test_attention_check_and_the_rollout_runs_on_flash_alone():
     rollout.encode_prompt(pipe, rollout.DEFAULT_PROMPT)  # the text encoder's causal mask is not the question here
     image = Image.new("RGB", (64, 48), "teal")
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        traj = rollout.sample(pipe, [image], layers=2, group_size=2, num_inference_steps=3, resolution=64,
-                              generator=torch.Generator("cuda").manual_seed(0))
+        traj = rollout.sample(
+            pipe,
+            [image],
+            layers=2,
+            group_size=2,
+            num_inference_steps=3,
+            resolution=64,
+            generator=torch.Generator("cuda").manual_seed(0),
+        )
     assert traj.prompt_embeds_mask is None and torch.isfinite(traj.log_probs).all()
 
 
@@ -72,8 +117,21 @@ def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_
     torch.cuda.set_per_process_memory_fraction(cap)
     try:
         with pytest.raises(SystemExit) as e:
-            train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "1",
-                        *TINY, "--resolution", "1024", "--group_size", "16"])
+            train.main(
+                [
+                    "--images",
+                    str(design_images),
+                    "--output_dir",
+                    str(tmp_path),
+                    "--max_train_steps",
+                    "1",
+                    *TINY,
+                    "--resolution",
+                    "1024",
+                    "--group_size",
+                    "16",
+                ]
+            )
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -107,18 +165,36 @@ def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path):
 
 
 def _torchrun(nproc, argv, **kw):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py",
-                           *argv], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **kw,
+    )
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="rank k on cuda:k needs 2 GPUs or more: one rank creates "
-                    "no process group")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="rank k on cuda:k needs 2 GPUs or more: one rank creates no process group"
+)
 def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
     """One rank per GPU: rank k on cuda:k, nccl."""
     n = torch.cuda.device_count()
-    ok = _torchrun(n, ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--images_per_step", str(n),
-                       "--output_dir", str(tmp_path)])
+    ok = _torchrun(
+        n,
+        [
+            "--images",
+            str(design_images),
+            "--max_train_steps",
+            "1",
+            *TINY,
+            "--images_per_step",
+            str(n),
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
     assert ok.returncode == 0, ok.stderr[-800:]
     assert f"{n} rank(s), device cuda:0" in ok.stdout  # rank 0's line; each rank k set_device(k) before nccl
 
@@ -126,11 +202,25 @@ def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
 def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path):
     """One rank more than the node's GPUs (2 ranks on one GPU): one line naming what to launch, no rendezvous."""
     n = torch.cuda.device_count()
-    bad = _torchrun(n + 1, ["--images", str(design_images), "--max_train_steps", "1", *TINY, "--output_dir",
-                            str(tmp_path), "--images_per_step", str(n + 1)])
+    bad = _torchrun(
+        n + 1,
+        [
+            "--images",
+            str(design_images),
+            "--max_train_steps",
+            "1",
+            *TINY,
+            "--output_dir",
+            str(tmp_path),
+            "--images_per_step",
+            str(n + 1),
+        ],
+    )
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert bad.returncode != 0 and lines == [f"error: {n + 1} ranks on this node but {n} GPU(s) visible: use "
-                                             f"--nproc_per_node {n} (or --device cpu for gloo ranks)"]
+    assert bad.returncode != 0 and lines == [
+        f"error: {n + 1} ranks on this node but {n} GPU(s) visible: use "
+        f"--nproc_per_node {n} (or --device cpu for gloo ranks)"
+    ]
 
 
 def test_memory_plan_against_the_peaks_cuda_allocates():
@@ -142,8 +232,18 @@ def test_memory_plan_against_the_peaks_cuda_allocates():
     memory.check, which reads the card's free memory: one line if the setup fits, and one refusal line naming what
     would fit if nothing can."""
     flags = dict(num_blocks=2, resolution=512, layers=2, group_size=4, train_batch_size=2)
-    res = bench.main(["--device", "cuda", "--warmup", "1", "--repeats", "1", "--no_decode",
-                      *[f for k, v in flags.items() for f in (f"--{k}", str(v))]])
+    res = bench.main(
+        [
+            "--device",
+            "cuda",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--no_decode",
+            *[f for k, v in flags.items() for f in (f"--{k}", str(v))],
+        ]
+    )
     planned = memory.plan(memory.Setup(**flags))
     measured = {k: r["measured"]["alloc_gib"] for k, r in res["rows"].items()}
     assert measured["train_kl"] == pytest.approx(planned["update"], rel=0.1)

@@ -24,7 +24,6 @@ import tiny
 torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
-
 # ----------------------------------------------------------------------------- reward
 KEYS = ["separation", "alpha", "inpainting", "distribution", "validity"]
 
@@ -107,16 +106,29 @@ def image_sent(body):
 def completion(text, tops=None):
     """A chat completion whose logprobs split the text into one-character tokens; tops maps a character
     index to its top_logprobs [(token, probability)]."""
-    content = [{"token": ch, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": math.log(p)}
-                                                             for t, p in (tops or {}).get(i, [])]}
-               for i, ch in enumerate(text)]
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": {"content": content} if tops is not None else None}]}
+    content = [
+        {
+            "token": ch,
+            "logprob": 0.0,
+            "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in (tops or {}).get(i, [])],
+        }
+        for i, ch in enumerate(text)
+    ]
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": content} if tops is not None else None,
+            }
+        ]
+    }
 
 
 def http_judge(url, **options):
-    return reward.load_judge("http", model="judge-test", url=url, backoff=0.01, panel_size=96, grid_size=160,
-                             **options)
+    return reward.load_judge(
+        "http", model="judge-test", url=url, backoff=0.01, panel_size=96, grid_size=160, **options
+    )
 
 
 def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog):
@@ -128,8 +140,9 @@ def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog)
             text = json.dumps(stage1)
             return 200, completion(text, {text.index('"alpha": ') + 9: [("7", 0.5), (" 6", 0.5), ("x", 0.9)]})
         text = json.dumps({k: 9 - i for i, k in enumerate(keys)})  # A=9, B=8, ... each with E = digit - 0.25
-        return 200, completion(text, {text.index(f'"{k}": ') + 5: [(str(9 - i), 0.75), (str(8 - i), 0.25)]
-                                      for i, k in enumerate(keys)})
+        return 200, completion(
+            text, {text.index(f'"{k}": ') + 5: [(str(9 - i), 0.75), (str(8 - i), 0.25)] for i, k in enumerate(keys)}
+        )
 
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-secret-123")
     with judge_server(answer) as (srv, url):
@@ -143,8 +156,9 @@ def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog)
         assert info["judge/requests"] == 10 and info["judge/retries"] == 0 and info["judge/fallbacks"] == 0
         mean_r, _ = reward.vlm_reward(images, _layers(8), 4, judge=judge, seed=3, combine="mean")
         assert mean_r.tolist() == pytest.approx([(4.9 + 9 - p - 0.25) / 2 for p in positions])
-        w_r, w_info = reward.vlm_reward(images, _layers(8), 4, judge=judge, combine="stage1",
-                                        weights={"separation": 3})
+        w_r, w_info = reward.vlm_reward(
+            images, _layers(8), 4, judge=judge, combine="stage1", weights={"separation": 3}
+        )
         assert w_r.tolist() == pytest.approx([(27 + 6.5 + 5 + 3 + 1) / 7] * 8)
         assert w_info["judge/requests"] == 8  # stage1 mode sends no grid
         assert set(srv.auth) == {"Bearer sk-test-secret-123"}
@@ -153,12 +167,21 @@ def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog)
 
 
 def test_http_garbage_falls_back_and_counts():
-    bad = [(200, completion("I'm sorry, I can't rate images.")),
-           (200, completion('{"separation": 5, "alpha": 5}')),  # fields missing
-           (200, completion('{"A": 10, "B": 0, "C": 5, "D": 5, "separation": 12, "alpha": 0, "inpainting": 5, '
-                            '"distribution": 5, "validity": 5}')),  # out of range
-           (200, {"choices": [{"message": {"role": "assistant", "content": None, "refusal": "no"}}]}),
-           (200, b"<html>not json</html>"), (200, {"choices": []}), (200, {"error": "overloaded"})]
+    bad = [
+        (200, completion("I'm sorry, I can't rate images.")),
+        (200, completion('{"separation": 5, "alpha": 5}')),  # fields missing
+        (
+            200,
+            completion(
+                '{"A": 10, "B": 0, "C": 5, "D": 5, "separation": 12, "alpha": 0, "inpainting": 5, '
+                '"distribution": 5, "validity": 5}'
+            ),
+        ),  # out of range
+        (200, {"choices": [{"message": {"role": "assistant", "content": None, "refusal": "no"}}]}),
+        (200, b"<html>not json</html>"),
+        (200, {"choices": []}),
+        (200, {"error": "overloaded"}),
+    ]
     count = [0]
 
     def answer(body):
@@ -250,10 +273,22 @@ def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
     rewards, info = reward.vlm_reward(images, layers, 4, judge=tiny_judge, seed=7, save_dir=tmp_path)
     assert rewards.shape == (8,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
     expected_keys = {f"stage1/{k}" for k in KEYS} | {
-        "stage1/total", "stage1/group_std", "stage2/score", "stage2/group_std", "reward/mean", "judge/failed_stage1",
-        "judge/failed_stage2", "judge/fallbacks", "judge/requests", "judge/retries", "time/judge_s", "time/reward_s"}
-    assert expected_keys <= set(info) and all(isinstance(info[k], float) and math.isfinite(info[k])
-                                              for k in expected_keys)
+        "stage1/total",
+        "stage1/group_std",
+        "stage2/score",
+        "stage2/group_std",
+        "reward/mean",
+        "judge/failed_stage1",
+        "judge/failed_stage2",
+        "judge/fallbacks",
+        "judge/requests",
+        "judge/retries",
+        "time/judge_s",
+        "time/reward_s",
+    }
+    assert expected_keys <= set(info) and all(
+        isinstance(info[k], float) and math.isfinite(info[k]) for k in expected_keys
+    )
     assert info["judge/requests"] == 2  # one batched generate per stage, not one call per candidate
     assert len(info["candidates"]) == 8
     for b, c in enumerate(info["candidates"]):
@@ -276,6 +311,7 @@ def test_qwen3_5_judge_names_its_missing_fast_kernels_once(caplog):
     from transformers import Qwen2_5_VLConfig, Qwen3_5Config
 
     import importlib.util
+
     missing = [m for m in ("fla", "causal_conv1d") if importlib.util.find_spec(m) is None]
     with caplog.at_level("WARNING", logger="reward"):
         assert judges.warn_slow_kernels(Qwen3_5Config(), "cuda:0") == bool(missing)
@@ -283,8 +319,9 @@ def test_qwen3_5_judge_names_its_missing_fast_kernels_once(caplog):
         assert not judges.warn_slow_kernels(Qwen2_5_VLConfig(), "cuda:0")
     lines = [r.getMessage() for r in caplog.records]
     pip_name = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
-    assert len(lines) == bool(missing) and all("pip install" in line and all(pip_name[m] in line for m in missing)
-                                               for line in lines)
+    assert len(lines) == bool(missing) and all(
+        "pip install" in line and all(pip_name[m] in line for m in missing) for line in lines
+    )
 
 
 def test_judge_offload_keeps_the_scores(tiny_judge):
@@ -324,20 +361,56 @@ def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path):
     """The released model's judge family (Qwen3.5: linear + full attention, 16 px patches), tiny and random."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     _, tok, _ = tiny.tiny_judge()
-    ids = {s: tok.convert_tokens_to_ids(s) for s in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+    ids = {
+        s: tok.convert_tokens_to_ids(s)
+        for s in (
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|endoftext|>",
+            "<|im_end|>",
+        )
+    }
     config = Qwen3_5Config(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8,
-                         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
-                                          "mrope_interleaved": True, "partial_rotary_factor": 0.5},
-                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=16, num_position_embeddings=64),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+            pad_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=16,
+            num_position_embeddings=64,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(0)
     for part in (Qwen3_5ForConditionalGeneration(config), tok, Qwen2VLImageProcessorPil(patch_size=16)):
         part.save_pretrained(tmp_path)
@@ -360,8 +433,12 @@ def test_expected_score_on_crafted_logits():
     logits[2, 0] = 50.0  # a huge non-digit logit is ignored (renormalised over the digits)
     logits[3, [12, 13]] = torch.tensor([0.0, math.log(3.0)])  # p(3) = 1/4, p(4) = 3/4 -> 3.75
     assert judges.expected_score(logits, digit_ids).tolist() == pytest.approx([7.0, 5.0, 5.0, 3.75])
-    top = [{"token": " 3", "logprob": math.log(0.2)}, {"token": "4", "logprob": math.log(0.6)},
-           {"token": "x", "logprob": math.log(0.15)}, {"token": "10", "logprob": -1.0}]
+    top = [
+        {"token": " 3", "logprob": math.log(0.2)},
+        {"token": "4", "logprob": math.log(0.6)},
+        {"token": "x", "logprob": math.log(0.15)},
+        {"token": "10", "logprob": -1.0},
+    ]
     assert judges.expected_from_top_logprobs(top) == pytest.approx((3 * 0.2 + 4 * 0.6) / 0.8)
     assert judges.expected_from_top_logprobs([{"token": "yes", "logprob": 0.0}]) is None
     # unicode digits that are not ASCII ("²", "٣") are ignored, not crashed on
@@ -372,22 +449,25 @@ def test_expected_score_on_crafted_logits():
 GOOD = {k: v for k, v in zip(KEYS, [7, 3, 9, 1, 5])}
 
 
-@pytest.mark.parametrize("text, expected", [
-    (json.dumps(GOOD), GOOD),
-    ("```json\n" + json.dumps(GOOD) + "\n```", GOOD),
-    ("Sure! Here are my scores: " + json.dumps(GOOD) + " Hope this helps.", GOOD),
-    ('{"scores": {"Separation": 7, "ALPHA": "3", "inpainting": 9.0, "distribution": 1, "validity": 5}}', GOOD),
-    ("{'separation': 7, 'alpha': 3, 'inpainting': 9, 'distribution': 1, 'validity': 5,}", GOOD),
-    ("separation: 7\nalpha = 3\ninpainting: 9/9\ndistribution: 1\nvalidity: 5", GOOD),
-    ('{"separation": 7, "alpha": 3, "inpainting": 9, "distribution": 1}', None),  # missing field
-    ('{"separation": 7, "alpha": 3, "inpainting": 10, "distribution": 1, "validity": 5}', None),  # out of range
-    ('{"separation": 0, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
-    ('{"separation": true, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
-    ('{"separation": "high", "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
-    ("I'm sorry, but I can't help with evaluating this image.", None),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (json.dumps(GOOD), GOOD),
+        ("```json\n" + json.dumps(GOOD) + "\n```", GOOD),
+        ("Sure! Here are my scores: " + json.dumps(GOOD) + " Hope this helps.", GOOD),
+        ('{"scores": {"Separation": 7, "ALPHA": "3", "inpainting": 9.0, "distribution": 1, "validity": 5}}', GOOD),
+        ("{'separation': 7, 'alpha': 3, 'inpainting': 9, 'distribution': 1, 'validity': 5,}", GOOD),
+        ("separation: 7\nalpha = 3\ninpainting: 9/9\ndistribution: 1\nvalidity: 5", GOOD),
+        ('{"separation": 7, "alpha": 3, "inpainting": 9, "distribution": 1}', None),  # missing field
+        ('{"separation": 7, "alpha": 3, "inpainting": 10, "distribution": 1, "validity": 5}', None),  # out of range
+        ('{"separation": 0, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+        ('{"separation": true, "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+        ('{"separation": "high", "alpha": 3, "inpainting": 9, "distribution": 1, "validity": 5}', None),
+        ("I'm sorry, but I can't help with evaluating this image.", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_parse_scores_table(text, expected):
     got = judges.parse_scores(text, KEYS)
     assert got == (None if expected is None else {k: float(v) for k, v in expected.items()})

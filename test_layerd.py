@@ -6,6 +6,7 @@ seconds, no model.
     # regenerate test_layerd_golden.json: run this file with LayerD's package importable (see `regenerate`)
     python test_layerd.py
 """
+
 import csv
 import hashlib
 import json
@@ -52,11 +53,17 @@ K, W = square((0, 0, 0), 0, 0, 6, 6), square((255, 255, 255), 3, 3, 9, 9)  # A a
 # exactly AB, after which both sides have 2 layers (no further merge)
 HAND = {
     "identity": ([BG, A, B], [BG, A, B], [(0, 0, 0, 1)]),
-    "merge on the predicted side": ([BG, A, B], [BG, AB], [(0, (0 + 1 / 3 + 2 / 7) / 3, (0 + 15 / 63 + 9 / 63) / 3,
-                                                            (1 + 36 / 63 + 36 / 63) / 3), (1, 0, 0, 1)]),
+    "merge on the predicted side": (
+        [BG, A, B],
+        [BG, AB],
+        [(0, (0 + 1 / 3 + 2 / 7) / 3, (0 + 15 / 63 + 9 / 63) / 3, (1 + 36 / 63 + 36 / 63) / 3), (1, 0, 0, 1)],
+    ),
     # path (BG,BG) (AB,A) (AB,B); the reference's A, B are merged (rgb now over the predicted layer's pixels)
-    "merge on the reference side": ([BG, AB], [BG, A, B], [(0, (0 + 25 / 84 + 3 / 14) / 3, (0 + 6 / 36 + 0) / 3,
-                                                            (1 + 36 / 63 + 36 / 63) / 3), (1, 0, 0, 1)]),
+    "merge on the reference side": (
+        [BG, AB],
+        [BG, A, B],
+        [(0, (0 + 25 / 84 + 3 / 14) / 3, (0 + 6 / 36 + 0) / 3, (1 + 36 / 63 + 36 / 63) / 3), (1, 0, 0, 1)],
+    ),
     # the two parts touch nothing above them: top-layer grouping composites them back into A before any edit
     "split into disjoint parts": ([BG, A_LEFT, A_RIGHT], [BG, A], [(0, 0, 0, 1)]),
     # swapped overlapping layers, no background: path (B,A) (A,B) (the diagonal wins the tie); 2 layers: no merge
@@ -72,11 +79,15 @@ HAND = {
     # Merging the swapped pair gains 13/14 on either side; on a tie LayerD merges the reference side: R = [BG, KW]
     # (W over K), path (BG,BG) (W,KW) (K,KW): rgb 0 and 36/63, IoU 36/63 twice. Then the predicted pair merges
     # (K over W): it differs from KW on the 9 px where they overlap: rgb 9/63, IoU 1
-    "swap, equal gains": ([BG, W, K], [BG, K, W], [(0, (0 + 31 / 56 + 13 / 14) / 3, (0 + 1 / 4 + 1) / 3,
-                                                   (1 + 1 / 7 + 1 / 7) / 3),
-                                                  (1, (0 + 3 / 14 + 1 / 2) / 3, (0 + 0 + 4 / 7) / 3,
-                                                   (1 + 4 / 7 + 4 / 7) / 3),
-                                                  (2, (0 + 1 / 14) / 2, (0 + 1 / 7) / 2, 1)]),
+    "swap, equal gains": (
+        [BG, W, K],
+        [BG, K, W],
+        [
+            (0, (0 + 31 / 56 + 13 / 14) / 3, (0 + 1 / 4 + 1) / 3, (1 + 1 / 7 + 1 / 7) / 3),
+            (1, (0 + 3 / 14 + 1 / 2) / 3, (0 + 0 + 4 / 7) / 3, (1 + 4 / 7 + 4 / 7) / 3),
+            (2, (0 + 1 / 14) / 2, (0 + 1 / 7) / 2, 1),
+        ],
+    ),
 }
 
 
@@ -99,8 +110,10 @@ def test_grouping_alignment_and_aggregate_by_hand():
     assert lp.dtw_path(np.zeros((2, 2))) == [(0, 0), (1, 1)]  # ties: the diagonal first
     # D = [[0, 1, 2], [1, 9, 1], [2, 1, 1]]: from (2, 2), (1, 2) and (2, 1) tie below the diagonal: (i - 1, j) first
     assert lp.dtw_path(np.array([[0.0, 1, 1], [1, 9, 0], [1, 0, 0]])) == [(0, 0), (0, 1), (1, 2), (2, 2)]
-    one = [{"edits": 0, "cost": 0.5, "rgb_l1": 0.2, "alpha_iou": 0.4}, {"edits": 1, "cost": 0.1, "rgb_l1": 0.0,
-                                                                          "alpha_iou": 0.8}]
+    one = [
+        {"edits": 0, "cost": 0.5, "rgb_l1": 0.2, "alpha_iou": 0.4},
+        {"edits": 1, "cost": 0.1, "rgb_l1": 0.0, "alpha_iou": 0.8},
+    ]
     two = [{"edits": 0, "cost": 0.3, "rgb_l1": 0.4, "alpha_iou": 0.6}]  # no merge helped: level 1 = level 0
     agg = lp.aggregate([one, two])
     assert [(x["max_edits"], x["count"]) for x in agg] == [(0, 2), (1, 1)]
@@ -120,8 +133,11 @@ def random_design(rng, size=24) -> list:
     for _ in range(int(rng.integers(1, 8))):
         t, l = rng.integers(0, size - 3, 2)
         h, w = rng.integers(3, size // 2 + 3, 2)
-        inside = ((yy - t - h / 2) / (h / 2)) ** 2 + ((xx - l - w / 2) / (w / 2)) ** 2 if rng.random() < 0.5 else \
-            np.maximum(np.abs(yy - t - h / 2) / (h / 2), np.abs(xx - l - w / 2) / (w / 2)) ** 2
+        inside = (
+            ((yy - t - h / 2) / (h / 2)) ** 2 + ((xx - l - w / 2) / (w / 2)) ** 2
+            if rng.random() < 0.5
+            else np.maximum(np.abs(yy - t - h / 2) / (h / 2), np.abs(xx - l - w / 2) / (w / 2)) ** 2
+        )
         alpha = rng.integers(96, 256) * np.clip((1 - inside) * (4 if rng.random() < 0.5 else 100), 0, 1)
         x = np.zeros((size, size, 4), np.uint8)
         x[..., :3], x[..., 3] = rng.integers(0, 256, 3), alpha.round()
@@ -136,16 +152,21 @@ def perturb(rng, layers) -> list:
     out = list(layers)
     H, W = out[0].shape[:2]
     for _ in range(int(rng.integers(1, 7))):
-        kind, i = rng.choice(["merge", "split", "shift", "recolour", "reorder", "extra", "empty", "drop", "fade",
-                              "noise"]), int(rng.integers(0, len(out)))
+        kind, i = (
+            rng.choice(["merge", "split", "shift", "recolour", "reorder", "extra", "empty", "drop", "fade", "noise"]),
+            int(rng.integers(0, len(out))),
+        )
         if kind in ("merge", "reorder") and len(out) > 1:
             i = min(i, len(out) - 2)
-            out[i:i + 2] = [np.asarray(Image.alpha_composite(*map(Image.fromarray, out[i:i + 2])))] \
-                if kind == "merge" else [out[i + 1], out[i]]
+            out[i : i + 2] = (
+                [np.asarray(Image.alpha_composite(*map(Image.fromarray, out[i : i + 2])))]
+                if kind == "merge"
+                else [out[i + 1], out[i]]
+            )
         elif kind == "split":
             a, b, cut = out[i].copy(), out[i].copy(), int(rng.integers(1, W))
             a[:, cut:, 3], b[:, :cut, 3] = 0, 0
-            out[i:i + 1] = [a, b]
+            out[i : i + 1] = [a, b]
         elif kind == "shift":
             out[i] = np.roll(out[i], tuple(int(v) for v in rng.integers(-H // 4, H // 4 + 1, 2)), (0, 1))
         elif kind == "recolour":
@@ -155,8 +176,10 @@ def perturb(rng, layers) -> list:
             x = np.zeros((H, W, 4), np.uint8)
             if kind == "extra":
                 t, l = rng.integers(0, H - 2, 2)
-                x[t:t + int(rng.integers(2, H)), l:l + int(rng.integers(2, W))] = [*rng.integers(0, 256, 3),
-                                                                                     rng.integers(1, 256)]
+                x[t : t + int(rng.integers(2, H)), l : l + int(rng.integers(2, W))] = [
+                    *rng.integers(0, 256, 3),
+                    rng.integers(1, 256),
+                ]
             out.insert(int(rng.integers(0, len(out) + 1)), x)
         elif kind == "drop" and len(out) > 2:
             out.pop(i)
@@ -206,11 +229,20 @@ def regenerate():
 
     cases = random_cases()
     levels = [layerd_levels(pred, ref) for pred, ref in cases]
-    GOLDEN.write_text(json.dumps({
-        "what": "LayerD's LayersEditDist(max_edits=5) on test_layerd.random_cases(seed=0, n=40, size=24), per case "
+    GOLDEN.write_text(
+        json.dumps(
+            {
+                "what": "LayerD's LayersEditDist(max_edits=5) on test_layerd.random_cases(seed=0, n=40, size=24), per case "
                 "the score dicts of edit levels 0..edits used, then LayersEditDist.aggregate of all cases",
-        "layerd_commit": "6b95bc5", "sha256_of_cases": checksum(cases), "levels": levels,
-        "aggregate": LayersEditDist.aggregate(levels)}, indent=1, default=float))
+                "layerd_commit": "6b95bc5",
+                "sha256_of_cases": checksum(cases),
+                "levels": levels,
+                "aggregate": LayersEditDist.aggregate(levels),
+            },
+            indent=1,
+            default=float,
+        )
+    )
     print(f"wrote {GOLDEN}: {len(cases)} cases, edits used {np.bincount([len(x) - 1 for x in levels]).tolist()}")
 
 
@@ -224,9 +256,10 @@ def assert_levels_equal(ours, theirs, tol=1e-4):
 def test_equals_golden_values_from_layerds_code():
     golden = json.loads(GOLDEN.read_text())
     cases = random_cases()
-    assert checksum(cases) == golden["sha256_of_cases"], \
-        "random_cases() made other layers than the golden values were computed on (numpy or pillow changed?): " \
+    assert checksum(cases) == golden["sha256_of_cases"], (
+        "random_cases() made other layers than the golden values were computed on (numpy or pillow changed?): "
         "regenerate them with `python test_layerd.py` where LayerD is importable"
+    )
     ours = [lp.edit_levels(pred, ref) for pred, ref in cases]
     for x, y in zip(ours, golden["levels"]):
         assert_levels_equal(x, y)
@@ -240,8 +273,9 @@ def test_equals_layerds_own_code():
     cases = random_cases(seed=1, n=20)
     for k in range(6):  # synthetic designs of data.py, 48 px, perturbed
         _, layers = data.make_design(np.random.default_rng([9, k]), 2 + k % 4, (48, 40))
-        cases.append((perturb(np.random.default_rng(k), [np.asarray(x) for x in layers]), [np.asarray(x)
-                                                                                           for x in layers]))
+        cases.append(
+            (perturb(np.random.default_rng(k), [np.asarray(x) for x in layers]), [np.asarray(x) for x in layers])
+        )
     cases += [(p, r) for p, r, _ in HAND.values()]
     for pred, ref in cases:
         assert_levels_equal(lp.edit_levels(pred, ref), layerd_levels(pred, ref), tol=0)
@@ -279,12 +313,27 @@ def test_evaluate_reports_layerd_levels_and_layer_quality(tmp_path, capsys):
         for k, name in enumerate(names):
             layers = [Image.open(refs / name / f"layer_{i}.png") for i in range(3)]
             if run == "edited":  # 0: an empty and a duplicated layer added; 1: the top two merged; 2: one layer
-                layers = [layers[0], Image.new("RGBA", (32, 32)), layers[1], layers[2], layers[2]] if k == 0 else \
-                    [layers[0], Image.alpha_composite(layers[1], layers[2])] if k == 1 else layers[:1]
+                layers = (
+                    [layers[0], Image.new("RGBA", (32, 32)), layers[1], layers[2], layers[2]]
+                    if k == 0
+                    else [layers[0], Image.alpha_composite(layers[1], layers[2])]
+                    if k == 1
+                    else layers[:1]
+                )
             data.save_sample(tmp_path / run / name, layers[0], layers)
     out = tmp_path / "out"
-    ev.main(["--references", str(refs), "--predictions", str(tmp_path / "copy"), "--predictions",
-             str(tmp_path / "edited"), "--output_dir", str(out)])
+    ev.main(
+        [
+            "--references",
+            str(refs),
+            "--predictions",
+            str(tmp_path / "copy"),
+            "--predictions",
+            str(tmp_path / "edited"),
+            "--output_dir",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     copy, edited = res["copy"]["3"], res["edited"]["3"]
@@ -295,9 +344,13 @@ def test_evaluate_reports_layerd_levels_and_layer_quality(tmp_path, capsys):
     rows = {(r["run"], r["sample"]): r for r in csv.DictReader(open(out / "per_sample.csv"))}
     assert rows["edited", names[2]]["layerd_rgb_l1"] == "" and rows["edited", names[0]]["blank_layers"] == "1"
     scores = json.loads((out / "layerd_scores.json").read_text())
-    levels = [lp.edit_levels([np.asarray(Image.open(tmp_path / "edited" / s / f"layer_{i}.png")) for i in range(n)],
-                             [np.asarray(Image.open(refs / s / f"layer_{i}.png")) for i in range(3)])
-              for s, n in ((names[0], 5), (names[1], 2))]
+    levels = [
+        lp.edit_levels(
+            [np.asarray(Image.open(tmp_path / "edited" / s / f"layer_{i}.png")) for i in range(n)],
+            [np.asarray(Image.open(refs / s / f"layer_{i}.png")) for i in range(3)],
+        )
+        for s, n in ((names[0], 5), (names[1], 2))
+    ]
     assert scores["edited"] == lp.aggregate(levels) == edited["layerd"]  # one L: the run's and the L's aggregate
     assert float(rows["edited", names[1]]["layerd_alpha_iou"]) == levels[1][-1]["alpha_iou"]
     assert all(x["avg_rgb_l1"] == 0 and x["avg_alpha_iou"] == 1 for x in scores["copy"])
@@ -305,8 +358,18 @@ def test_evaluate_reports_layerd_levels_and_layer_quality(tmp_path, capsys):
     bars = np.asarray(Image.open(out / "bars_L3.png"))
     xs = np.nonzero((bars == ev.PALETTE[1]).all(-1))[1]  # the second run's bars: in both panels
     assert xs.min() < 60 + (2 * 22 + 26) * 4 < xs.max()
-    ev.main(["--references", str(refs), "--predictions", str(tmp_path / "edited"), "--output_dir", str(out),
-             "--layerd_max_edits", "0"])
+    ev.main(
+        [
+            "--references",
+            str(refs),
+            "--predictions",
+            str(tmp_path / "edited"),
+            "--output_dir",
+            str(out),
+            "--layerd_max_edits",
+            "0",
+        ]
+    )
     assert all(len(s["layerd"]) == 1 for s in json.loads((out / "results.json").read_text())["edited"].values())
     with pytest.raises(SystemExit) as e:
         ev.main(["--references", str(refs), "--predictions", str(tmp_path / "copy"), "--layerd_max_edits", "-1"])

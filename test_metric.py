@@ -3,6 +3,7 @@ lowers evaluate.py's per-layer L1 on held-out references, GRPO on `recon` raises
 
     python -m pytest -q test_metric.py -s     # -s prints the tables and figures
 """
+
 import contextlib
 import io
 
@@ -48,13 +49,49 @@ def test_supervised_lowers_per_layer_l1_on_held_out_references(tmp_path):
     2026-12-04: 0.394 -> 0.351, 0.394 -> 0.304, 0.406 -> 0.332, on the mostly transparent upper layers. The
     background (Pred 0) is not asserted: it gets worse at L = 2 and 4 (docs/training.md says why we think so)."""
     out, refs = tmp_path / "sft", tmp_path / "refs"
-    sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--synthetic", "64", "--resolution", "64",
-              "--layers", "2", "3", "4", "--max_train_steps", "50", "--rank", "16", "--lora_alpha", "16",
-              "--learning_rate", "1e-2", "--validation_synthetic", "0", "--dataloader_num_workers", "0",
-              "--report_to", "none", "--output_dir", str(out)])
+    sft.main(
+        [
+            "--device",
+            "cpu",
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--synthetic",
+            "64",
+            "--resolution",
+            "64",
+            "--layers",
+            "2",
+            "3",
+            "4",
+            "--max_train_steps",
+            "50",
+            "--rank",
+            "16",
+            "--lora_alpha",
+            "16",
+            "--learning_rate",
+            "1e-2",
+            "--validation_synthetic",
+            "0",
+            "--dataloader_num_workers",
+            "0",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     data.write_references(refs, 12, seed=0, size=(64, 64), layer_counts=(2, 3, 4))
-    folders = ev.predict_with_model(refs, {"base": None, "sft": str(out)}, tmp_path / "eval", "tiny",
-                                    num_inference_steps=4, resolution=64, device="cpu", mixed_precision="no")
+    folders = ev.predict_with_model(
+        refs,
+        {"base": None, "sft": str(out)},
+        tmp_path / "eval",
+        "tiny",
+        num_inference_steps=4,
+        resolution=64,
+        device="cpu",
+        mixed_precision="no",
+    )
     with contextlib.redirect_stdout(io.StringIO()) as table:
         results = ev.evaluate(refs, folders, tmp_path / "eval", layerd=False)
     print("\n" + table.getvalue())
@@ -78,17 +115,63 @@ def test_grpo_on_recon_raises_it_on_fixed_seeds(tmp_path):
         pipe = rollout.load_pipeline("tiny")
         if adapter:
             lora.load_lora(pipe, adapter)
-        traj = rollout.sample(pipe, images, layers=2, group_size=8, num_inference_steps=4, noise_level=1.2,
-                              resolution=64, generator=torch.Generator().manual_seed(100))
+        traj = rollout.sample(
+            pipe,
+            images,
+            layers=2,
+            group_size=8,
+            num_inference_steps=4,
+            noise_level=1.2,
+            resolution=64,
+            generator=torch.Generator().manual_seed(100),
+        )
         return reward.recon_reward(images, traj.layers, 8)[0].mean().item()
 
     before = {"seen": recon(seen), "unseen": recon(unseen)}
-    train.main(["--device", "cpu", "--images", str(tmp_path / "images"), "--output_dir", str(tmp_path / "grpo"),
-                "--pretrained_model_name_or_path", "tiny", "--reward", "recon", "--layers", "2", "--resolution", "64",
-                "--group_size", "4", "--num_inference_steps", "4", "--max_train_steps", "12", "--beta", "0",
-                "--learning_rate", "3e-2", "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no",
-                "--train_batch_size", "4", "--images_per_step", "1", "--checkpointing_steps", "100",
-                "--sample_every", "0", "--report_to", "none"])
+    train.main(
+        [
+            "--device",
+            "cpu",
+            "--images",
+            str(tmp_path / "images"),
+            "--output_dir",
+            str(tmp_path / "grpo"),
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--reward",
+            "recon",
+            "--layers",
+            "2",
+            "--resolution",
+            "64",
+            "--group_size",
+            "4",
+            "--num_inference_steps",
+            "4",
+            "--max_train_steps",
+            "12",
+            "--beta",
+            "0",
+            "--learning_rate",
+            "3e-2",
+            "--rank",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--mixed_precision",
+            "no",
+            "--train_batch_size",
+            "4",
+            "--images_per_step",
+            "1",
+            "--checkpointing_steps",
+            "100",
+            "--sample_every",
+            "0",
+            "--report_to",
+            "none",
+        ]
+    )
     after = {name: recon(images, tmp_path / "grpo" / "peft") for name, images in (("seen", seen), ("unseen", unseen))}
     print(f"recon reward (fixed seeds, 2 images x 8): base {before}, after 12 GRPO steps {after}")
     for name in before:

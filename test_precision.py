@@ -1,7 +1,6 @@
 """Precision and speed levers keep the numbers: bf16 frozen weights with an fp32 LoRA, the compiled blocks and
 diffusers' attention backends, on the tiny model (CPU)."""
 
-
 import torch
 
 import lora
@@ -59,8 +58,17 @@ def rollouts_and_updates(pipe, params, steps):
     for step in range(steps):
         pipe.transformer.eval()
         with lora.lora_precision(pipe.transformer):
-            traj = rollout.sample(pipe, [design()], layers=2, group_size=2, num_inference_steps=3, noise_level=1.0,
-                                  resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(step))
+            traj = rollout.sample(
+                pipe,
+                [design()],
+                layers=2,
+                group_size=2,
+                num_inference_steps=3,
+                noise_level=1.0,
+                resolution=64,
+                sde_window=(0, 2),
+                generator=torch.Generator().manual_seed(step),
+            )
         pipe.transformer.train()
         with lora.lora_precision(pipe.transformer):
             stats = train.policy_update(pipe.transformer, [traj], torch.tensor([1.0, -1.0]), args, params, optimizer)
@@ -91,7 +99,7 @@ def test_attention_backend_keeps_the_numbers():
     choice on the same transitions: log-probs within 1e-3 in bf16 (measured 4.3e-4 at most: bf16 rounding inside the
     attention), and the re-scoring's ratio under the chosen backend is 1 (rollout and update run the same kernel)."""
     pipe, params = bf16_policy()
-    (traj, _), = rollouts_and_updates(pipe, params, steps=1)
+    ((traj, _),) = rollouts_and_updates(pipe, params, steps=1)
     pipe.transformer.eval()
     try:
         with torch.no_grad(), lora.lora_precision(pipe.transformer):
@@ -99,7 +107,7 @@ def test_attention_backend_keeps_the_numbers():
             rollout.speed_up(pipe.transformer, attention_backend="_native_math")
             math_ = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
         assert 0 < (math_ - sdpa).abs().max() < 1e-3
-        (_, stats), = rollouts_and_updates(pipe, params, steps=1)
+        ((_, stats),) = rollouts_and_updates(pipe, params, steps=1)
         assert float(stats["diag/ratio_mean"]) == 1.0
     finally:
         pipe.transformer.set_attention_backend("native")  # diffusers keeps the choice process-wide

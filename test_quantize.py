@@ -16,9 +16,32 @@ import rollout
 import sft
 import train
 
-TINY = ["--pretrained_model_name_or_path", "tiny", "--device", "cpu", "--resolution", "64", "--layers", "2",
-        "--group_size", "4", "--num_inference_steps", "4", "--rank", "4", "--lora_alpha", "8",
-        "--train_batch_size", "2", "--images_per_step", "1", "--report_to", "none", "--sample_every", "0"]
+TINY = [
+    "--pretrained_model_name_or_path",
+    "tiny",
+    "--device",
+    "cpu",
+    "--resolution",
+    "64",
+    "--layers",
+    "2",
+    "--group_size",
+    "4",
+    "--num_inference_steps",
+    "4",
+    "--rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--train_batch_size",
+    "2",
+    "--images_per_step",
+    "1",
+    "--report_to",
+    "none",
+    "--sample_every",
+    "0",
+]
 
 
 def velocity(transformer, traj):
@@ -27,8 +50,9 @@ def velocity(transformer, traj):
 
 
 @pytest.mark.parametrize("kind, error", [("int8", 0.01), ("nf4", 0.1)])
-def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(design_images, tmp_path, kind, error,
-                                                                             capsys):
+def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
+    design_images, tmp_path, kind, error, capsys
+):
     """--quantize: one GRPO step (with the KL) on the tiny model with its blocks quantized: ratio 1, the LoRA moves
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
     trained policy's velocity up to the quantization's own error, the base's velocity error, measured on the same
@@ -36,21 +60,52 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(des
     start-up line says the quantization."""
     pytest.importorskip(quantize.PACKAGE[kind][0], reason="requirements.txt installs it; a GPU image may lack it")
     out = tmp_path / "grpo"
-    pipe = train.main(["--images", str(design_images), "--output_dir", str(out), "--reward", "recon", "--quantize", kind,
-                       "--max_train_steps", "1", "--learning_rate", "3e-2", *TINY])
-    assert f"device cpu, float32 weights, blocks quantized to {kind} ({quantize.QUANTIZE[kind]})" in \
-        capsys.readouterr().out
+    pipe = train.main(
+        [
+            "--images",
+            str(design_images),
+            "--output_dir",
+            str(out),
+            "--reward",
+            "recon",
+            "--quantize",
+            kind,
+            "--max_train_steps",
+            "1",
+            "--learning_rate",
+            "3e-2",
+            *TINY,
+        ]
+    )
+    assert (
+        f"device cpu, float32 weights, blocks quantized to {kind} ({quantize.QUANTIZE[kind]})"
+        in capsys.readouterr().out
+    )
     record = json.loads((out / "metrics.jsonl").read_text())
     assert abs(record["diag/ratio_mean"] - 1) < 1e-6 and record["train/skipped_updates"] == 0
     import torch._inductor.config as inductor  # int8's config must not switch on slow autotuning process-wide
+
     assert not inductor.coordinate_descent_tuning
     block = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer
     assert "Int8" in type(block.weight).__name__ if kind == "int8" else type(block).__name__ == "Linear4bit"
-    probe = rollout.sample(pipe, [Image.new("RGB", (64, 48), "teal")], layers=2, group_size=2, num_inference_steps=3,
-                           resolution=64, sde_window=(0, 2), generator=torch.Generator().manual_seed(0), decode=False)
+    probe = rollout.sample(
+        pipe,
+        [Image.new("RGB", (64, 48), "teal")],
+        layers=2,
+        group_size=2,
+        num_inference_steps=3,
+        resolution=64,
+        sde_window=(0, 2),
+        generator=torch.Generator().manual_seed(0),
+        decode=False,
+    )
     trained = velocity(pipe.transformer, probe)
-    with lora.lora_precision(pipe.transformer), pipe.transformer.disable_adapter() \
-            if hasattr(pipe.transformer, "disable_adapter") else lora.reference_policy(pipe.transformer):
+    with (
+        lora.lora_precision(pipe.transformer),
+        pipe.transformer.disable_adapter()
+        if hasattr(pipe.transformer, "disable_adapter")
+        else lora.reference_policy(pipe.transformer),
+    ):
         quantized_base = velocity(pipe.transformer, probe)
     full_base = velocity(rollout.load_pipeline("tiny").transformer, probe)
     base_error = ((quantized_base - full_base).norm() / full_base.norm()).item()
@@ -60,10 +115,38 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(des
     lora.load_lora(via_lora, out / "peft")
     for full in (via_diffusers, via_lora):
         assert ((velocity(full.transformer, probe) - trained).norm() / trained.norm()).item() < error
-    sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--synthetic", "4", "--resolution", "32",
-              "--layers", "2", "--max_train_steps", "2", "--validation_synthetic", "1", "--rank", "4", "--lora_alpha",
-              "4", "--learning_rate", "1e-2", "--dataloader_num_workers", "0", "--report_to", "none",
-              "--quantize", kind, "--output_dir", str(tmp_path / "sft")])
+    sft.main(
+        [
+            "--device",
+            "cpu",
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--synthetic",
+            "4",
+            "--resolution",
+            "32",
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--validation_synthetic",
+            "1",
+            "--rank",
+            "4",
+            "--lora_alpha",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--dataloader_num_workers",
+            "0",
+            "--report_to",
+            "none",
+            "--quantize",
+            kind,
+            "--output_dir",
+            str(tmp_path / "sft"),
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["train/skipped_updates"] == 0 for r in rows[1:])
     assert rows[-1]["train/grad_norm"] > 0
@@ -76,18 +159,35 @@ def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_p
     pytest.importorskip("torchao", reason="the line names the installed alternative")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(design_images), "--output_dir", str(tmp_path), "--reward", "recon", "--quantize", "nf4",
-                    *TINY])
+        train.main(
+            [
+                "--images",
+                str(design_images),
+                "--output_dir",
+                str(tmp_path),
+                "--reward",
+                "recon",
+                "--quantize",
+                "nf4",
+                *TINY,
+            ]
+        )
     out, err = capsys.readouterr()
     assert e.value.code == 2 and "Traceback" not in err and "LoRA parameters" not in out
-    assert err.strip().splitlines() == ["error: --quantize nf4 needs bitsandbytes: pip install bitsandbytes (or "
-                                        "--quantize int8, whose backend is installed)"]
+    assert err.strip().splitlines() == [
+        "error: --quantize nf4 needs bitsandbytes: pip install bitsandbytes (or "
+        "--quantize int8, whose backend is installed)"
+    ]
 
 
-@pytest.mark.parametrize("setup", [
-    memory.Setup(num_blocks=2, group_size=4, train_batch_size=1, resolution=512, layers=3, rank=16),
-    memory.Setup(num_blocks=2, quantize="nf4", decode_chunk=3, group_size=3, train_batch_size=3, resolution=384),
-], ids=["bf16", "nf4"])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        memory.Setup(num_blocks=2, group_size=4, train_batch_size=1, resolution=512, layers=3, rank=16),
+        memory.Setup(num_blocks=2, quantize="nf4", decode_chunk=3, group_size=3, train_batch_size=3, resolution=384),
+    ],
+    ids=["bf16", "nf4"],
+)
 def test_memory_plan_matches_the_simulation(setup):
     """memory.plan (arithmetic) against memory.simulate (this code on meta tensors, the quantized weights counted
     on a real quantized block) on configurations its constants were not read from: every phase within 6 %."""

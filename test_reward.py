@@ -40,7 +40,7 @@ def test_grid_shuffle_rewards_follow_candidates_not_positions():
         px = np.asarray(image_sent(body), np.int32)
         scores = {}
         for p, label in enumerate(keys):  # one panel per horizontal band; find its colour
-            band = px[p * px.shape[0] // 4:(p + 1) * px.shape[0] // 4].reshape(-1, 3)
+            band = px[p * px.shape[0] // 4 : (p + 1) * px.shape[0] // 4].reshape(-1, 3)
             band = band[band.max(1) - band.min(1) > 150]
             votes = np.argmin(((band[:, None, :] - np.array(COLORS)[None]) ** 2).sum(-1), 1)
             scores[label] = quality[int(np.bincount(votes, minlength=4).argmax())] if mode[0] == "see" else 9 - p
@@ -95,7 +95,7 @@ def test_render_panel_and_grid():
     assert panel.shape[1] == 2 + 3 * (64 + 2)  # pad + 3 tiles of 64 (+2 px gaps), no label column
     y = 2 + 10 + 32  # middle of the tiles
     assert tuple(panel[y, 2 + 32]) == (0, 0, 255) and tuple(panel[y, 2 + 66 + 32]) == (255, 0, 0)
-    checker = panel[2 + 10:2 + 10 + 64, 2 + 2 * 66:2 + 2 * 66 + 64].reshape(-1, 3)
+    checker = panel[2 + 10 : 2 + 10 + 64, 2 + 2 * 66 : 2 + 2 * 66 + 64].reshape(-1, 3)
     assert {tuple(v) for v in np.unique(checker, axis=0)} == {(204, 204, 204), (255, 255, 255)}
     captioned = reward.render_candidate_panel(Image.new("RGB", (16, 16)), layers[0], "A", "r=5.0\nok", tile=64)
     assert captioned.height > panel.shape[0] and captioned.width == panel.shape[1] + 16

@@ -23,15 +23,43 @@ import rollout
 import sft
 import train
 
-TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--layers", "2", "--group_size", "2",
-        "--num_inference_steps", "2", "--sde_window", "1", "--rank", "4", "--lora_alpha", "8", "--mixed_precision",
-        "no", "--train_batch_size", "2", "--images_per_step", "1", "--reward", "recon", "--device", "cpu"]
+TINY = [
+    "--pretrained_model_name_or_path",
+    "tiny",
+    "--resolution",
+    "64",
+    "--layers",
+    "2",
+    "--group_size",
+    "2",
+    "--num_inference_steps",
+    "2",
+    "--sde_window",
+    "1",
+    "--rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--mixed_precision",
+    "no",
+    "--train_batch_size",
+    "2",
+    "--images_per_step",
+    "1",
+    "--reward",
+    "recon",
+    "--device",
+    "cpu",
+]
 
 
 def hashes(folder):
     """{relative path: sha256} of every file under folder."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_line(capsys):
@@ -49,14 +77,29 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
     The way on works: resumed with the same --max_train_steps it says it is done and writes nothing; with more
     steps it continues."""
     out = tmp_path / "run"
-    argv = ["--images", str(design_images), "--output_dir", str(out), "--max_train_steps", "2",
-            "--checkpointing_steps", "1", "--sample_every", "1", "--report_to", "tensorboard", *TINY]
+    argv = [
+        "--images",
+        str(design_images),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--sample_every",
+        "1",
+        "--report_to",
+        "tensorboard",
+        *TINY,
+    ]
     train.main(argv)
     printed = capsys.readouterr().out.strip().splitlines()
     assert "device cpu, float32 weights, no quantization (--quantize none)" in printed[0]
-    assert printed[-1] == (f"wrote in {out}: the final LoRA (pytorch_lora_weights.safetensors, peft/, model card "
-                           f"README.md); checkpoint-1/, checkpoint-2/; metrics.jsonl (to step 2); samples/ (2 "
-                           f"pictures); logs/ (tensorboard --logdir {out / 'logs'})")
+    assert printed[-1] == (
+        f"wrote in {out}: the final LoRA (pytorch_lora_weights.safetensors, peft/, model card "
+        f"README.md); checkpoint-1/, checkpoint-2/; metrics.jsonl (to step 2); samples/ (2 "
+        f"pictures); logs/ (tensorboard --logdir {out / 'logs'})"
+    )
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]
     first = hashes(out)
     assert {"metrics.jsonl", "pytorch_lora_weights.safetensors", "checkpoint-2/training_state.pt"} <= set(first)
@@ -65,12 +108,16 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
         train.main(argv)
     stdout, line = one_line(capsys)
     assert e.value.code == 2 and "LoRA parameters" not in stdout  # stopped before loading anything
-    assert line == (f"error: --output_dir {out} holds a run, to step 2 (checkpoint-1, checkpoint-2, metrics.jsonl, "
-                    "the final LoRA); nothing was changed. To go on from its last checkpoint add "
-                    "--resume_from_checkpoint latest; to start a new run choose another --output_dir")
+    assert line == (
+        f"error: --output_dir {out} holds a run, to step 2 (checkpoint-1, checkpoint-2, metrics.jsonl, "
+        "the final LoRA); nothing was changed. To go on from its last checkpoint add "
+        "--resume_from_checkpoint latest; to start a new run choose another --output_dir"
+    )
     assert hashes(out) == first
-    for script, other in ((sft, ["--synthetic", "4"]),
-                          (distill, ["--images", str(design_images), "--teacher", f"t={out}"])):
+    for script, other in (
+        (sft, ["--synthetic", "4"]),
+        (distill, ["--images", str(design_images), "--teacher", f"t={out}"]),
+    ):
         other = [*other, "--pretrained_model_name_or_path", "tiny", "--device", "cpu", "--max_train_steps", "2"]
         with pytest.raises(SystemExit) as e:
             script.main([*other, "--output_dir", str(out)])
@@ -80,8 +127,10 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
     assert hashes(out) == first
 
     assert train.main([*argv, "--resume_from_checkpoint", "latest"]) is None  # finished: said, nothing written
-    assert capsys.readouterr().out.strip() == (f"{out} is trained to step 2 (--max_train_steps 2) and holds its final "
-                                               "LoRA: nothing to do. To train further, raise --max_train_steps")
+    assert capsys.readouterr().out.strip() == (
+        f"{out} is trained to step 2 (--max_train_steps 2) and holds its final "
+        "LoRA: nothing to do. To train further, raise --max_train_steps"
+    )
     assert hashes(out) == first
     train.main([*argv, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])  # the way on
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -96,9 +145,12 @@ def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images
         train.main(["--images", str(design_images), "--output_dir", str(tmp_path), *TINY])
     assert e.value.code == 2 and one_line(capsys)[1] == (
         f"error: --output_dir {tmp_path} holds README.md, which a run writes; nothing was changed. Choose another "
-        "--output_dir, or add --resume_from_checkpoint latest to write there")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"] and (tmp_path / "README.md").read_text() == \
-        "my notes"
+        "--output_dir, or add --resume_from_checkpoint latest to write there"
+    )
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+        and (tmp_path / "README.md").read_text() == "my notes"
+    )
     killed = tmp_path / "killed"  # a run killed at step 3, before its first checkpoint (the last row cut short)
     killed.mkdir()
     (killed / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
@@ -107,7 +159,8 @@ def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images
     assert e.value.code == 2 and one_line(capsys)[1] == (
         f"error: --output_dir {killed} holds a run, to step 3 (metrics.jsonl); nothing was changed. It saved no "
         "checkpoint: to redo it from step 0 add --resume_from_checkpoint latest; to start a new run choose another "
-        "--output_dir")
+        "--output_dir"
+    )
     assert [p.name for p in killed.iterdir()] == ["metrics.jsonl"]
 
 
@@ -117,13 +170,26 @@ def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_imag
     was there before stays, without a .lock."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    for script, other in ((train, ["--images", str(design_images), *TINY]), (sft, ["--synthetic", "2"]),
-                          (distill, ["--images", str(design_images), "--teacher", f"t={tmp_path}"])):
+    for script, other in (
+        (train, ["--images", str(design_images), *TINY]),
+        (sft, ["--synthetic", "2"]),
+        (distill, ["--images", str(design_images), "--teacher", f"t={tmp_path}"]),
+    ):
         with pytest.raises(SystemExit) as e:
-            script.main([*other, "--output_dir", str(blocker / "out"), "--pretrained_model_name_or_path", "tiny",
-                         "--device", "cpu"])
-        assert e.value.code == 2 and one_line(capsys)[1] == (f"error: --output_dir {blocker / 'out'}: {blocker} is a "
-                                                             "file, not a folder; choose another --output_dir")
+            script.main(
+                [
+                    *other,
+                    "--output_dir",
+                    str(blocker / "out"),
+                    "--pretrained_model_name_or_path",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                ]
+            )
+        assert e.value.code == 2 and one_line(capsys)[1] == (
+            f"error: --output_dir {blocker / 'out'}: {blocker} is a file, not a folder; choose another --output_dir"
+        )
     with pytest.raises(SystemExit) as e:
         train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "new" / "run"), *TINY])
     assert e.value.code == 2 and "no such folder" in one_line(capsys)[1]
@@ -150,15 +216,23 @@ def test_memory_flags_are_train_flags_with_its_forms_and_defaults(capsys):
     planned, trained = vars(memory.parse_args([])), vars(train.parse_args(["--images", "x"]))
     shared = set(planned) - {"simulate", "num_blocks", "nproc_per_node"}
     assert shared <= set(trained) and {k: planned[k] for k in shared} == {k: trained[k] for k in shared}
-    args = memory.parse_args(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2", "--quantize", "nf4"])
+    args = memory.parse_args(
+        ["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2", "--quantize", "nf4"]
+    )
     assert args.layers == [2, 3] and args.num_blocks == 2
     rows = memory.main(["--layers", "2", "3", "--pretrained_model_name_or_path", "random:2"])
     assert rows[0][1] == memory.Setup(num_blocks=2, layers=3)
     rows = memory.main(["--fsdp", "--nproc_per_node", "4", "--pretrained_model_name_or_path", "random:2"])
     assert rows[0][1] == memory.Setup(num_blocks=2, shards=4)
     capsys.readouterr()
-    for bad in (["--quantize", "bogus"], ["--pretrained_model_name_or_path", "random:61"], ["--group_size", "1"],
-                ["--num_blocks", "4"], ["--pretrained_model_name_or_path", "tiny"], ["--fsdp", "--quantize", "int8"]):
+    for bad in (
+        ["--quantize", "bogus"],
+        ["--pretrained_model_name_or_path", "random:61"],
+        ["--group_size", "1"],
+        ["--num_blocks", "4"],
+        ["--pretrained_model_name_or_path", "tiny"],
+        ["--fsdp", "--quantize", "int8"],
+    ):
         with pytest.raises(SystemExit) as e:
             memory.parse_args(bad)
         assert e.value.code == 2 and bad[0] in one_line(capsys)[1]
@@ -221,7 +295,7 @@ def _documented_commands():
                 scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
                 if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]) and words[1:2] != ["-m"]:
                     i = scripts[0]
-                    found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1:]))
+                    found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1 :]))
     return found
 
 

@@ -9,6 +9,7 @@ the server did, and where this ran, is in docs/reward.md.
 
     python -m pytest -q test_serve.py -rs
 """
+
 import base64
 import importlib.util
 import io
@@ -41,6 +42,7 @@ def _missing():
     except Exception as e:  # e.g. a CUDA build beside a CPU torch: "operator torchvision::nms does not exist"
         return f"torchvision does not import ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
     from transformers.utils.import_utils import is_serve_available
+
     if not is_serve_available():
         return "transformers serve's packages are missing: pip install fastapi uvicorn openai (requirements.txt)"
     return None
@@ -71,12 +73,16 @@ def skeleton_bias(tokenizer, prompts, bias=100.0):
     def fits(tail, context):  # could the processor's suffix match of `tail` fire on `context`?
         return len(context) >= len(tail) and all(
             a == b or (a == SLOT or a in digits) and (b == SLOT or b in digits) and SLOT in (a, b)
-            for a, b in zip(tail, context[-len(tail):]))
+            for a, b in zip(tail, context[-len(tail) :])
+        )
 
     entries = {}
     for context, want in steps:
-        tail = next(context[-w:] for w in range(1, len(context) + 1)
-                    if not any(other != want and fits(context[-w:], c) for c, other in steps))
+        tail = next(
+            context[-w:]
+            for w in range(1, len(context) + 1)
+            if not any(other != want and fits(context[-w:], c) for c, other in steps)
+        )
         for filled in itertools.product(*[digits if t == SLOT else [t] for t in tail]):
             for t in digits if want == SLOT else [want]:
                 entries[(*filled, t)] = bias
@@ -92,12 +98,18 @@ def save_served_judge(folder):
 
     model, tok, image_processor = tiny.tiny_judge(seed=0)
     P, keys, labels = reward.load_prompts(), list(reward.load_prompts().criteria), list(reward.LETTERS[:G])
-    prompts = [(reward._fill(P.stage1, P, keys, num_layers=2), keys),
-               (reward._fill(P.stage2, P, labels, num_candidates=G, num_layers=2, labels=", ".join(labels)), labels)]
+    prompts = [
+        (reward._fill(P.stage1, P, keys, num_layers=2), keys),
+        (reward._fill(P.stage2, P, labels, num_candidates=G, num_layers=2, labels=", ".join(labels)), labels),
+    ]
     model.generation_config.sequence_bias = skeleton_bias(tok, prompts)
     model.save_pretrained(folder)
-    Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                        chat_template=judges.CHATML).save_pretrained(folder)
+    Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=judges.CHATML,
+    ).save_pretrained(folder)
     return prompts
 
 
@@ -121,8 +133,21 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -135,8 +160,9 @@ def server(tmp_path_factory):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve did not answer (exit {proc.poll()}): "
-                                f"{log_path.read_text()[-2000:]}")
+                    pytest.fail(
+                        f"transformers serve did not answer (exit {proc.poll()}): {log_path.read_text()[-2000:]}"
+                    )
                 time.sleep(0.5)
         print(f"transformers serve answered after {time.perf_counter() - t0:.1f} s")
         yield url, str(folder), hub, log_path, prompts
@@ -156,9 +182,14 @@ def test_startup_check_accepts_the_served_name_and_refuses_others(server):
     url, folder, hub, _, _ = server
     assert get(url + "/models")[0] == 500  # "Cache directory not found"
     assert reward.load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
-    for kw, refusal in (({"model": "wrong"}, rf"--judge_url {url} --judge_model wrong: no judge answers there "
-                         r"\(GET /models answered HTTP 500; .*HTTP 400: Server is pinned to"),
-                        ({}, r"--judge_model is required: .*\(GET /models answered HTTP 500\)")):
+    for kw, refusal in (
+        (
+            {"model": "wrong"},
+            rf"--judge_url {url} --judge_model wrong: no judge answers there "
+            r"\(GET /models answered HTTP 500; .*HTTP 400: Server is pinned to",
+        ),
+        ({}, r"--judge_model is required: .*\(GET /models answered HTTP 500\)"),
+    ):
         with pytest.raises(ValueError, match=refusal) as e:
             reward.load_judge("http", url=url, **kw)
         assert "\n" not in str(e.value)
@@ -176,8 +207,10 @@ def test_startup_check_accepts_the_served_name_and_refuses_others(server):
     status, listing = get(url + "/models", timeout=30)
     assert status == 200 and [m["id"] for m in listing["data"]] == ["tiny/other-judge"]
     assert reward.load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
-    for kw, refusal in (({"model": "wrong"}, r"--judge_model wrong: not served at .*tiny/other-judge.*pinned"),
-                        ({}, r"--judge_model is required: .* lists only tiny/other-judge but refuses it .*pinned")):
+    for kw, refusal in (
+        ({"model": "wrong"}, r"--judge_model wrong: not served at .*tiny/other-judge.*pinned"),
+        ({}, r"--judge_model is required: .* lists only tiny/other-judge but refuses it .*pinned"),
+    ):
         with pytest.raises(ValueError, match=refusal) as e:
             reward.load_judge("http", url=url, **kw)
         assert "\n" not in str(e.value)
@@ -187,11 +220,40 @@ def test_train_one_step_against_the_server(server, design_images, tmp_path, caps
     """train.py with --judge_url and --judge_model: every request of the step answered at the first try (4 panels
     and 1 grid); a name the server does not serve stops train.py at start-up with one line and exit code 2."""
     url, folder, _, log_path, _ = server
-    flags = ["--images", str(design_images), "--judge_url", url, "--pretrained_model_name_or_path", "tiny",
-             "--resolution", "64", "--layers", "2", "--group_size", str(G), "--num_inference_steps", "4",
-             "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--train_batch_size", "4",
-             "--images_per_step", "1", "--max_train_steps", "1", "--sample_every", "0", "--report_to", "none",
-             "--device", "cpu"]
+    flags = [
+        "--images",
+        str(design_images),
+        "--judge_url",
+        url,
+        "--pretrained_model_name_or_path",
+        "tiny",
+        "--resolution",
+        "64",
+        "--layers",
+        "2",
+        "--group_size",
+        str(G),
+        "--num_inference_steps",
+        "4",
+        "--rank",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--mixed_precision",
+        "no",
+        "--train_batch_size",
+        "4",
+        "--images_per_step",
+        "1",
+        "--max_train_steps",
+        "1",
+        "--sample_every",
+        "0",
+        "--report_to",
+        "none",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit) as e:
         train.main([*flags, "--output_dir", str(tmp_path / "wrong"), "--judge_model", "wrong"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -222,14 +284,30 @@ def test_expected_scores_read_the_servers_logprobs_when_it_returns_them(server):
     for q, got in zip(queries, scores):
         buf = io.BytesIO()
         q.image.save(buf, format="PNG", compress_level=1)
-        body = {"model": folder, "temperature": 0, "max_tokens": 512, "logprobs": True, "top_logprobs": 10,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
-                        buf.getvalue()).decode()}}, {"type": "text", "text": q.prompt}]}]}
+        body = {
+            "model": folder,
+            "temperature": 0,
+            "max_tokens": 512,
+            "logprobs": True,
+            "top_logprobs": 10,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+                        },
+                        {"type": "text", "text": q.prompt},
+                    ],
+                }
+            ],
+        }
         answer = judges._request(url + "/chat/completions", "OPENAI_API_KEY", 60, body)
         chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.prompt}]}]
-        rendered = tok.apply_chat_template(chat, chat_template=judges.CHATML, tokenize=False,
-                                           add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            chat, chat_template=judges.CHATML, tokenize=False, add_generation_prompt=True
+        )
         image_tokens = int(image_processor(images=[q.image])["image_grid_thw"].prod()) // image_processor.merge_size**2
         # the data URL's image reached the model at its own size: one <|image_pad|> per merged 28 x 28 patch
         assert answer["usage"]["prompt_tokens"] == len(tok.encode(rendered)) - 1 + image_tokens

@@ -25,8 +25,10 @@ def test_target_round_trip_through_decode_layers():
     give layer by layer what the VAE alone gives; a swapped, shifted or reversed frame order does not."""
     pipe = rollout.load_pipeline("tiny")
     g = torch.Generator().manual_seed(0)  # non-trivial latents_mean/std, so normalise -> denormalise is exercised
-    pipe.vae.register_to_config(latents_mean=(torch.randn(16, generator=g) * 0.3).tolist(),
-                                latents_std=(torch.rand(16, generator=g) + 0.5).tolist())
+    pipe.vae.register_to_config(
+        latents_mean=(torch.randn(16, generator=g) * 0.3).tolist(),
+        latents_std=(torch.rand(16, generator=g) + 0.5).tolist(),
+    )
     for L in (2, 3, 4):
         image, layers = data.make_design(np.random.default_rng([7, L]), L, (64, 32))  # non-square: h != w
         pixels = sft.sample_pixels(pipe, image, layers, 64)  # (L+1, 4, H, W)
@@ -41,12 +43,15 @@ def test_target_round_trip_through_decode_layers():
         print(f"L={L} {W}x{H}: max |decode_layers - VAE alone| per layer {per_layer.tolist()}")
         assert per_layer.max() < 1e-5
         assert torch.equal(x0[:, : cond.shape[1]], cond.float())  # frame 0 (the composite) is the condition
-        traj = rollout.sample(pipe, [image], layers=L, num_inference_steps=1, noise_level=0.0, resolution=64,
-                              decode=False)  # the sampler: same condition tokens, noise of the target's shape
+        traj = rollout.sample(
+            pipe, [image], layers=L, num_inference_steps=1, noise_level=0.0, resolution=64, decode=False
+        )  # the sampler: same condition tokens, noise of the target's shape
         assert (traj.image_latents - cond).abs().max() < 1e-5 and traj.latents.shape[2:] == x0.shape[1:]
-        wrong = {"layers 0 and 1 swapped": [0, 2, 1, *range(3, L + 1)],
-                 "composite last (shifted by one)": [*range(1, L + 1), 0],
-                 "layers reversed": [0, *range(L, 0, -1)]}
+        wrong = {
+            "layers 0 and 1 swapped": [0, 2, 1, *range(3, L + 1)],
+            "composite last (shifted by one)": [*range(1, L + 1), 0],
+            "layers reversed": [0, *range(L, 0, -1)],
+        }
         for name, order in wrong.items():
             bad = error(order)[0]
             print(f"  {name}: max error {bad.max():.3f}")
@@ -64,10 +69,35 @@ def held_out_loss(pipe, args, specs, tag):
 
 def test_training_lowers_train_and_held_out_loss(tmp_path):
     out = tmp_path / "sft"
-    argv = ["--device", "cpu", "--pretrained_model_name_or_path", "tiny",
-            "--synthetic", "16", "--resolution", "32", "--layers", "2", "3",
-            "--max_train_steps", "24", "--validation_synthetic", "4", "--validation_every", "12", "--rank", "8",
-            "--lora_alpha", "8", "--learning_rate", "2e-3", "--report_to", "none", "--output_dir", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--pretrained_model_name_or_path",
+        "tiny",
+        "--synthetic",
+        "16",
+        "--resolution",
+        "32",
+        "--layers",
+        "2",
+        "3",
+        "--max_train_steps",
+        "24",
+        "--validation_synthetic",
+        "4",
+        "--validation_every",
+        "12",
+        "--rank",
+        "8",
+        "--lora_alpha",
+        "8",
+        "--learning_rate",
+        "2e-3",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
+    ]
     sft.main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(25)) and all("loss" in r for r in rows[1:])
@@ -105,15 +135,36 @@ def test_bad_samples_are_skipped_and_none_left_exits_2(tmp_path, capsys):
     write_sample(root / "wrong_size", (32, 32), [(32, 32), (24, 32)])
     write_sample(root / "too_many", (32, 32), [(32, 32)] * 11)  # --max_layers defaults to 10
     out = tmp_path / "out"
-    sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--data", str(root), "--resolution", "32",
-              "--max_train_steps", "2", "--validation_synthetic", "0", "--dataloader_num_workers", "0",
-              "--report_to", "none", "--output_dir", str(out)])
+    sft.main(
+        [
+            "--device",
+            "cpu",
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--data",
+            str(root),
+            "--resolution",
+            "32",
+            "--max_train_steps",
+            "2",
+            "--validation_synthetic",
+            "0",
+            "--dataloader_num_workers",
+            "0",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("skipping sample")]
     print("\n".join(lines))
     assert len(lines) == 2
-    assert any("wrong_size" in line and "layer_1.png is 24x32 but image.png is 32x32 (layers must have its size)"
-               in line for line in lines)
+    assert any(
+        "wrong_size" in line and "layer_1.png is 24x32 but image.png is 32x32 (layers must have its size)" in line
+        for line in lines
+    )
     assert any("too_many" in line and "11 layers, more than --max_layers 10" in line for line in lines)
     assert "1 training samples" in captured.out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -122,8 +173,20 @@ def test_bad_samples_are_skipped_and_none_left_exits_2(tmp_path, capsys):
     (root / "good" / "layer_1.png").unlink()
     Image.new("RGBA", (16, 16)).save(root / "good" / "layer_1.png")
     with pytest.raises(SystemExit) as e:
-        sft.main(["--device", "cpu", "--pretrained_model_name_or_path", "tiny", "--data", str(root),
-                  "--report_to", "none", "--output_dir", str(tmp_path / "out2")])
+        sft.main(
+            [
+                "--device",
+                "cpu",
+                "--pretrained_model_name_or_path",
+                "tiny",
+                "--data",
+                str(root),
+                "--report_to",
+                "none",
+                "--output_dir",
+                str(tmp_path / "out2"),
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("skipping sample") == 3 and "no usable sample left" in err and "Traceback" not in err
@@ -134,18 +197,46 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     stopped: data order, sigmas and noise derive from (seed, step), the optimizer state is restored."""
     from safetensors.torch import load_file
 
-    argv = ["--device", "cpu", "--pretrained_model_name_or_path", "tiny",
-            "--synthetic", "8", "--resolution", "32", "--layers", "2", "3",
-            "--validation_synthetic", "2", "--validation_every", "3", "--checkpointing_steps", "3", "--rank", "4",
-            "--lora_alpha", "4", "--learning_rate", "1e-3", "--dataloader_num_workers", "1", "--report_to", "none"]
+    argv = [
+        "--device",
+        "cpu",
+        "--pretrained_model_name_or_path",
+        "tiny",
+        "--synthetic",
+        "8",
+        "--resolution",
+        "32",
+        "--layers",
+        "2",
+        "3",
+        "--validation_synthetic",
+        "2",
+        "--validation_every",
+        "3",
+        "--checkpointing_steps",
+        "3",
+        "--rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--dataloader_num_workers",
+        "1",
+        "--report_to",
+        "none",
+    ]
     sft.main(argv + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "a")])
     sft.main(argv + ["--max_train_steps", "3", "--output_dir", str(tmp_path / "b")])
-    sft.main(argv + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint",
-                     "latest"])
+    sft.main(
+        argv + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"]
+    )
 
     def numbers(run):
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
-                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert numbers("a") == numbers("b") and len(numbers("a")) == 7
     a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in "ab")

@@ -47,17 +47,37 @@ def test_sampler_matches_diffusers_call(pipe, layers, cfg):
     """noise_level=0 is diffusers' own Euler loop: same layers as __call__ (640 px bucket, non-square, diffusers'
     area sizing; with CFG, its per-token norm rescale)."""
     image = design()
-    ref = pipe(image.convert("RGBA"), rollout.DEFAULT_PROMPT, negative_prompt=" " if cfg > 1 else None,
-               true_cfg_scale=cfg, cfg_normalize=cfg > 1, layers=layers, num_inference_steps=2, resolution=640,
-               output_type="pt", generator=torch.Generator().manual_seed(0)).images[0]  # (layers, 4, H, W)
-    traj = rollout.sample(pipe, [image], layers=layers, num_inference_steps=2, noise_level=0.0, resolution=640,
-                          true_cfg_scale=cfg, cfg_normalize=cfg > 1, generator=torch.Generator().manual_seed(0),
-                          sizing="area")
+    ref = pipe(
+        image.convert("RGBA"),
+        rollout.DEFAULT_PROMPT,
+        negative_prompt=" " if cfg > 1 else None,
+        true_cfg_scale=cfg,
+        cfg_normalize=cfg > 1,
+        layers=layers,
+        num_inference_steps=2,
+        resolution=640,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # (layers, 4, H, W)
+    traj = rollout.sample(
+        pipe,
+        [image],
+        layers=layers,
+        num_inference_steps=2,
+        noise_level=0.0,
+        resolution=640,
+        true_cfg_scale=cfg,
+        cfg_normalize=cfg > 1,
+        generator=torch.Generator().manual_seed(0),
+        sizing="area",
+    )
     assert ref.shape == (layers, 4, 512, 768) and traj.layers.shape == (1, layers, 4, 512, 768)
     assert (traj.layers[0] - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("sigma,sigma_next", [(1.0, 0.9), (0.6, 0.45), (torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.3]))])
+@pytest.mark.parametrize(
+    "sigma,sigma_next", [(1.0, 0.9), (0.6, 0.45), (torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.3]))]
+)
 def test_log_prob_is_gaussian_mean_over_dims(sigma, sigma_next):
     g = torch.Generator().manual_seed(1)
     x, v = torch.randn(2, 12, 64, generator=g), torch.randn(2, 12, 64, generator=g)
@@ -91,9 +111,18 @@ def test_cps_variant():
 def test_on_policy_ratio_is_one(pipe, cfg):
     """Two groups of two; re-scoring every stored transition with the unchanged policy gives ratio 1."""
     images = [design(seed=0), design(seed=1)]
-    traj = rollout.sample(pipe, images, layers=2, group_size=2, num_inference_steps=4, noise_level=1.2,
-                          resolution=64, sde_window=(1, 3), true_cfg_scale=cfg,
-                          generator=torch.Generator().manual_seed(3))
+    traj = rollout.sample(
+        pipe,
+        images,
+        layers=2,
+        group_size=2,
+        num_inference_steps=4,
+        noise_level=1.2,
+        resolution=64,
+        sde_window=(1, 3),
+        true_cfg_scale=cfg,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert traj.latents.shape[:2] == (4, 3) and traj.log_probs.shape == (4, 2)
     for j in range(2):
         for rows in (slice(None), slice(1, 3)):
@@ -104,14 +133,30 @@ def test_on_policy_ratio_is_one(pipe, cfg):
 
 @pytest.mark.parametrize("layers", [2, 3, 4])
 def test_layers_shape_range_dtype(pipe, layers):
-    traj = rollout.sample(pipe, [design(seed=layers)], layers=layers, group_size=2, num_inference_steps=3,
-                          noise_level=1.0, resolution=96, generator=torch.Generator().manual_seed(0))
+    traj = rollout.sample(
+        pipe,
+        [design(seed=layers)],
+        layers=layers,
+        group_size=2,
+        num_inference_steps=3,
+        noise_level=1.0,
+        resolution=96,
+        generator=torch.Generator().manual_seed(0),
+    )
     x = traj.layers
     assert x.shape == (2, layers, 4, 64, 96) and x.dtype == torch.float32  # 48x32 -> longest side 96, sides % 16
     assert 0.0 <= x.min().item() and x.max().item() <= 1.0
     assert (x[0] - x[1]).abs().max().item() > 1e-3, "group members must get independent noise"
-    again = rollout.sample(pipe, [design(seed=layers)], layers=layers, group_size=2, num_inference_steps=3,
-                           noise_level=1.0, resolution=96, generator=torch.Generator().manual_seed(0))
+    again = rollout.sample(
+        pipe,
+        [design(seed=layers)],
+        layers=layers,
+        group_size=2,
+        num_inference_steps=3,
+        noise_level=1.0,
+        resolution=96,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(x, again.layers), "same seed, same rollout"
 
 
@@ -127,12 +172,15 @@ def test_window_outside_is_ode(pipe):
 def test_heun_beats_euler_at_equal_steps(pipe):
     """Heun (the released evaluation sampler) is closer than Euler to a 48-step Euler reference."""
     kw = dict(layers=2, resolution=64)
-    ref = rollout.decompose(pipe, [design()], sampler="euler", num_inference_steps=48,
-                            generator=torch.Generator().manual_seed(0), **kw)
-    heun = rollout.decompose(pipe, [design()], sampler="heun", num_inference_steps=4,
-                             generator=torch.Generator().manual_seed(0), **kw)
-    euler = rollout.decompose(pipe, [design()], sampler="euler", num_inference_steps=4,
-                              generator=torch.Generator().manual_seed(0), **kw)
+    ref = rollout.decompose(
+        pipe, [design()], sampler="euler", num_inference_steps=48, generator=torch.Generator().manual_seed(0), **kw
+    )
+    heun = rollout.decompose(
+        pipe, [design()], sampler="heun", num_inference_steps=4, generator=torch.Generator().manual_seed(0), **kw
+    )
+    euler = rollout.decompose(
+        pipe, [design()], sampler="euler", num_inference_steps=4, generator=torch.Generator().manual_seed(0), **kw
+    )
     assert (heun - ref).abs().mean() < 0.5 * (euler - ref).abs().mean()
 
 
@@ -150,10 +198,18 @@ def test_rollout_bad_input(pipe, tmp_path):
         rollout.sample(pipe, [design()], layers=2, resolution=64, num_inference_steps=3, sde_window=(1, 3))
 
 
-@pytest.mark.parametrize("aspect, longest, area", [
-    ((1, 1), (640, 640), (640, 640)), ((4, 3), (640, 480), (736, 544)), ((16, 9), (640, 352), (864, 480)),
-    ((3, 4), (480, 640), (544, 736)), ((9, 16), (352, 640), (480, 864)), ((3, 2), (640, 426 // 16 * 16), None),
-    ((21, 9), (640, 272), None)])
+@pytest.mark.parametrize(
+    "aspect, longest, area",
+    [
+        ((1, 1), (640, 640), (640, 640)),
+        ((4, 3), (640, 480), (736, 544)),
+        ((16, 9), (640, 352), (864, 480)),
+        ((3, 4), (480, 640), (544, 736)),
+        ((9, 16), (352, 640), (480, 864)),
+        ((3, 2), (640, 426 // 16 * 16), None),
+        ((21, 9), (640, 272), None),
+    ],
+)
 def test_condition_sizing_released_rule_and_area_rule(aspect, longest, area):
     """The released inference scales the longest side to --resolution (multiples of 16, rounded down); diffusers'
     area rule (kept as --sizing area, used by the parity test) gives other sizes for every non-square input."""
@@ -194,9 +250,26 @@ def test_rollout_cli_writes_png_layout(tmp_path):
     design(seed=1).save(src / "a.png")
     design((40, 40), seed=2).save(src / "b.jpg")
     out = tmp_path / "out"
-    rollout.main(["--images", str(src), "--pretrained_model_name_or_path", "tiny", "--device", "cpu",
-                  "--resolution", "64",
-                  "--group_size", "2", "--layers", "3", "--num_inference_steps", "2", "--output_dir", str(out)])
+    rollout.main(
+        [
+            "--images",
+            str(src),
+            "--pretrained_model_name_or_path",
+            "tiny",
+            "--device",
+            "cpu",
+            "--resolution",
+            "64",
+            "--group_size",
+            "2",
+            "--layers",
+            "3",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     layers = sorted(out.glob("*/candidate_*/layer_*.png"))
     assert len(layers) == 2 * 2 * 3
     assert Image.open(out / "a" / "candidate_01" / "layer_2.png").mode == "RGBA"
@@ -210,8 +283,9 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(a, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]) / (1 + 1e-4))
     g = grpo.group_advantages(r, 3, global_std=True)
     std = r.std(unbiased=False)
-    torch.testing.assert_close(g, torch.tensor([-2.0, 0.0, 2.0, 2.6667, -2.3333, -0.3333]) / (std + 1e-4), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        g, torch.tensor([-2.0, 0.0, 2.0, 2.6667, -2.3333, -0.3333]) / (std + 1e-4), atol=1e-4, rtol=0
+    )
     assert torch.equal(grpo.group_advantages(torch.full((4,), 7.0), 4), torch.zeros(4))
     assert grpo.group_advantages(torch.tensor([0.0, 1000.0]), 2, eps=0, adv_clip_max=0.5).abs().max() == 0.5
     with pytest.raises(ValueError, match="multiple of group_size"):
@@ -245,9 +319,30 @@ def test_kl_loss():
 
 
 # ----------------------------------------------------------------------------- train
-TINY = ["--pretrained_model_name_or_path", "tiny", "--resolution", "64", "--group_size", "4", "--num_inference_steps",
-        "4", "--rank", "4", "--lora_alpha", "8", "--mixed_precision", "no", "--train_batch_size", "4",
-        "--images_per_step", "1", "--report_to", "none", "--device", "cpu"]
+TINY = [
+    "--pretrained_model_name_or_path",
+    "tiny",
+    "--resolution",
+    "64",
+    "--group_size",
+    "4",
+    "--num_inference_steps",
+    "4",
+    "--rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--mixed_precision",
+    "no",
+    "--train_batch_size",
+    "4",
+    "--images_per_step",
+    "1",
+    "--report_to",
+    "none",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -267,9 +362,30 @@ def image_dir(tmp_path_factory):
 def run(image_dir, tmp_path_factory):
     out, err = tmp_path_factory.mktemp("run"), io.StringIO()
     with redirect_stderr(err):  # the corrupt PNG is skipped with one plain line
-        pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2", "3",
-                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
-                           "--sample_every", "1", *TINY, "--images_per_step", "2"])
+        pipe = train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(out),
+                "--reward",
+                "recon",
+                "--layers",
+                "2",
+                "3",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--checkpoints_total_limit",
+                "1",
+                "--sample_every",
+                "1",
+                *TINY,
+                "--images_per_step",
+                "2",
+            ]
+        )
     skipped = [line for line in err.getvalue().splitlines() if "broken.png" in line]
     assert len(skipped) == 1 and skipped[0].startswith(f"skipping {image_dir / 'broken.png'}: not a readable image (")
     return out, pipe
@@ -280,8 +396,20 @@ def test_train_outputs_and_first_ratio(run):
     assert pipe.text_encoder is None and rollout.DEFAULT_PROMPT in pipe._prompt_cache  # encoded once, then freed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    for key in ["reward/mean", "reward/std", "recon/l1", "loss/policy", "loss/kl", "diag/clipfrac", "diag/approx_kl",
-                "diag/ratio_mean", "time/rollout_s", "time/reward_s", "time/train_s", "mem/peak_gb"]:
+    for key in [
+        "reward/mean",
+        "reward/std",
+        "recon/l1",
+        "loss/policy",
+        "loss/kl",
+        "diag/clipfrac",
+        "diag/approx_kl",
+        "diag/ratio_mean",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/train_s",
+        "mem/peak_gb",
+    ]:
         assert all(math.isfinite(r[key]) for r in records), key
     assert all(abs(r["diag/ratio_mean"] - 1) < 1e-5 for r in records)  # one inner epoch: fully on-policy
     assert records[0]["reward/mean"] == pytest.approx(-records[0]["recon/l1"])
@@ -295,10 +423,20 @@ def tiny_policy(rank, train_batch_size, sde_window):
     torch.manual_seed(0)
     pipe = rollout.load_pipeline("tiny")
     params = lora.add_lora(pipe.transformer, rank, 2 * rank)
-    args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0",
-                             "--train_batch_size", str(train_batch_size)])
-    traj = rollout.sample(pipe, [design()], layers=2, group_size=4, num_inference_steps=4, noise_level=1.2,
-                          resolution=64, sde_window=sde_window, generator=torch.Generator().manual_seed(0))
+    args = train.parse_args(
+        ["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", str(train_batch_size)]
+    )
+    traj = rollout.sample(
+        pipe,
+        [design()],
+        layers=2,
+        group_size=4,
+        num_inference_steps=4,
+        noise_level=1.2,
+        resolution=64,
+        sde_window=sde_window,
+        generator=torch.Generator().manual_seed(0),
+    )
     return pipe, params, args, traj
 
 
@@ -317,10 +455,17 @@ def test_update_follows_advantages():
 def test_non_finite_loss_skips_the_update():
     pipe, params, args, traj = tiny_policy(4, 2, (0, 1))
     before = [p.detach().clone() for p in params]
-    stats = train.policy_update(pipe.transformer, [traj], torch.tensor([1.0, float("nan"), -1.0, 0.0]), args, params,
-                                torch.optim.AdamW(params, lr=1e-2))
+    stats = train.policy_update(
+        pipe.transformer,
+        [traj],
+        torch.tensor([1.0, float("nan"), -1.0, 0.0]),
+        args,
+        params,
+        torch.optim.AdamW(params, lr=1e-2),
+    )
     assert stats["train/skipped_updates"] == 1
     assert all(torch.equal(a, p) for a, p in zip(before, params)) and all(p.grad is None for p in params)
+
 
 def _lora(folder):
     return load_file(Path(folder) / "peft" / "adapter_model.safetensors")
@@ -333,8 +478,16 @@ def test_saved_lora_reproduces_the_trained_policy(run):
 
     out, trained = run
     image = design()
-    probe = rollout.sample(trained, [image], layers=2, num_inference_steps=2, noise_level=0, resolution=64,
-                           generator=torch.Generator().manual_seed(0), decode=False)
+    probe = rollout.sample(
+        trained,
+        [image],
+        layers=2,
+        num_inference_steps=2,
+        noise_level=0,
+        resolution=64,
+        generator=torch.Generator().manual_seed(0),
+        decode=False,
+    )
     x, t = probe.latents[:, 0], probe.timesteps[0]
     with torch.no_grad():
         expected = rollout.predict_velocity(trained.transformer, probe, x, t)
@@ -355,13 +508,41 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
     the bare base model; a folder that holds no LoRA of this model exits 2."""
     start, _ = run
     out = tmp_path / "grpo"
-    pipe = train.main(["--images", str(image_dir), "--output_dir", str(out), "--reward", "recon", "--layers", "2",
-                       "--init_lora", str(start), "--beta", "0.04", "--max_train_steps", "1", "--sample_every", "0",
-                       "--learning_rate", "1e-2", *TINY])
+    pipe = train.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(out),
+            "--reward",
+            "recon",
+            "--layers",
+            "2",
+            "--init_lora",
+            str(start),
+            "--beta",
+            "0.04",
+            "--max_train_steps",
+            "1",
+            "--sample_every",
+            "0",
+            "--learning_rate",
+            "1e-2",
+            *TINY,
+        ]
+    )
     record = json.loads((out / "metrics.jsonl").read_text())
     assert record["loss/kl"] == 0.0 and abs(record["diag/ratio_mean"] - 1) < 1e-5
-    probe = rollout.sample(pipe, [design()], layers=2, num_inference_steps=2, noise_level=0, resolution=64,
-                           generator=torch.Generator().manual_seed(0), decode=False)
+    probe = rollout.sample(
+        pipe,
+        [design()],
+        layers=2,
+        num_inference_steps=2,
+        noise_level=0,
+        resolution=64,
+        generator=torch.Generator().manual_seed(0),
+        decode=False,
+    )
     x, t = probe.latents[:, 0], probe.timesteps[0]
     with torch.no_grad(), lora.reference_policy(pipe.transformer):
         reference = rollout.predict_velocity(pipe.transformer, probe, x, t)
@@ -373,32 +554,68 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
     lora.load_lora(via_rollout, out / "peft")
     via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
     with torch.no_grad():
-        torch.testing.assert_close(reference, rollout.predict_velocity(started.transformer, probe, x, t), rtol=0,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            reference, rollout.predict_velocity(started.transformer, probe, x, t), rtol=0, atol=1e-6
+        )
         after = rollout.predict_velocity(pipe.transformer, probe, x, t)
         for model in (via_diffusers.transformer, via_rollout.transformer, via_peft):  # the bare base + the result
             torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), after, rtol=0, atol=1e-6)
         assert (after - reference).abs().max() > 1e-5  # one update moved the policy away from its start
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "bad"), "--reward", "recon",
-                    "--init_lora", str(image_dir), *TINY])
+        train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path / "bad"),
+                "--reward",
+                "recon",
+                "--init_lora",
+                str(image_dir),
+                *TINY,
+            ]
+        )
     assert e.value.code == 2 and "--init_lora" in capsys.readouterr().err
 
 
 def test_resume_gives_the_same_run(image_dir, tmp_path):
     """Killed between checkpoints, resumed from the last one: same weights and the same log as one straight run."""
-    common = ["--images", str(image_dir), "--reward", "recon", "--layers", "2", "--checkpointing_steps", "2",
-              "--sample_every", "0", "--learning_rate", "1e-2", *TINY]
+    common = [
+        "--images",
+        str(image_dir),
+        "--reward",
+        "recon",
+        "--layers",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--sample_every",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        *TINY,
+    ]
     train.main([*common, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "4"])
     train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "3"])
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-3")  # killed after step 3 was logged, before its checkpoint
-    train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "4",
-                "--resume_from_checkpoint", "latest"])
+    train.main(
+        [
+            *common,
+            "--output_dir",
+            str(tmp_path / "resumed"),
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     a = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "peft" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rewards = [[json.loads(line)["reward/mean"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-               for d in ("straight", "resumed")]
+    rewards = [
+        [json.loads(line)["reward/mean"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("straight", "resumed")
+    ]
     assert rewards[0] == rewards[1] and len(rewards[0]) == 4
 
 
@@ -417,15 +634,45 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
         pipe = rollout.load_pipeline("tiny")
         if adapter:
             lora.load_lora(pipe, adapter)
-        traj = rollout.sample(pipe, images, layers=2, group_size=8, num_inference_steps=4, noise_level=1.2,
-                              resolution=64, generator=torch.Generator().manual_seed(100))
+        traj = rollout.sample(
+            pipe,
+            images,
+            layers=2,
+            group_size=8,
+            num_inference_steps=4,
+            noise_level=1.2,
+            resolution=64,
+            generator=torch.Generator().manual_seed(100),
+        )
         return score(images, traj.layers, 8)[0].mean().item()
 
     results = {"base": evaluate()}
     for name in ("opaque_background", "flipped"):
-        train.main(["--images", str(tmp_path / "images"), "--output_dir", str(tmp_path / name), "--reward", name,
-                    "--layers", "2", "--max_train_steps", "20", "--checkpointing_steps", "100", "--sample_every", "0",
-                    "--beta", "0", "--learning_rate", "3e-2", *TINY, "--group_size", "8"])
+        train.main(
+            [
+                "--images",
+                str(tmp_path / "images"),
+                "--output_dir",
+                str(tmp_path / name),
+                "--reward",
+                name,
+                "--layers",
+                "2",
+                "--max_train_steps",
+                "20",
+                "--checkpointing_steps",
+                "100",
+                "--sample_every",
+                "0",
+                "--beta",
+                "0",
+                "--learning_rate",
+                "3e-2",
+                *TINY,
+                "--group_size",
+                "8",
+            ]
+        )
         results[name] = evaluate(tmp_path / name / "peft")
     print("learning test (mean background alpha, fixed seeds):", results)
     assert results["opaque_background"] > results["base"] + 0.01

@@ -38,9 +38,25 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
         return 200, completion(json.dumps(scores))
 
     with judge_server(answer) as (server, url):
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--judge_url", url,
-                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "1",
-                    *TINY])
+        train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--judge_url",
+                url,
+                "--judge_model",
+                "judge-test",
+                "--layers",
+                "2",
+                "--max_train_steps",
+                "1",
+                "--sample_every",
+                "1",
+                *TINY,
+            ]
+        )
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["judge/requests"] == 4 + 1 and record["judge/fallbacks"] == 0
     assert record["stage1/total"] == pytest.approx(7.0) and record["reward/std"] > 1.0
@@ -71,19 +87,37 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         if down_from["step"] is not None and len(server.posts) > down_from["step"]:
             return 500, {"error": {"message": "model crashed"}}
         keys = keys_asked(body)  # stage 1: 7 each; stage 2: by grid position, which (seed, step) shuffles
-        return 200, completion(json.dumps({k: 7 for k in keys} if keys == KEYS else {k: 2 + 2 * i for i, k in
-                                                                                      enumerate(keys)}))
+        return 200, completion(
+            json.dumps({k: 7 for k in keys} if keys == KEYS else {k: 2 + 2 * i for i, k in enumerate(keys)})
+        )
 
-    common = ["--reward", "vlm", "--judge_model", "judge-test", "--images", str(image_dir), "--layers", "2",
-              "--sample_every", "0", "--checkpointing_steps", "1", "--max_train_steps", "3", "--learning_rate", "1e-2",
-              *TINY]
+    common = [
+        "--reward",
+        "vlm",
+        "--judge_model",
+        "judge-test",
+        "--images",
+        str(image_dir),
+        "--layers",
+        "2",
+        "--sample_every",
+        "0",
+        "--checkpointing_steps",
+        "1",
+        "--max_train_steps",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        *TINY,
+    ]
     with judge_server(answer) as (server, url):
         train.main([*common, "--judge_url", url, "--output_dir", str(tmp_path / "healthy"), "--no-judge_overlap"])
         server.posts.clear()
         down_from["step"] = 5  # step 1's G + 1 = 5 requests are answered, then the judge fails
         with pytest.raises(SystemExit) as e:
-            train.main([*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"),
-                        "--judge_max_failed_steps", "2"])
+            train.main(
+                [*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"), "--judge_max_failed_steps", "2"]
+            )
         err = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]  # not the bar, not a skip
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: the judge")
         assert f"judge-test @ {url}" in err[0] and "HTTP 500" in err[0] and "steps 2..3" in err[0]
@@ -94,12 +128,16 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         assert rows[1]["judge/answered"] == 0 and rows[1]["train/skipped_updates"] == 1
         assert rows[1]["train/grad_norm"] == 0.0 and rows[0]["judge/answered"] == 5
         down_from["step"] = None  # the judge is back
-        train.main([*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"),
-                    "--resume_from_checkpoint", "latest"])
+        train.main(
+            [*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"), "--resume_from_checkpoint", "latest"]
+        )
     a, b = _lora(tmp_path / "healthy"), _lora(tmp_path / "down")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [json.loads(line)["step"] for line in (tmp_path / "down" / "metrics.jsonl").read_text().splitlines()] == \
-        [1, 2, 3]
+    assert [json.loads(line)["step"] for line in (tmp_path / "down" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_train_bad_input(tmp_path, capsys):
@@ -109,9 +147,12 @@ def test_train_bad_input(tmp_path, capsys):
         train.main(["--images", str(empty), "--output_dir", str(tmp_path / "out"), "--reward", "recon", *TINY])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no readable image" in err and "Traceback" not in err
-    for argv, message in [(["--group_size", "1"], "--group_size"), (["--reward", "nope"], "--reward 'nope'"),
-                          (["--sde_window", "20"], "--sde_window"),
-                          (["--judge_concurrency", "0"], "--judge_concurrency")]:
+    for argv, message in [
+        (["--group_size", "1"], "--group_size"),
+        (["--reward", "nope"], "--reward 'nope'"),
+        (["--sde_window", "20"], "--sde_window"),
+        (["--judge_concurrency", "0"], "--judge_concurrency"),
+    ]:
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--images", str(empty), *argv])
         assert e.value.code == 2
@@ -141,13 +182,39 @@ def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
         for mode in ("--judge_overlap", "--no-judge_overlap"):
             seen.clear()
             out[mode] = tmp_path / mode.strip("-")
-            train.main(["--images", str(image_dir), "--output_dir", str(out[mode]), "--judge_url", url,
-                        "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "2", "--sample_every", "0",
-                        *TINY, "--images_per_step", "2", mode])
-    rows = {m: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
-                for line in (o / "metrics.jsonl").read_text().splitlines()] for m, o in out.items()}
+            train.main(
+                [
+                    "--images",
+                    str(image_dir),
+                    "--output_dir",
+                    str(out[mode]),
+                    "--judge_url",
+                    url,
+                    "--judge_model",
+                    "judge-test",
+                    "--layers",
+                    "2",
+                    "--max_train_steps",
+                    "2",
+                    "--sample_every",
+                    "0",
+                    *TINY,
+                    "--images_per_step",
+                    "2",
+                    mode,
+                ]
+            )
+    rows = {
+        m: [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
+            for line in (o / "metrics.jsonl").read_text().splitlines()
+        ]
+        for m, o in out.items()
+    }
     assert rows["--judge_overlap"] == rows["--no-judge_overlap"]
-    assert sum(r["judge/retries"] for r in rows["--judge_overlap"]) > 0 and rows["--judge_overlap"][0]["reward/std"] > 0
+    assert (
+        sum(r["judge/retries"] for r in rows["--judge_overlap"]) > 0 and rows["--judge_overlap"][0]["reward/std"] > 0
+    )
     a, b = (_lora(o) for o in out.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -179,17 +246,58 @@ def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answe
             for mode in ("--judge_overlap", "--no-judge_overlap"):
                 answered.clear(), started.clear()
                 in_flight[1] = 0
-                train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / adv_std / mode), "--judge_url",
-                            url, "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1",
-                            "--sample_every", "0", *TINY, "--images_per_step", "3", "--adv_std", adv_std, mode])
+                train.main(
+                    [
+                        "--images",
+                        str(image_dir),
+                        "--output_dir",
+                        str(tmp_path / adv_std / mode),
+                        "--judge_url",
+                        url,
+                        "--judge_model",
+                        "judge-test",
+                        "--layers",
+                        "2",
+                        "--max_train_steps",
+                        "1",
+                        "--sample_every",
+                        "0",
+                        *TINY,
+                        "--images_per_step",
+                        "3",
+                        "--adv_std",
+                        adv_std,
+                        mode,
+                    ]
+                )
                 assert len(answered) == 3 * 5 and started[0] > max(answered)  # 3 groups: 4 panels and a grid each
                 assert in_flight[1] > 5 if mode == "--judge_overlap" else in_flight[1] == 5
             a, b = (_lora(tmp_path / adv_std / m) for m in ("--judge_overlap", "--no-judge_overlap"))
             assert all(torch.equal(a[k], b[k]) for k in a)
         in_flight[1] = 0
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "bound"), "--judge_url", url,
-                    "--judge_model", "judge-test", "--layers", "2", "--max_train_steps", "1", "--sample_every", "0",
-                    *TINY, "--images_per_step", "2", "--judge_concurrency", "3"])
+        train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path / "bound"),
+                "--judge_url",
+                url,
+                "--judge_model",
+                "judge-test",
+                "--layers",
+                "2",
+                "--max_train_steps",
+                "1",
+                "--sample_every",
+                "0",
+                *TINY,
+                "--images_per_step",
+                "2",
+                "--judge_concurrency",
+                "3",
+            ]
+        )
         assert in_flight[1] == 3
 
 
@@ -227,9 +335,33 @@ def test_out_of_memory_gives_one_actionable_line(image_dir, tmp_path, monkeypatc
 def test_cps_with_the_kl_trains_every_step_and_window_0_stops_before_the_last(image_dir, tmp_path):
     """CPS has std 0 on the last step (sigma_next = 0): the window never holds it, so the KL stays finite and no
     update is skipped; --sde_window 0 trains steps 0..T-2."""
-    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
-                "--sde_type", "cps", "--noise_level", "0.7", "--beta", "0.04", "--sde_window", "0", "--clip_range",
-                "1e-5", "--max_train_steps", "2", "--sample_every", "0", *TINY])
+    train.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--reward",
+            "recon",
+            "--layers",
+            "2",
+            "--sde_type",
+            "cps",
+            "--noise_level",
+            "0.7",
+            "--beta",
+            "0.04",
+            "--sde_window",
+            "0",
+            "--clip_range",
+            "1e-5",
+            "--max_train_steps",
+            "2",
+            "--sample_every",
+            "0",
+            *TINY,
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["window"] for r in records] == [[0, 3], [0, 3]]  # T = 4: steps 0, 1, 2
     assert all(r["train/skipped_updates"] == 0 and math.isfinite(r["loss/kl"]) for r in records)
@@ -256,8 +388,10 @@ def test_departures_table_is_the_defaults():
     it as its default or has a row whose `upstream` and `here` columns are upstream's value and the default;
     docs/training.md shows the same table."""
     table = [line for line in train.__doc__.splitlines() if line.startswith("|")]  # header, |---|, rows
-    rows = {cells[0].strip("`"): cells[1:3] for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                                          for line in table[2:])}
+    rows = {
+        cells[0].strip("`"): cells[1:3]
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
+    }
     args = train.parse_args(["--images", "."])
     for flag, upstream in train.UPSTREAM.items():
         default = getattr(args, flag)
@@ -278,8 +412,25 @@ def _tensorboard_scalars(folder):
 
 
 def test_report_to_tensorboard_matches_metrics_jsonl(image_dir, tmp_path):
-    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
-                "--max_train_steps", "2", "--sample_every", "2", *TINY, "--report_to", "tensorboard"])
+    train.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--reward",
+            "recon",
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--sample_every",
+            "2",
+            *TINY,
+            "--report_to",
+            "tensorboard",
+        ]
+    )
     scalars, images = _tensorboard_scalars(tmp_path / "logs")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for key in ["reward/mean", "loss/policy", "diag/ratio_mean", "recon/l1", "time/train_s"]:
@@ -297,8 +448,8 @@ def _wandb_history(run_file):
         if 32768 - pos % 32768 < 7:  # block trailer: padding
             pos += 32768 - pos % 32768
             continue
-        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
-        part += raw[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
+        part += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: one whole record
             record = pb.Record()
@@ -315,8 +466,25 @@ def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monk
     pytest.importorskip("wandb", reason="--report_to wandb is optional; requirements.txt installs it")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", "--layers", "2",
-                "--max_train_steps", "2", "--sample_every", "1", *TINY, "--report_to", "wandb"])
+    train.main(
+        [
+            "--images",
+            str(image_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--reward",
+            "recon",
+            "--layers",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--sample_every",
+            "1",
+            *TINY,
+            "--report_to",
+            "wandb",
+        ]
+    )
     history = _wandb_history(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = {row["_step"]: row for row in history}
@@ -332,8 +500,25 @@ def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
     resumes. The first run is long enough never to end by itself (a fast machine once finished 40 steps before the
     second one started)."""
     out = tmp_path / "run"
-    argv = [sys.executable, "train.py", "--images", str(image_dir), "--output_dir", str(out), "--reward", "recon",
-            "--layers", "2", "--max_train_steps", "100000", "--sample_every", "0", "--checkpointing_steps", "1", *TINY]
+    argv = [
+        sys.executable,
+        "train.py",
+        "--images",
+        str(image_dir),
+        "--output_dir",
+        str(out),
+        "--reward",
+        "recon",
+        "--layers",
+        "2",
+        "--max_train_steps",
+        "100000",
+        "--sample_every",
+        "0",
+        "--checkpointing_steps",
+        "1",
+        *TINY,
+    ]
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -349,8 +534,9 @@ def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
         if first.poll() is None:
             first.kill()
     done = int(runs.checkpoints(out)[-1].name.split("-")[1])  # the last checkpoint's step
-    train.main([*argv[2:-len(TINY) - 2], "--max_train_steps", str(done + 1), *TINY, "--resume_from_checkpoint",
-                "latest"])  # in this process: the killed one's lock is gone
+    train.main(
+        [*argv[2 : -len(TINY) - 2], "--max_train_steps", str(done + 1), *TINY, "--resume_from_checkpoint", "latest"]
+    )  # in this process: the killed one's lock is gone
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, done + 2))
     state = torch.load(out / f"checkpoint-{done + 1}" / "training_state.pt", weights_only=True)

@@ -16,8 +16,15 @@ import torch
 
 import quantize  # noqa: F401 (before diffusers, imported lazily: keeps the quantization backends' warnings quiet)
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def byte_level_tokenizer():
@@ -35,24 +42,42 @@ def byte_level_tokenizer():
     return tok, {s: tok.convert_tokens_to_ids(s) for s in SPECIALS}
 
 
-def tiny_qwen2_5_vl(ids, vocab_size, seed=0, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=2,
-                    mrope_section=(1, 1, 2)):
+def tiny_qwen2_5_vl(
+    ids, vocab_size, seed=0, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=2, mrope_section=(1, 1, 2)
+):
     """A randomly initialised Qwen2.5-VL (by default text hidden 16, 2 layers, 2 heads, M-RoPE sections [1, 1, 2];
     vision depth 2, hidden 16), the architecture of both the pipeline's text encoder and the default judge;
     released_pipeline asks for the released text width (3584, 28 heads, 4 KV heads) in one layer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": list(mrope_section)},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                           fullatt_block_indexes=[1], window_size=56),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -112,14 +137,24 @@ def tiny_vae(seed=0, base_dim=12):
     convolutions keep their random weights, seeded by `seed`. base_dim >= 9: the encoder's last 4 base_dim channels
     hold 16 latents, their negatives and BIG, the decoder's last base_dim 4 + 4 + 1. 1.47M parameters at 12."""
     from diffusers import AutoencoderKLQwenImage
-    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (QwenImageAttentionBlock, QwenImageResample,
-                                                                        QwenImageResidualBlock)
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
+        QwenImageAttentionBlock,
+        QwenImageResample,
+        QwenImageResidualBlock,
+    )
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae = AutoencoderKLQwenImage(base_dim=base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True], input_channels=4,
-                                     latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+        vae = AutoencoderKLQwenImage(
+            base_dim=base_dim,
+            z_dim=16,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            input_channels=4,
+            latents_mean=LATENTS_MEAN,
+            latents_std=LATENTS_STD,
+        )
     enc, dec = vae.encoder, vae.decoder
     with torch.no_grad():
         for block in vae.modules():
@@ -148,8 +183,15 @@ def tiny_vae(seed=0, base_dim=12):
         _place(vae.quant_conv, [(k, k, 1.0) for k in range(32)])
         # decoder: the 4 sub-blocks' mean of each colour and its negative, carried through nearest upsamplings
         _place(vae.post_quant_conv, [(k, k, 1.0) for k in range(16)])
-        _place(dec.conv_in, [(c + 4 * sign, 4 * p + c, 0.25 * (1 - 2 * sign))
-                             for sign in range(2) for p in range(4) for c in range(4)])
+        _place(
+            dec.conv_in,
+            [
+                (c + 4 * sign, 4 * p + c, 0.25 * (1 - 2 * sign))
+                for sign in range(2)
+                for p in range(4)
+                for c in range(4)
+            ],
+        )
         for m in dec.modules():
             if isinstance(m, QwenImageResample):
                 _place(m.resample[1], [(c, c, 1.0) for c in range(8)])
@@ -167,8 +209,17 @@ def round_trip_l1(vae=None, num_samples=12, seed=0, size=64):
     import data
 
     vae = vae or tiny_vae()  # the seed only draws weights that multiply zeros: every tiny_vae maps alike
-    layers = torch.cat([torch.stack([data.pil_to_rgba(layer) for layer in data.make_design(
-        np.random.default_rng([seed, k]), (2, 3, 4)[k % 3], (size, size))[1]]) for k in range(num_samples)])
+    layers = torch.cat(
+        [
+            torch.stack(
+                [
+                    data.pil_to_rgba(layer)
+                    for layer in data.make_design(np.random.default_rng([seed, k]), (2, 3, 4)[k % 3], (size, size))[1]
+                ]
+            )
+            for k in range(num_samples)
+        ]
+    )
     with torch.no_grad():  # (N, 4, H, W) in [0, 1], one frame each
         z = vae.encode(layers[:, :, None] * 2 - 1).latent_dist.mode()
         out = vae.decode(z).sample[:, :, 0] / 2 + 0.5
@@ -187,23 +238,51 @@ def tiny_pipeline(seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=16, axes_dims_rope=(8, 4, 4), use_layer3d_rope=True, use_additional_t_cond=True)
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(8, 4, 4),
+            use_layer3d_rope=True,
+            use_additional_t_cond=True,
+        )
     vae = tiny_vae(seed + 2)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear",
-                                                base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
-    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                                    processor=None, transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
+    )
+    return QwenImageLayeredPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer
+    )
 
 
 # ----------------------------------------------------------------------------- the released configuration, random
 # Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json (checked field by field: ../shared/NOTES.md
 # section 8); 60 blocks, 20.4B parameters, 38 GiB in bf16
-FULL_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
-                        use_layer3d_rope=True, use_additional_t_cond=True, zero_cond_t=False, guidance_embeds=False)
-FULL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
-                input_channels=4)
+FULL_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+    use_layer3d_rope=True,
+    use_additional_t_cond=True,
+    zero_cond_t=False,
+    guidance_embeds=False,
+)
+FULL_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    input_channels=4,
+)
 
 
 def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=0):
@@ -214,8 +293,12 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
     enough to encode the prompt (train.py frees it then, as it frees the 7B one); the template's system part is
     dropped as the real tokenizer drops its 34 tokens, so the fixed prompt is 41 byte tokens (11 with Qwen's
     tokenizer: 0.3% more tokens in a 9,611-token forward)."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageLayeredPipeline,
+        QwenImageTransformer2DModel,
+    )
 
     tok, ids = byte_level_tokenizer()
     old = torch.get_default_dtype()
@@ -223,16 +306,28 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)  # parameters are made in dtype where they are made
         try:
-            transformer = QwenImageTransformer2DModel(**{**FULL_TRANSFORMER,
-                                                         "num_layers": num_blocks or FULL_TRANSFORMER["num_layers"]})
+            transformer = QwenImageTransformer2DModel(
+                **{**FULL_TRANSFORMER, "num_layers": num_blocks or FULL_TRANSFORMER["num_layers"]}
+            )
             vae = AutoencoderKLQwenImage(**FULL_VAE)
-            text_encoder = tiny_qwen2_5_vl(ids, len(tok), seed, hidden=3584, intermediate=128, layers=1, heads=28,
-                                           kv_heads=4, mrope_section=(16, 24, 24))
+            text_encoder = tiny_qwen2_5_vl(
+                ids,
+                len(tok),
+                seed,
+                hidden=3584,
+                intermediate=128,
+                layers=1,
+                heads=28,
+                kv_heads=4,
+                mrope_section=(16, 24, 24),
+            )
         finally:
             torch.set_default_dtype(old)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5,
-                                                max_shift=0.9, max_image_seq_len=8192)
-    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                                    processor=None, transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
+    )
+    pipe = QwenImageLayeredPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer
+    )
     pipe.prompt_template_encode_start_idx = len(tok(pipe.prompt_template_encode.split("{}")[0]).input_ids)
     return pipe

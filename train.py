@@ -64,68 +64,157 @@ import runs
 import scoring
 
 # flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a row of the docstring's table
-UPSTREAM = {"group_size": 16, "images_per_step": 8, "num_inference_steps": 10, "noise_level": 1.2, "sde_type": "sde",
-            "sde_window": 2, "true_cfg_scale": 4.0, "cfg_normalize": True, "clip_range": 1e-4, "beta": 0.0,
-            "adv_clip_max": 5.0, "adv_std": "global", "num_inner_epochs": 1, "train_batch_size": 4,
-            "learning_rate": 3e-4, "adam_weight_decay": 1e-4, "max_grad_norm": 1.0, "rank": 64, "lora_alpha": 128,
-            "mixed_precision": "bf16"}
+UPSTREAM = {
+    "group_size": 16,
+    "images_per_step": 8,
+    "num_inference_steps": 10,
+    "noise_level": 1.2,
+    "sde_type": "sde",
+    "sde_window": 2,
+    "true_cfg_scale": 4.0,
+    "cfg_normalize": True,
+    "clip_range": 1e-4,
+    "beta": 0.0,
+    "adv_clip_max": 5.0,
+    "adv_std": "global",
+    "num_inner_epochs": 1,
+    "train_batch_size": 4,
+    "learning_rate": 3e-4,
+    "adam_weight_decay": 1e-4,
+    "max_grad_norm": 1.0,
+    "rank": 64,
+    "lora_alpha": 128,
+    "mixed_precision": "bf16",
+}
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgumentParser(
+        description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
-    a("--pretrained_model_name_or_path", default=rollout.DEFAULT_MODEL, help="hub id, local folder, 'tiny', or "
-      "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)")
-    a("--init_lora", default=None, help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter "
-      "folder); it is also the KL reference; its rank and targets replace --rank/--lora_alpha")
+    a(
+        "--pretrained_model_name_or_path",
+        default=rollout.DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny', or "
+        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+    )
+    a(
+        "--init_lora",
+        default=None,
+        help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter "
+        "folder); it is also the KL reference; its rank and targets replace --rank/--lora_alpha",
+    )
     a("--output_dir", default="outputs/stable-layers", help="checkpoints, metrics.jsonl, samples/, final LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
-    a("--sizing", choices=["longest", "area"], default="longest", help="condition size rule: longest side = "
-      "resolution, multiples of 16 (released inference) or diffusers' area rule")
+    a(
+        "--sizing",
+        choices=["longest", "area"],
+        default="longest",
+        help="condition size rule: longest side = "
+        "resolution, multiples of 16 (released inference) or diffusers' area rule",
+    )
     a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
     a("--group_size", type=int, default=8, help="G: candidates per image")
-    a("--images_per_step", type=int, default=4, help="images (groups) per optimizer step, over all ranks (a "
-      "multiple of their number); step times: docs/performance.md")
+    a(
+        "--images_per_step",
+        type=int,
+        default=4,
+        help="images (groups) per optimizer step, over all ranks (a "
+        "multiple of their number); step times: docs/performance.md",
+    )
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps during training rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (Flow-GRPO's Qwen-Image setting)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
-    a("--sde_window", type=int, default=2, help="K: consecutive SDE (trained) steps per rollout; 0 = every step "
-      "but the last (0..T-2: the last step, to sigma 0, is never trained)")
-    a("--sde_window_range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-      help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..max(K, T/2))")
+    a(
+        "--sde_window",
+        type=int,
+        default=2,
+        help="K: consecutive SDE (trained) steps per rollout; 0 = every step "
+        "but the last (0..T-2: the last step, to sigma 0, is never trained)",
+    )
+    a(
+        "--sde_window_range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..max(K, T/2))",
+    )
     a("--true_cfg_scale", type=float, default=1.0, help="true CFG scale in rollouts; 1 = off (released setting)")
-    a("--cfg_normalize", action=argparse.BooleanOptionalAction, default=True,
-      help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)")
-    a("--reward", default="vlm", help=f"a name in reward.REWARDS: {sorted(reward.REWARDS)}, or your own (README, "
-      "'Forking a reward')")
-    a("--judge", default=None, choices=["local", "http", "tiny", "text_encoder"],
-      help="VLM judge, built when named here or when the reward uses one (default: http when --judge_url is "
-      "given, else local). A local judge shares the GPU and scores serially; an http judge scores while the GPU "
-      "rolls out the next group")
-    a("--judge_model", default=None, help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served "
-      "model name")
-    a("--prompts_dir", default=str(reward.PROMPTS_DIR), help="the judge's prompt set: criteria.txt, stage1.txt, "
-      "stage2.txt (a file it lacks comes from prompts/); its criteria are logged as stage1/<key>")
+    a(
+        "--cfg_normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)",
+    )
+    a(
+        "--reward",
+        default="vlm",
+        help=f"a name in reward.REWARDS: {sorted(reward.REWARDS)}, or your own (README, 'Forking a reward')",
+    )
+    a(
+        "--judge",
+        default=None,
+        choices=["local", "http", "tiny", "text_encoder"],
+        help="VLM judge, built when named here or when the reward uses one (default: http when --judge_url is "
+        "given, else local). A local judge shares the GPU and scores serially; an http judge scores while the GPU "
+        "rolls out the next group",
+    )
+    a(
+        "--judge_model",
+        default=None,
+        help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served model name",
+    )
+    a(
+        "--prompts_dir",
+        default=str(reward.PROMPTS_DIR),
+        help="the judge's prompt set: criteria.txt, stage1.txt, "
+        "stage2.txt (a file it lacks comes from prompts/); its criteria are logged as stage1/<key>",
+    )
     a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    a("--judge_concurrency", type=int, default=None, help="http: requests in flight at once, across the groups of "
-      "a step (default: all of a step's, images per rank x (G + 1), so no group waits for a slot)")
-    a("--judge_offload", action=argparse.BooleanOptionalAction, default=True, help="local: keep the judge's "
-      "weights in CPU memory except while it scores (the peak is max(update, resident + judge), not their sum)")
-    a("--judge_overlap", action=argparse.BooleanOptionalAction, default=True, help="http: judge each group in a "
-      "thread while the GPU rolls out the next (same rewards, same LoRA as serial)")
-    a("--judge_max_failed_steps", type=int, default=1, help="stop after this many steps in a row in which the judge "
-      "answered none of its requests (such steps are never trained), saving the state for --resume_from_checkpoint "
-      "latest once the judge is back")
+    a(
+        "--judge_concurrency",
+        type=int,
+        default=None,
+        help="http: requests in flight at once, across the groups of "
+        "a step (default: all of a step's, images per rank x (G + 1), so no group waits for a slot)",
+    )
+    a(
+        "--judge_offload",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="local: keep the judge's "
+        "weights in CPU memory except while it scores (the peak is max(update, resident + judge), not their sum)",
+    )
+    a(
+        "--judge_overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="http: judge each group in a thread while the GPU rolls out the next (same rewards, same LoRA as serial)",
+    )
+    a(
+        "--judge_max_failed_steps",
+        type=int,
+        default=1,
+        help="stop after this many steps in a row in which the judge "
+        "answered none of its requests (such steps are never trained), saving the state for --resume_from_checkpoint "
+        "latest once the judge is back",
+    )
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
     a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
-    a("--adv_std", choices=["global", "group"], default="global", help="advantage normaliser: std of all rewards "
-      "of the optimizer step (upstream) or of each image's group")
+    a(
+        "--adv_std",
+        choices=["global", "group"],
+        default="global",
+        help="advantage normaliser: std of all rewards of the optimizer step (upstream) or of each image's group",
+    )
     a("--num_inner_epochs", type=int, default=1, help="passes over one step's rollouts (1 = fully on-policy)")
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the LoRA")
@@ -134,45 +223,90 @@ def parse_args(argv=None):
     a("--rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / r)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    a("--decode_chunk", type=int, default=8, help="VAE frames decoded at a time after a rollout (fewer: less "
-      "memory; python memory.py)")
-    a("--memory_check", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, compare memory.py's "
-      "plan for these flags with the card at start-up and stop with one line if it does not fit")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="regional torch.compile of the "
-      "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)")
-    a("--attention_backend", default=None, choices=rollout.ATTENTION_BACKENDS, help="attention kernel through "
-      "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)")
+    a(
+        "--decode_chunk",
+        type=int,
+        default=8,
+        help="VAE frames decoded at a time after a rollout (fewer: less memory; python memory.py)",
+    )
+    a(
+        "--memory_check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, compare memory.py's "
+        "plan for these flags with the card at start-up and stop with one line if it does not fit",
+    )
+    a(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="regional torch.compile of the "
+        "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)",
+    )
+    a(
+        "--attention_backend",
+        default=None,
+        choices=rollout.ATTENTION_BACKENDS,
+        help="attention kernel through "
+        "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)",
+    )
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a("--quantize", default="none", choices=list(quantize.QUANTIZE), help="the frozen transformer blocks in fewer "
-      "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
-      "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks")
-    a("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: shard the frozen "
-      "transformer across the ranks (FSDP2), so that several smaller GPUs train the bf16 model; the LoRA, the "
-      "algorithm and the checkpoints are unchanged (parallel.shard)")
+    a(
+        "--quantize",
+        default="none",
+        choices=list(quantize.QUANTIZE),
+        help="the frozen transformer blocks in fewer "
+        "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
+    )
+    a(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
+        "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks",
+    )
+    a(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="under torchrun: shard the frozen "
+        "transformer across the ranks (FSDP2), so that several smaller GPUs train the bf16 model; the LoRA, the "
+        "algorithm and the checkpoints are unchanged (parallel.shard)",
+    )
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--sample_every", type=int, default=10, help="write a PNG of one scored group every N steps (0 = never)")
-    a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker for the scalars and sample "
-      "pictures (metrics.jsonl is always written); tensorboard: `tensorboard --logdir OUTPUT_DIR/logs`")
+    a(
+        "--report_to",
+        choices=runs.REPORT_TO,
+        default="tensorboard",
+        help="tracker for the scalars and sample "
+        "pictures (metrics.jsonl is always written); tensorboard: `tensorboard --logdir OUTPUT_DIR/logs`",
+    )
     args = p.parse_args(argv)
     T = args.num_inference_steps
-    checks = [(args.group_size >= 2, "--group_size must be >= 2 (advantages are relative within a group)"),
-              (min(args.layers) >= 1, "--layers must be >= 1"),
-              (T >= 2, "--num_inference_steps must be >= 2 (the last step is never trained)"),
-              (0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..{T - 1} (--num_inference_steps - 1: the "
-               "last step, to sigma 0, is never trained)"),
-              (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
-              (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
-              (args.images_per_step >= 1, "--images_per_step must be >= 1"),
-              (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
-              (args.judge_max_failed_steps >= 1, "--judge_max_failed_steps must be >= 1"),
-              (args.decode_chunk >= 1, "--decode_chunk must be >= 1"),
-              (not (args.judge_url and args.judge not in (None, "http")), f"--judge {args.judge} with --judge_url: "
-               "the URL is for --judge http; drop one of them"),
-              (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps")]
+    checks = [
+        (args.group_size >= 2, "--group_size must be >= 2 (advantages are relative within a group)"),
+        (min(args.layers) >= 1, "--layers must be >= 1"),
+        (T >= 2, "--num_inference_steps must be >= 2 (the last step is never trained)"),
+        (
+            0 <= args.sde_window <= T - 1,
+            f"--sde_window must be in 0..{T - 1} (--num_inference_steps - 1: the "
+            "last step, to sigma 0, is never trained)",
+        ),
+        (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
+        (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
+        (args.images_per_step >= 1, "--images_per_step must be >= 1"),
+        (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
+        (args.judge_max_failed_steps >= 1, "--judge_max_failed_steps must be >= 1"),
+        (args.decode_chunk >= 1, "--decode_chunk must be >= 1"),
+        (
+            not (args.judge_url and args.judge not in (None, "http")),
+            f"--judge {args.judge} with --judge_url: the URL is for --judge http; drop one of them",
+        ),
+        (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -212,12 +346,23 @@ def roll_out(pipe, args, path, plan, k, device):
     window and ODE elsewhere, log-probs of the window's transitions kept; layers decoded, on the CPU for the reward."""
     pipe.transformer.eval()
     with lora.lora_precision(pipe.transformer):
-        traj = rollout.sample(pipe, [data.open_image(path)], layers=plan.layers, prompt=args.prompt or None,
-                              group_size=args.group_size, num_inference_steps=args.num_inference_steps,
-                              noise_level=args.noise_level, sde_window=plan.window, sde_type=args.sde_type,
-                              resolution=args.resolution, sizing=args.sizing, true_cfg_scale=args.true_cfg_scale,
-                              cfg_normalize=args.cfg_normalize, decode_chunk=args.decode_chunk,
-                              generator=torch.Generator(device).manual_seed(plan.seeds[k]))
+        traj = rollout.sample(
+            pipe,
+            [data.open_image(path)],
+            layers=plan.layers,
+            prompt=args.prompt or None,
+            group_size=args.group_size,
+            num_inference_steps=args.num_inference_steps,
+            noise_level=args.noise_level,
+            sde_window=plan.window,
+            sde_type=args.sde_type,
+            resolution=args.resolution,
+            sizing=args.sizing,
+            true_cfg_scale=args.true_cfg_scale,
+            cfg_normalize=args.cfg_normalize,
+            decode_chunk=args.decode_chunk,
+            generator=torch.Generator(device).manual_seed(plan.seeds[k]),
+        )
     traj.layers = traj.layers.cpu()
     return traj
 
@@ -245,8 +390,9 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
             for j in range(K):
                 for rows in torch.arange(len(adv)).split(args.train_batch_size):
                     log_prob, prev_mean, std_dev_t = rollout.step_log_prob(transformer, traj, j, rows)
-                    loss_pg, diag = grpo.policy_loss(log_prob, traj.log_probs[rows, j], adv[rows].to(log_prob.device),
-                                                     args.clip_range)
+                    loss_pg, diag = grpo.policy_loss(
+                        log_prob, traj.log_probs[rows, j], adv[rows].to(log_prob.device), args.clip_range
+                    )
                     loss_kl = torch.zeros((), device=log_prob.device)
                     if args.beta > 0:
                         with torch.no_grad(), lora.reference_policy(transformer):
@@ -269,8 +415,11 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
             tqdm.write("non-finite loss or gradient: update skipped")
         optimizer.zero_grad(set_to_none=True)
     stats = parallel.sum_floats(stats, params[0].device)
-    return {**stats, "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
-            "train/skipped_updates": skipped}
+    return {
+        **stats,
+        "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+        "train/skipped_updates": skipped,
+    }
 
 
 NOT_TRAINED = {"train/grad_norm": 0.0, "train/skipped_updates": 1}  # a step the judge did not answer
@@ -281,13 +430,28 @@ def log_step(log, step, plan, scores, advantages, stats, traj, args, timer, devi
     stage2/*, judge/*), the update's losses and diagnostics, times and memory; every --sample_every steps the
     picture of this rank's first group, captioned with rewards, advantages and scores."""
     G = args.group_size
-    log.log({"step": step + 1, **scores.metrics, "reward/mean": scores.rewards.mean().item(),
-             "reward/std": scores.rewards.std(unbiased=False).item(), **stats, "layers": plan.layers,
-             "window": list(plan.window), "time/reward_s": scores.reward_s, **timer.figures(),
-             **runs.memory_figures(device)})
+    log.log(
+        {
+            "step": step + 1,
+            **scores.metrics,
+            "reward/mean": scores.rewards.mean().item(),
+            "reward/std": scores.rewards.std(unbiased=False).item(),
+            **stats,
+            "layers": plan.layers,
+            "window": list(plan.window),
+            "time/reward_s": scores.reward_s,
+            **timer.figures(),
+            **runs.memory_figures(device),
+        }
+    )
     if args.sample_every and (step + 1) % args.sample_every == 0:
-        picture = runs.save_group_png(Path(args.output_dir) / "samples" / f"step-{step + 1:06d}.png", traj,
-                                      scores.rewards[:G], advantages[:G], scores.candidates)
+        picture = runs.save_group_png(
+            Path(args.output_dir) / "samples" / f"step-{step + 1:06d}.png",
+            traj,
+            scores.rewards[:G],
+            advantages[:G],
+            scores.candidates,
+        )
         log.image("samples/group", picture, step + 1)
 
 
@@ -296,8 +460,13 @@ def build_policy(args, device, dtype):
     whole transformer), the fixed prompt encoded once (then the text encoder freed, unless it is the judge), the LoRA
     added (fresh, or --init_lora's), gradient checkpointing, the speed levers, and with --fsdp the frozen weights
     sharded. Returns (pipe, LoRA parameters)."""
-    pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=None if args.fsdp
-                                 else device, captioning=args.prompt == "", quantize=args.quantize)
+    pipe = rollout.load_pipeline(
+        args.pretrained_model_name_or_path,
+        torch_dtype=dtype,
+        device=None if args.fsdp else device,
+        captioning=args.prompt == "",
+        quantize=args.quantize,
+    )
     if args.prompt:  # a fixed prompt: encoded once, cached on the pipeline
         for prompt in [args.prompt, " "] if args.true_cfg_scale > 1 else [args.prompt]:
             rollout.encode_prompt(pipe, prompt)
@@ -305,14 +474,19 @@ def build_policy(args, device, dtype):
             rollout.free_text_encoder(pipe)  # needed no more
     transformer = pipe.transformer
     torch.manual_seed(args.seed)  # the LoRA's gaussian init
-    params = lora.add_init_lora(transformer, args.init_lora) if args.init_lora else \
-        lora.add_lora(transformer, args.rank, args.lora_alpha)
+    params = (
+        lora.add_init_lora(transformer, args.init_lora)
+        if args.init_lora
+        else lora.add_lora(transformer, args.rank, args.lora_alpha)
+    )
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     rollout.speed_up(transformer, args.attention_backend, args.compile)
     if args.fsdp:
         whole, local = parallel.shard(transformer, params, device)
-        print(f"rank {parallel.rank()}: {local / 2**30:.3g} of the frozen transformer's {whole / 2**30:.3g} GiB (--fsdp)")
+        print(
+            f"rank {parallel.rank()}: {local / 2**30:.3g} of the frozen transformer's {whole / 2**30:.3g} GiB (--fsdp)"
+        )
         for module in (pipe.vae, pipe.text_encoder):  # the rest of the pipeline, whole on every rank
             if module is not None:
                 module.to(device)
@@ -331,8 +505,9 @@ def main(argv=None):
         rank, world, device = parallel.init_distributed(device)
         parallel.check_fsdp(args.fsdp, world, args.quantize, args.compile)
         if args.images_per_step % world:
-            raise runs.InputError(f"--images_per_step {args.images_per_step} must be a multiple of the number of "
-                                  f"ranks ({world})")
+            raise runs.InputError(
+                f"--images_per_step {args.images_per_step} must be a multiple of the number of ranks ({world})"
+            )
         lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint) if rank == 0 else None  # held to the end
         paths = data.find_images(args.images)
         if device.startswith("cuda"):
@@ -340,8 +515,9 @@ def main(argv=None):
             runs.check_attention(device, dtype)
         quantize.check(args.quantize, device)
         G, per_rank = args.group_size, args.images_per_step // world
-        judge = scoring.load_judge(args, [reward_fn], device, dtype, concurrency=args.judge_concurrency or
-                                   per_rank * (G + 1))  # checked before the model load; all of a step's requests
+        judge = scoring.load_judge(
+            args, [reward_fn], device, dtype, concurrency=args.judge_concurrency or per_rank * (G + 1)
+        )  # checked before the model load; all of a step's requests
         pipe, params = parallel.in_turn(lambda: build_policy(args, device, dtype), turns=args.fsdp)
         transformer = pipe.transformer
         judge = judge or scoring.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
@@ -350,21 +526,35 @@ def main(argv=None):
             if rank == 0:
                 print(line)
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-        start = runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer,
-                                     writer=rank == 0) if args.resume_from_checkpoint else 0
+        start = (
+            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer, writer=rank == 0)
+            if args.resume_from_checkpoint
+            else 0
+        )
         log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     if rank == 0:
-        print(f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
-              + runs.device_line(device, dtype, args.quantize))
+        print(
+            f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
+            + runs.device_line(device, dtype, args.quantize)
+        )
     mine = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's image positions of every step
     timer = runs.Timer()
-    scorer = scoring.Scoring(reward_fn, judge, G, timer, overlap=judge is not None and judge.kind == "http" and
-                             args.judge_overlap, threads=per_rank, max_failed_steps=args.judge_max_failed_steps,
-                             last_step=args.max_train_steps)
-    bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train",
-               disable=rank != 0)
-    save = lambda step: runs.save_checkpoint(output_dir, step, transformer, optimizer, args,
-                                             args.checkpoints_total_limit)
+    scorer = scoring.Scoring(
+        reward_fn,
+        judge,
+        G,
+        timer,
+        overlap=judge is not None and judge.kind == "http" and args.judge_overlap,
+        threads=per_rank,
+        max_failed_steps=args.judge_max_failed_steps,
+        last_step=args.max_train_steps,
+    )
+    bar = tqdm(
+        range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train", disable=rank != 0
+    )
+    save = lambda step: runs.save_checkpoint(
+        output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit
+    )
     with runs.guard(output_dir, timer, save, close=lambda: (bar.close(), lock and lock.close())), scorer:
         for step in bar:
             plan = step_plan(args, step, len(paths))
@@ -374,17 +564,25 @@ def main(argv=None):
                     trajectories.append(roll_out(pipe, args, paths[plan.indices[k]], plan, k, device))
                 scorer.submit(trajectories[-1], step)  # with an HTTP judge: judged while the next group rolls out
             scores = scorer.gather(step)  # every rank's rewards in image order (runs.Stop if the judge is down)
-            advantages = grpo.group_advantages(scores.rewards, G, args.adv_std == "global",
-                                               adv_clip_max=args.adv_clip_max)  # (images_per_step * G,)
+            advantages = grpo.group_advantages(
+                scores.rewards, G, args.adv_std == "global", adv_clip_max=args.adv_clip_max
+            )  # (images_per_step * G,)
             with timer("train"), lora.lora_precision(transformer):  # never on fallback rewards alone
-                stats = policy_update(transformer, trajectories, advantages[mine.start * G:mine.stop * G], args,
-                                      params, optimizer) if scores.answered else NOT_TRAINED
+                stats = (
+                    policy_update(
+                        transformer, trajectories, advantages[mine.start * G : mine.stop * G], args, params, optimizer
+                    )
+                    if scores.answered
+                    else NOT_TRAINED
+                )
             if rank != 0:
                 continue
             with timer("log"):
                 log_step(log, step, plan, scores, advantages, stats, trajectories[0], args, timer, device)
                 bar.set_postfix(reward=f"{scores.rewards.mean().item():.3f}")
-                if scores.answered and ((step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps):
+                if scores.answered and (
+                    (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps
+                ):
                     save(step + 1)
     if rank == 0:
         runs.save_final(output_dir, transformer, args)
