@@ -34,37 +34,37 @@ Choices that are ours (no public code for the paper is known):
   a teacher restricted to a folder (NAME=PATH:FOLDER) applies only to the images under it, as DiffusionOPD
   gives each teacher its own task's prompts;
 - the student is a fresh LoRA (B = 0, so it starts as the base model) or a copy of one teacher
-  (--student_init NAME); it is the adapter "default", so runs.py's checkpoints and loaders save and load it;
+  (--student_init NAME); it is the adapter "default", which support/checkpoints.py saves and loads;
 - one process (train.py's torchrun data parallelism is not wired in here).
 Logs: loss/distill, kl/<teacher> (its mean per-element KL where it applies) and reward/<teacher>, that
 teacher's reward (--teacher_reward NAME=REWARD) on the student's samples. Choices that are ours (flags):
---sde_type sde|cps, --mixed_precision no|bf16|fp16, --report_to tensorboard|wandb|none, --judge for a vlm reward.
+--sde_type sde|cps, --mixed_precision no|bf16|fp16, --report_to tensorboard|wandb|none, the judge's flags for a
+--teacher_reward that scores with one (any --reward of train.py: a name, FILE.py:FUNCTION or MODULE:FUNCTION).
 """
 
 import argparse
 import re
-import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import data
 import grpo
 import lora
 import reward
 import rollout
-import runs
-import scoring
 import train
-
+from support import checkpoints, cli, runfolder, tracking
+from support.checkpoints import load_lora
+from support.images import find_images, open_image
+from support.pictures import render_group_grid
+from support.scoring import call_reward
 
 METHOD = "on-policy distillation of per-reward teachers (DiffusionOPD)"  # the model card's words
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Distil several per-reward teacher LoRAs into one student LoRA (on-policy, DiffusionOPD).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -90,7 +90,8 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="NAME=REWARD",
-        help=f"log this reward ({sorted(reward.REWARDS)}) of the student's samples as reward/NAME",
+        help="log this reward of the student's samples as reward/NAME: a name (" + ", ".join(reward.REWARDS) + "), "
+        "FILE.py:FUNCTION or MODULE:FUNCTION, as train.py's --reward",
     )
     a(
         "--student_init",
@@ -144,21 +145,8 @@ def parse_args(argv=None):
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--sample_every", type=int, default=10, help="write a PNG of one group every N steps (0 = never)")
-    a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
-    a(
-        "--judge",
-        default=None,
-        choices=["local", "http", "tiny"],
-        help="VLM judge, built when named here or when a "
-        "--teacher_reward uses one (default: http when --judge_url is given, else local)",
-    )
-    a("--judge_model", default=None, help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served name")
-    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    a(
-        "--prompts_dir",
-        default=str(reward.PROMPTS_DIR),
-        help="the judge's prompt set (criteria.txt, stage1.txt, stage2.txt; a file it lacks comes from prompts/)",
-    )
+    a("--report_to", choices=tracking.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
+    reward.add_judge_flags(p)  # the judge of a --teacher_reward that scores with one, as in train.py and reward.py
     args = p.parse_args(argv)
     T = args.num_inference_steps
     args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it
@@ -186,61 +174,23 @@ def parse_args(argv=None):
         (T >= 2 and 0 <= args.sde_window <= T - 1, f"--sde_window must be in 0..T-1 = {T - 1} (T >= 2)"),
         (args.noise_level > 0, "--noise_level must be > 0 (the KL divides by the step variance)"),
         (all(t["weight"] >= 0 for t in args.teachers.values()), "--teacher_weight must be >= 0"),
-        (
-            all(t["reward"] in (None, *reward.REWARDS) for t in args.teachers.values()),
-            f"--teacher_reward: choose rewards from {sorted(reward.REWARDS)}",
-        ),
         (args.student_init in (None, *names), f"--student_init must be one of {names}"),
         (min(args.layers) >= 1 and args.group_size >= 1 and args.prompt, "--layers/--group_size/--prompt"),
         (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
         (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps"),
     ]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    cli.check(p, checks)
     return args
 
 
-# ----------------------------------------------------------------------------- teachers as named adapters
-def load_adapter(pipe, name, path):
-    """Load a LoRA (PEFT folder, or diffusers pytorch_lora_weights.safetensors / a folder holding it) into
-    pipe.transformer as the adapter `name`, beside the others (one copy of the base weights)."""
-    from peft import LoraConfig
-
-    path = Path(path)
-    with warnings.catch_warnings():  # peft warns on every further adapter: that is the point here
-        warnings.filterwarnings("ignore", message=".*(multiple adapters|exclude_modules).*")
-        if (path / "adapter_config.json").is_file():
-            pipe.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=name)
-            lora.load_peft_weights(pipe.transformer, path, adapter_name=name)
-        elif path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file():
-            from diffusers.utils import logging
-            from safetensors import safe_open
-
-            verbosity = logging.get_verbosity()
-            logging.set_verbosity_error()  # diffusers 0.42.1 lists the OTHER adapters' keys as "missing"
-            try:
-                pipe.load_lora_weights(str(path), adapter_name=name)
-            finally:
-                logging.set_verbosity(verbosity)
-            with safe_open(path if path.is_file() else path / "pytorch_lora_weights.safetensors", "pt") as f:
-                expected = sum("lora_" in k for k in f.keys())
-            if sum(f".{name}." in n and "lora_" in n for n, _ in pipe.transformer.named_parameters()) != expected:
-                raise runs.InputError(f"--teacher {name}={path}: not every LoRA weight of the file found a module")
-        else:
-            raise runs.InputError(
-                f"--teacher {name}={path}: neither a diffusers LoRA (pytorch_lora_weights"
-                ".safetensors) nor a PEFT adapter folder (adapter_config.json)"
-            )
-
-
+# ----------------------------------------------------------------------------- the images and their teachers
 def image_pool(args):
     """(image paths, W (num_images, num_teachers) float weights): --images plus every teacher's folder;
     W[i, k] = w_k where teacher k applies to image i (no folder, or the image lies under its folder), else 0."""
-    paths = {p.resolve(): p for p in data.find_images(args.images)}
+    paths = {p.resolve(): p for p in find_images(args.images)}
     for t in args.teachers.values():
         if t["folder"]:
-            paths.update({p.resolve(): p for p in data.find_images(t["folder"])})
+            paths.update({p.resolve(): p for p in find_images(t["folder"])})
     resolved = sorted(paths)
     W = torch.tensor(
         [
@@ -252,7 +202,7 @@ def image_pool(args):
         ]
     )  # (num_images, num_teachers)
     if not (W > 0).any(1).all():
-        raise runs.InputError(
+        raise cli.InputError(
             f"{paths[resolved[int((W > 0).any(1).logical_not().nonzero()[0])]]}: no teacher with "
             "weight > 0 applies to this image; give a teacher without :FOLDER"
         )
@@ -267,6 +217,7 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
     total = sum(t.log_probs.shape[0] for t in trajectories) * K  # (candidate, step) pairs
     kl_sum, kl_count = torch.zeros(len(names)), torch.zeros(len(names))
     stats = {"loss/distill": 0.0, "train/grad_norm": 0.0, "train/skipped_updates": 0}
+    transformer.train()
     optimizer.zero_grad(set_to_none=True)
     finite = True
     for traj, w in zip(trajectories, weights):
@@ -303,123 +254,135 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
     return stats
 
 
+@torch.no_grad()
+def roll_out(pipe, args, path, plan, k, decode):
+    """The student's G candidates of image position k (train.roll_out's sampler, without CFG)."""
+    pipe.transformer.eval()
+    with lora.lora_precision(pipe.transformer):
+        traj = rollout.sample(
+            pipe,
+            [open_image(path)],
+            layers=plan.layers,
+            prompt=args.prompt,
+            group_size=args.group_size,
+            num_inference_steps=args.num_inference_steps,
+            noise_level=args.noise_level,
+            sde_window=plan.window,
+            sde_type=args.sde_type,
+            resolution=args.resolution,
+            sizing=args.sizing,
+            decode=decode,
+            generator=torch.Generator(pipe.transformer.device).manual_seed(plan.seeds[k]),
+        )
+    traj.layers = traj.layers.cpu() if decode else None
+    return traj
+
+
+def log_step(log, step, plan, scores, stats, traj, args, timer, device, save):
+    """One row of metrics.jsonl (and the tracker), a checkpoint every --checkpointing_steps, a sample picture (the
+    first group, captioned with each teacher's reward) every --sample_every steps: train.log_step's plumbing."""
+    done = step + 1
+    record = {
+        "step": done,
+        **stats,
+        **{f"reward/{n}": r.mean().item() for n, r in scores.items()},
+        "layers": plan.layers,
+        "window": list(plan.window),
+    }
+    if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
+        with timer("checkpoint"):
+            save(done, record)
+    log.log({**record, **timer.figures(), **tracking.memory_figures(device)})
+    if args.sample_every and done % args.sample_every == 0:
+        captions = [" ".join(f"{n} {r[k]:.3f}" for n, r in scores.items()) for k in range(args.group_size)]
+        labels = [chr(ord("A") + k) for k in range(args.group_size)]
+        log.sample(render_group_grid(traj.images[0], traj.layers, labels, captions), done)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     names = list(args.teachers)
-    with runs.input_errors():
-        if runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+    with cli.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
+        rewards = {n: reward.resolve_reward(t["reward"]) for n, t in args.teachers.items() if t["reward"]}
+        if runfolder.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
             return None  # resumed at or past --max_train_steps: nothing to train, nothing written
-        lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint)  # noqa: F841 (held to the end)
-        device, dtype = runs.pick_device(args.device, args.mixed_precision)
+        lock = runfolder.claim_output_dir(output_dir, args.resume_from_checkpoint)
+        device, dtype = cli.pick_device(args.device, args.mixed_precision)
         paths, W = image_pool(args)
-        judge = scoring.load_judge(
-            args, [reward.REWARDS[t["reward"]] for t in args.teachers.values() if t["reward"]], device, dtype
-        )
+        cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
+        judge = reward.load_judge(args, list(rewards.values()), device, dtype)
         pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
         rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
-        rollout.free_text_encoder(pipe)
+        judge = judge or reward.load_judge(args, list(rewards.values()), device, dtype, pipeline=pipe)
+        if args.judge != "text_encoder":
+            rollout.free_text_encoder(pipe)
         transformer = pipe.transformer
         transformer.requires_grad_(False)
         if args.student_init:
-            load_adapter(pipe, "default", args.teachers[args.student_init]["path"])
+            load_lora(pipe, args.teachers[args.student_init]["path"], "default", f"--teacher {args.student_init}=")
         else:
             torch.manual_seed(args.seed)  # the LoRA's gaussian init of A (B = 0)
             lora.add_lora(transformer, args.rank, args.lora_alpha)
         for name, t in args.teachers.items():
-            load_adapter(pipe, name, t["path"])
+            load_lora(pipe, t["path"], name, f"--teacher {name}=")
         transformer.set_adapter("default")
         params = lora.trainable_lora(transformer)  # the student's LoRA only, in fp32 (the optimizer's copy)
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-        start = (
-            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
-            if args.resume_from_checkpoint
-            else 0
-        )
-        log = runs.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
-    rewards = {n: reward.REWARDS[t["reward"]] for n, t in args.teachers.items() if t["reward"]}
+        start = 0
+        if args.resume_from_checkpoint:
+            start = checkpoints.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
+        log = tracking.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
     print(
         f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
-        "LoRA parameters, " + runs.device_line(device, dtype)
+        "LoRA parameters, " + cli.device_line(device, dtype)
     )
-
+    timer = tracking.Timer()
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")
-    for step in bar:
-        indices, layers, window, seeds = train.step_plan(args, step, len(paths))  # all from (seed, step)
-        sample_now = args.sample_every and (step + 1) % args.sample_every == 0
-        t0 = time.perf_counter()
-        transformer.eval()
-        with lora.lora_precision(transformer):
-            trajectories = [
-                rollout.sample(
-                    pipe,
-                    [data.open_image(paths[i])],
-                    layers=layers,
-                    prompt=args.prompt,
-                    group_size=args.group_size,
-                    num_inference_steps=args.num_inference_steps,
-                    noise_level=args.noise_level,
-                    sde_window=window,
-                    sde_type=args.sde_type,
-                    resolution=args.resolution,
-                    sizing=args.sizing,
-                    decode=bool(rewards) or sample_now,
-                    generator=torch.Generator(device).manual_seed(seed),
-                )
-                for i, seed in zip(indices, seeds)
-            ]
-        t1 = time.perf_counter()
-        scores = {
-            n: torch.cat(
-                [
-                    torch.as_tensor(
-                        fn(t.images, t.layers.cpu(), args.group_size, judge=judge, seed=step)[0], dtype=torch.float32
+
+    def save(step, metrics=None):
+        return checkpoints.save_checkpoint(
+            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
+        )
+
+    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))):
+        for step in bar:
+            plan = train.step_plan(args, step, len(paths))  # all from (seed, step), as train.py's
+            decode = bool(rewards) or bool(args.sample_every and (step + 1) % args.sample_every == 0)
+            with timer("rollout"):
+                trajectories = [roll_out(pipe, args, paths[i], plan, k, decode) for k, i in enumerate(plan.indices)]
+            with timer("reward"):  # name -> (B,): each teacher's reward of the student's samples, logged only
+                scores = {
+                    n: torch.cat(
+                        [
+                            call_reward(
+                                fn,
+                                f"--teacher_reward {n}={args.teachers[n]['reward']}",
+                                t.images,
+                                t.layers,
+                                args.group_size,
+                                judge=judge,
+                                seed=s,
+                            )[0]
+                            for t, s in zip(trajectories, plan.seeds)
+                        ]
                     )
-                    for t in trajectories
-                ]
-            )
-            for n, fn in rewards.items()
-        }  # name -> (B,)
-        t2 = time.perf_counter()
-        transformer.train()
-        with lora.lora_precision(transformer):
-            stats = distill_update(transformer, trajectories, W[indices], names, args, params, optimizer)
-        t3 = time.perf_counter()
-        record = {
-            "step": step + 1,
-            **stats,
-            **{f"reward/{n}": r.mean().item() for n, r in scores.items()},
-            "layers": layers,
-            "window": list(window),
-            "time/rollout_s": t1 - t0,
-            "time/reward_s": t2 - t1,
-            "time/train_s": t3 - t2,
-        }
-        log.log(record)
-        bar.set_postfix(loss=f"{stats['loss/distill']:.3e}")
-        if sample_now:
-            captions = [" ".join(f"{n} {r[k]:.3f}" for n, r in scores.items()) for k in range(args.group_size)]
-            picture = reward.render_group_grid(
-                trajectories[0].images[0],
-                trajectories[0].layers.cpu(),
-                [chr(ord("A") + k) for k in range(args.group_size)],
-                captions,
-            )
-            (output_dir / "samples").mkdir(exist_ok=True)
-            picture.save(output_dir / "samples" / f"step-{step + 1:06d}.png")
-            log.image("samples", picture, step + 1)
-        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(
-                output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit, method=METHOD
-            )
+                    for n, fn in rewards.items()
+                }
+            with timer("train"), lora.lora_precision(transformer):
+                stats = distill_update(transformer, trajectories, W[plan.indices], names, args, params, optimizer)
+            with timer("log"):
+                log_step(log, step, plan, scores, stats, trajectories[0], args, timer, device, save)
+                bar.set_postfix(loss=f"{stats['loss/distill']:.3e}")
+    checkpoints.save_final(output_dir, transformer, args, method=METHOD)  # the student: adapter "default"
     log.close()
-    runs.save_final(output_dir, transformer, args, method=METHOD)  # the student: save_lora writes adapter "default"
-    print(runs.written(output_dir))  # the student's LoRA
+    runfolder.release(lock)
+    print(runfolder.written(output_dir))
     return pipe
 
 
 if __name__ == "__main__":
-    main()  # bad input stops in setup with one line (runs.input_errors); in the loop, errors keep their traceback
+    main()

@@ -1,6 +1,6 @@
-"""evaluate.py: per-layer L1 of predicted layers against held-out reference layers, grouped by layer count L.
+"""Per-layer L1 of predicted layers against held-out reference layers, grouped by layer count L.
 
-References and predictions use the reference format of data.py (one folder per sample: image.png and
+References and predictions use the reference format (support/images.py; one folder per sample: image.png and
 layer_0.png ... layer_{L-1}.png, RGBA, layer_0 the background), predictions under the same sample names. Make
 references with `python data.py synthetic refs` or `python data.py crello refs`.
 
@@ -11,31 +11,30 @@ references with `python data.py synthetic refs` or `python data.py crello refs`.
         --lora mine=ckpt/pytorch_lora_weights.safetensors --output_dir out
 
 Outputs in --output_dir: the printed table, results.json ({run: {str(L): {n, per_layer_l1, mean_l1, ...}}}),
-layerd_scores.json (LayerD's protocol per edit level over all samples, layerd_protocol.py), per_sample.csv,
+layerd_scores.json (LayerD's protocol per edit level over all samples, support/layerd.py), per_sample.csv,
 bars_L<L>.png (one bar chart per L comparing runs per layer index, and blank / duplicate / overlapping layers),
 samples.png (input and layers on white, per run). Model mode also writes
 output_dir/predictions/<run>/<sample>/layer_<i>.png for re-scoring. docs/evaluation.md defines every number.
 """
 
 import argparse
-import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-import layerd_protocol
-import reward  # rewards and judges import no diffusers either
-import runs  # torch only at import
-from data import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers, to_image
-from quantize import QUANTIZE, check as check_quantize  # torch only: predictions mode needs no diffusers
+import reward
+import rollout
+from support import cli, layerd, quantize
+from support.checkpoints import load_lora
+from support.images import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers
+from support.report import bar_chart, format_table, side_by_side, write_csv
 
 
 def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
@@ -49,7 +48,7 @@ def resize_rgba(layer: torch.Tensor, size) -> torch.Tensor:
     return torch.cat([torch.where(a > 0, (out[:3] / a.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(a)), a])
 
 
-# -------------------------------------------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------------------------------- metrics
 def to_uint8(layer: torch.Tensor) -> np.ndarray:
     """(4, H, W) in [0, 1] -> (H, W, 4) uint8, round(255 x): exactly the 8-bit file for layers read from PNGs."""
     return (layer.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
@@ -98,7 +97,7 @@ def sample_metrics(
       recon_l1 = mean over H, W, 3 channels of |over_white(composite(all N pred layers, extras included))
                  - over_white(image.png)|
       blank_layers, duplicate_layers, fg_overlap: `layer_quality` of the N pred layers; ref_*: of the references
-      layerd_levels: LayerD's protocol (layerd_protocol.edit_levels on the 8-bit layers, all N pred layers against
+      layerd_levels: LayerD's protocol (layerd.edit_levels on the 8-bit layers, all N pred layers against
                  the L reference layers, up to layerd_max_edits merges), one dict per edit level; None when N < 2 or
                  L < 2 (LayerD's tools/evaluate.py skips those samples); layerd_rgb_l1, layerd_alpha_iou,
                  layerd_edits: its last level (the values at max edits, and the edits used)
@@ -126,9 +125,7 @@ def sample_metrics(
     }
     if layerd:
         levels = (
-            layerd_protocol.edit_levels(
-                [to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers], layerd_max_edits
-            )
+            layerd.edit_levels([to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers], layerd_max_edits)
             if N >= 2 and L >= 2
             else None
         )
@@ -179,7 +176,7 @@ def summarize(rows: list) -> dict:
     missing_layers, extra_layers, pred_layers (= sum of N), blank_layers, duplicate_layers are sums over the group;
     blank_fraction = blank_layers / pred_layers, duplicate_fraction likewise (0 when no layer was predicted);
     fg_overlap = mean over the samples; ref_*: the same of the references (ref_pred_layers = n L);
-    layerd = LayerD's aggregate (layerd_protocol.aggregate) of the layerd_n samples with LayerD levels, one dict per
+    layerd = LayerD's aggregate (layerd.aggregate) of the layerd_n samples with LayerD levels, one dict per
     edit level; layerd_rgb_l1 / layerd_alpha_iou / layerd_edits = its last level's averages (None when none)."""
     out = {}
     for L in sorted({r["L"] for r in rows}):
@@ -211,176 +208,11 @@ def summarize(rows: list) -> dict:
                 }
             )
         levels = [r["layerd_levels"] for r in g if r.get("layerd_levels")]
-        s["layerd"], s["layerd_n"] = layerd_protocol.aggregate(levels), len(levels)
+        s["layerd"], s["layerd_n"] = layerd.aggregate(levels), len(levels)
         for key in ("rgb_l1", "alpha_iou", "edits"):
             s[f"layerd_{key}"] = s["layerd"][-1][f"avg_{key}"] if levels else None
         out[str(L)] = s
     return out
-
-
-# ---------------------------------------------------------------- reporting: table, JSON, CSV, bar charts, side-by-side
-QUALITY = {"blank": "blank_fraction", "dup": "duplicate_fraction", "overlap": "fg_overlap"}  # column -> summary key
-
-
-def format_table(results: dict, layerd_all: dict = None) -> str:
-    """The paper's shape: one block per L with its n, columns Pred 0 .. Pred L-1 and mean, one row per run, then
-    recon, the blank / duplicate fractions and the foreground overlap (a last row gives those of the references),
-    and missing/extra layer counts. layerd_all {run: LayerD's aggregate over all samples} adds one block: RGB L1 and
-    soft alpha IoU per max edits 0 .. the most used (a level no sample reached equals the last one)."""
-    runs = list(results)
-    width = max([len(r) for r in runs] + [12])
-    lines = []
-    for L in sorted({int(L) for r in runs for L in results[r]}):
-        ns = {results[r][str(L)]["n"] for r in runs if str(L) in results[r]}
-        head = "".join(f"{'Pred ' + str(i):>9}" for i in range(L)) + "".join(
-            f"{c:>9}" for c in ["mean", "recon", *QUALITY]
-        )
-        lines += [f"L={L} (n={'/'.join(map(str, sorted(ns)))})".ljust(width) + head + "  miss/extra"]
-        for r in runs:
-            s = results[r].get(str(L))
-            if s:
-                vals = s["per_layer_l1"] + [s["mean_l1"], s["recon_l1"]] + [s[k] for k in QUALITY.values()]
-                lines.append(
-                    r.ljust(width)
-                    + "".join(f"{v:9.4f}" for v in vals)
-                    + f"  {s['missing_layers']}/{s['extra_layers']}"
-                )
-        s = next(results[r][str(L)] for r in runs if str(L) in results[r])
-        lines += [
-            "(reference)".ljust(width)
-            + " " * 9 * (L + 2)
-            + "".join(f"{s['ref_' + k]:9.4f}" for k in QUALITY.values()),
-            "",
-        ]
-    for r, levels in (layerd_all or {}).items():
-        skipped = sum(s["n"] - s["layerd_n"] for s in results[r].values())
-        if levels:
-            lines += [
-                f"LayerD, {r}: n={levels[0]['count']}"
-                + (f" ({skipped} with < 2 layers skipped)" if skipped else "")
-                + f", mean edits used {levels[-1]['avg_edits']:.2f}",
-                "".ljust(36) + "".join(f"{'edits<=' + str(x['max_edits']):>11}" for x in levels),
-            ]
-            lines += [
-                f"  {name}".ljust(36) + "".join(f"{x[key]:11.4f}" for x in levels)
-                for name, key in (
-                    ("RGB L1 (lower is better)", "avg_rgb_l1"),
-                    ("soft alpha IoU (higher is better)", "avg_alpha_iou"),
-                )
-            ]
-    return "\n".join(lines)
-
-
-def write_csv(rows: list, path) -> None:
-    maxL = max(r["L"] for r in rows)
-    keys = [
-        "run",
-        "sample",
-        "L",
-        "num_pred_layers",
-        "missing_layers",
-        "extra_layers",
-        "resized",
-        "mean_l1",
-        "recon_l1",
-        "blank_layers",
-        "duplicate_layers",
-        "fg_overlap",
-        "ref_fg_overlap",
-        "layerd_rgb_l1",
-        "layerd_alpha_iou",
-        "layerd_edits",
-    ]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys + [f"l1_{i}" for i in range(maxL)] + [f"alpha_l1_{i}" for i in range(maxL)])
-        for r in rows:
-            pad = [""] * (maxL - r["L"])
-            w.writerow(
-                ["" if r.get(k) is None else r[k] for k in keys]
-                + r["per_layer_l1"]
-                + pad
-                + r["per_layer_alpha_l1"]
-                + pad
-            )
-
-
-PALETTE = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (155, 89, 182), (26, 188, 156)]
-
-
-def _bars(d: ImageDraw.ImageDraw, left: int, groups: list, vals: list, title: str, font, bw=22, gap=26, plot_h=220):
-    """One panel of grouped bars at x = left: vals[run][group], its own y axis from 0; returns its right edge."""
-    top = max(max(v) for v in vals) * 1.15 or 1.0
-    gw, y0 = bw * len(vals) + gap, 20 + plot_h
-    right = left + gw * len(groups) + 10
-    d.line([(left, 20), (left, y0), (right, y0)], fill="black")
-    for t in range(5):  # y ticks
-        y = y0 - plot_h * t / 4
-        d.line([(left - 4, y), (left, y)], fill="black")
-        d.text((left - 56, y - 7), f"{top * t / 4:.4f}", fill="black", font=font)
-    for gi, name in enumerate(groups):
-        x = left + gap / 2 + gi * gw
-        for ri in range(len(vals)):
-            h = plot_h * vals[ri][gi] / top
-            d.rectangle([x + ri * bw, y0 - h, x + (ri + 1) * bw - 3, y0], fill=PALETTE[ri % len(PALETTE)])
-        d.text((x, y0 + 5), name, fill="black", font=font)
-    d.text((left, 3), title, fill="black", font=font)
-    return right
-
-
-def bar_chart(results: dict, L: int) -> Image.Image:
-    """Two panels of grouped bars, one bar per run: per-layer L1 over white (one group per layer index, and the
-    mean); then the blank and duplicate fractions of the predicted layers and the foreground overlap."""
-    runs = [r for r in results if str(L) in results[r]]
-    per = [results[r][str(L)] for r in runs]
-    n_groups = L + 1 + len(QUALITY)
-    img = Image.new("RGB", (150 + (22 * len(runs) + 26) * n_groups + 20, 290 + 16 * len(runs)), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
-    right = _bars(
-        d,
-        60,
-        [f"Pred {i}" for i in range(L)] + ["mean"],
-        [s["per_layer_l1"] + [s["mean_l1"]] for s in per],
-        f"per-layer L1 over white, L={L} (n={per[0]['n']})",
-        font,
-    )
-    _bars(
-        d,
-        right + 70,
-        list(QUALITY),
-        [[s[k] for k in QUALITY.values()] for s in per],
-        "blank / duplicate layers (fraction), fg overlap",
-        font,
-    )
-    for ri, r in enumerate(runs):  # legend
-        y = 266 + 16 * ri
-        d.rectangle([60, y, 72, y + 12], fill=PALETTE[ri % len(PALETTE)])
-        d.text((78, y - 1), r, fill="black", font=font)
-    return img
-
-
-def side_by_side(references, runs: dict, samples: list, tile: int = 128) -> Image.Image:
-    """Rows per sample: the reference (image.png, then its layers over white), then each run (its composite over
-    white, then its layers over white, extras included)."""
-    font = ImageFont.load_default(size=12)
-    rows = []
-    for name in samples:
-        ref = Path(references) / name
-        rows.append((f"{name}\nreference", [pil_to_rgba(Image.open(ref / "image.png"))] + load_layer_files(ref, "")))
-        for run, pred_dir in runs.items():
-            layers = load_layer_files(Path(pred_dir) / name, "prediction")
-            rows.append((run, [composite(torch.stack(layers)) if layers else torch.zeros(4, 1, 1)] + layers))
-    cols = max(len(t) for _, t in rows)
-    img = Image.new("RGB", (110 + cols * (tile + 4), len(rows) * (tile + 4)), "white")
-    d = ImageDraw.Draw(img)
-    for ri, (label, tiles) in enumerate(rows):
-        d.multiline_text((4, ri * (tile + 4) + 4), label, fill="black", font=font)
-        for ci, t in enumerate(tiles):
-            rgb = ImageOps.contain(to_image(t), (tile, tile))
-            x, y = 110 + ci * (tile + 4), ri * (tile + 4)
-            img.paste(rgb, (x, y))
-            d.rectangle([x - 1, y - 1, x + rgb.width, y + rgb.height], outline=(170, 170, 170))
-    return img
 
 
 def evaluate(
@@ -399,7 +231,7 @@ def evaluate(
     for name, pred_dir in runs.items():
         rows = score_predictions(references, pred_dir, layerd, max_samples, name, layerd_max_edits)
         results[name] = summarize(rows)
-        layerd_all[name] = layerd_protocol.aggregate([r["layerd_levels"] for r in rows if r.get("layerd_levels")])
+        layerd_all[name] = layerd.aggregate([r["layerd_levels"] for r in rows if r.get("layerd_levels")])
         all_rows += rows
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +250,7 @@ def evaluate(
     return results
 
 
-# ---------------------------------------------- model mode: predictions from Qwen-Image-Layered (+ LoRA) via rollout.py
+# --------------------------------------------- model mode: predictions from Qwen-Image-Layered (+ LoRA) via rollout.py
 def predict_with_model(
     references,
     runs: dict,
@@ -433,7 +265,7 @@ def predict_with_model(
     mixed_precision: str = "bf16",
     max_samples=None,
     sizing: str = "longest",
-    quantize: str = "none",
+    kind: str = "none",
 ) -> dict:
     """Decompose every reference image with layers = its L, once per run {name: LoRA path or None (base)}.
 
@@ -441,27 +273,23 @@ def predict_with_model(
     (settings, seconds per sample); returns {run: predictions folder}. Sample k uses torch.Generator().manual_seed(
     seed + k), so all runs see the same initial noise. device defaults to cuda when available, else cpu; the model
     dtype is mixed_precision (bf16 / fp16 / no = float32) on a GPU and float32 on cpu. A fresh pipeline is loaded
-    for each run that follows a LoRA run (loading a LoRA cannot be undone in place for every format). quantize: the
-    base's blocks in int8 or nf4 (quantize.py), for cards the bf16 model does not fit.
+    for each run that follows a LoRA run (loading a LoRA cannot be undone in place for every format). kind: the
+    base's blocks in int8 or nf4 (support/quantize.py), for cards the bf16 model does not fit.
     """
-    import lora  # lazy: predictions mode works without diffusers
-    import rollout
-
     samples = list_references(references)[:max_samples]
     for name, adapter in runs.items():  # check every path before loading a 40 GB model
         if adapter is not None and not os.path.exists(adapter):
             raise FileNotFoundError(f"--lora {name}={adapter}: no such file or folder")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision] if device != "cpu" else None
-    check_quantize(quantize, device)
+    device, dtype = cli.pick_device(device, mixed_precision)
+    quantize.check(kind, device)
     folders, pipe, dirty = {}, None, False
     for name, adapter in runs.items():
         if pipe is None or dirty:
             pipe = rollout.load_pipeline(
-                pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=quantize
+                pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=kind
             )
         if adapter is not None:
-            lora.load_lora(pipe, adapter)
+            load_lora(pipe, adapter, flag=f"--lora {name}=")
         dirty = adapter is not None
         root = Path(output_dir) / "predictions" / name
         seconds = []
@@ -494,7 +322,7 @@ def predict_with_model(
             "true_cfg_scale": true_cfg_scale,
             "seed": seed,
             "device": device,
-            "quantize": quantize,
+            "quantize": kind,
             "mixed_precision": mixed_precision if device != "cpu" else "no",  # what ran, not what was asked
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
             "seconds_per_sample": seconds,
@@ -504,7 +332,7 @@ def predict_with_model(
     return folders
 
 
-# --------------------------------------------------------------------------------------------------------- command line
+# -------------------------------------------------------------------------------------------------------- command line
 def named(values, flag: str, default_name) -> dict:
     """[NAME=]PATH items -> {name: path}; a bare path is named by default_name(path); names must be unique."""
     out = {}
@@ -522,7 +350,7 @@ def _lora_name(path: str) -> str:
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--references", help="reference folder: one subfolder per sample with image.png, layer_<i>.png")
     p.add_argument(
         "--predictions",
@@ -571,9 +399,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--quantize",
         default="none",
-        choices=list(QUANTIZE),
-        help="the base transformer's "
-        "blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards (quantize.py)",
+        choices=list(quantize.QUANTIZE),
+        help="the base transformer's blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards",
     )
     p.add_argument(
         "--output_dir",
@@ -595,18 +422,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with cli.input_errors():
         if not args.references:
-            raise ValueError("give --references DIR (make one with `python data.py synthetic DIR`)")
+            raise cli.InputError("give --references DIR (make one with `python data.py synthetic DIR`)")
         if args.layerd_max_edits < 0:
-            raise ValueError(f"--layerd_max_edits {args.layerd_max_edits}: give 0 or more (LayerD's default is 5)")
-        runs = named(args.predictions, "--predictions", lambda v: Path(v.rstrip("/")).name)
+            raise cli.InputError(f"--layerd_max_edits {args.layerd_max_edits}: give 0 or more (LayerD's default is 5)")
+        run_dirs = named(args.predictions, "--predictions", lambda v: Path(v.rstrip("/")).name)
         model_runs = {"base": None} if args.base or not (args.lora or args.predictions) else {}
         model_runs.update(named(args.lora, "--lora", _lora_name))
-        if set(model_runs) & set(runs):
-            raise ValueError(f"run names used twice: {sorted(set(model_runs) & set(runs))}")
+        if set(model_runs) & set(run_dirs):
+            raise cli.InputError(f"run names used twice: {sorted(set(model_runs) & set(run_dirs))}")
         if model_runs:
-            runs.update(
+            cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
+            run_dirs.update(
                 predict_with_model(
                     args.references,
                     model_runs,
@@ -626,7 +454,7 @@ def main(argv=None) -> None:
             )
         evaluate(
             args.references,
-            runs,
+            run_dirs,
             args.output_dir,
             not args.no_layerd,
             args.max_samples,
@@ -634,9 +462,6 @@ def main(argv=None) -> None:
             args.layerd_max_edits,
         )
         print(f"results in {args.output_dir}")
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

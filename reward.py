@@ -32,6 +32,10 @@ Why "mean" is offered: scored alone, t is squeezed into a narrow band, so it bar
 ranking, but it breaks ties where the grid gives equal scores and averages two independent looks.
 """
 
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -44,12 +48,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-import judges
-import runs  # its parser; runs imports no diffusers at load
-from judges import HIGH, LOW, Judge, Query
+from support import cli, pictures
+from support.judges import HIGH, LOW, Query, make_judge
+from support.scoring import call_reward
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_JUDGE = "Qwen/Qwen3.5-9B"  # the open judge the released LoRA was retrained with (the paper's is Gemini)
@@ -105,78 +109,6 @@ def _fill(template, prompts: Prompts, keys, **fields) -> str:
         answer_format="{" + ", ".join(f'"{k}": <{LOW}-{HIGH}>' for k in keys) + "}",
         **fields,
     )
-
-
-# --------------------------------------------------------------------------------------------- rendering
-def _on_checkerboard(layer: torch.Tensor, size, square: int) -> Image.Image:
-    """(4, H, W) in [0, 1] -> RGB tile of `size`: resized premultiplied (so hidden colours do not bleed), then
-    composited over a grey-and-white checkerboard drawn at the output size."""
-    a = (layer.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    tile = Image.fromarray(a, "RGBA").convert("RGBa").resize(size, Image.BILINEAR).convert("RGBA")
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    board = Image.fromarray(np.where((yy // square + xx // square) % 2 == 0, 255, 204).astype(np.uint8), "L")
-    return Image.alpha_composite(board.convert("RGBA"), tile).convert("RGB")
-
-
-def render_candidate_panel(image, layers_k, label=None, caption=None, tile=256) -> Image.Image:
-    """One candidate: the input image, then its N layers (N, 4, H, W) on a checkerboard, each titled;
-    an optional big `label` on the left and `caption` text (may hold newlines) underneath."""
-    n, _, h, w = layers_k.shape
-    s = tile / max(h, w)
-    tw, th = max(1, round(w * s)), max(1, round(h * s))
-    pad, title_h = max(2, tile // 32), max(10, tile // 10)
-    label_w = max(12, tile // 4) if label else 0
-    lines = caption.splitlines() if caption else []
-    cap_h = len(lines) * (title_h + 2) + (pad if lines else 0)
-    panel = Image.new("RGB", (label_w + pad + (n + 1) * (tw + pad), pad + title_h + th + pad + cap_h), "white")
-    draw, font = ImageDraw.Draw(panel), ImageFont.load_default(size=max(8, int(title_h * 0.8)))
-    tiles = [image.convert("RGB").resize((tw, th), Image.BILINEAR)]
-    tiles += [_on_checkerboard(layers_k[i], (tw, th), max(2, tile // 32)) for i in range(n)]
-    for i, t in enumerate(tiles):
-        x = label_w + pad + i * (tw + pad)
-        panel.paste(t, (x, pad + title_h))
-        draw.text((x, pad), "input" if i == 0 else f"layer {i - 1}", fill="black", font=font)
-    if label:
-        draw.text(
-            (label_w // 2, pad + title_h + th // 2),
-            label,
-            fill="black",
-            anchor="mm",
-            font=ImageFont.load_default(size=max(8, int(label_w * 0.9))),
-        )
-    for j, line in enumerate(lines):
-        draw.text((label_w + pad, pad + title_h + th + pad + j * (title_h + 2)), line, fill="black", font=font)
-    return panel
-
-
-def render_group_grid(image, layers_group, labels, captions=None, tile=256, cols=None) -> Image.Image:
-    """All G candidates (G, N, 4, H, W) as labelled panels in a grid, filled row by row in the given order.
-    cols defaults to the count that makes the grid closest to square."""
-    g = layers_group.shape[0]
-    if len(labels) != g:
-        raise ValueError(f"render_group_grid: {g} candidates but {len(labels)} labels")
-    panels = [
-        render_candidate_panel(image, layers_group[k], labels[k], captions[k] if captions else None, tile)
-        for k in range(g)
-    ]
-    pw, ph = max(p.width for p in panels), max(p.height for p in panels)
-    cols = cols or max(1, min(g, round(math.sqrt(g * ph / pw))))
-    rows = math.ceil(g / cols)
-    grid = Image.new("RGB", (cols * pw + (cols - 1) * 4, rows * ph + (rows - 1) * 4), (128, 128, 128))
-    for k, p in enumerate(panels):
-        grid.paste(p, ((k % cols) * (pw + 4), (k // cols) * (ph + 4)))
-    return grid
-
-
-def _fit(img: Image.Image, max_side: int) -> Image.Image:
-    s = max_side / max(img.size)
-    return img if s >= 1 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
-
-
-def load_judge(kind: str, model: str | None = None, url: str | None = None, prompts_dir=None, **options) -> Judge:
-    """A judge backend (judges.load_judge: tiny, local, text_encoder, http; it checks the judge works now) that
-    carries the prompts of prompts_dir (default prompts/), read and checked now rather than at step 1."""
-    return judges.load_judge(kind, model, url, prompts=load_prompts(prompts_dir or PROMPTS_DIR), **options)
 
 
 # ----------------------------------------------------------------------------------------------- rewards
@@ -312,18 +244,25 @@ def judge_queries(images, layers, group_size, judge, seed, grid=True, save_dir=N
     if G > len(LETTERS):
         raise ValueError(f"group_size {G} > 26: the grid cannot label more than A-Z")
     prompt = {"stage1": _fill(P.stage1, P, keys, num_layers=N)}
-    tile = lambda size: max(48, min(256, 2 * size // (N + 1)))  # render at ~2x the size sent, then downscale
-    panels = [render_candidate_panel(images[b // G], layers[b], tile=tile(judge.panel_size)) for b in range(B)]
-    queries = [Query(_fit(panel, judge.panel_size), prompt["stage1"], keys) for panel in panels]
+
+    def tile(size):  # render at ~2x the size sent, then downscale
+        return max(48, min(256, 2 * size // (N + 1)))
+
+    panels = [
+        pictures.render_candidate_panel(images[b // G], layers[b], tile=tile(judge.panel_size)) for b in range(B)
+    ]
+    queries = [Query(pictures.fit(panel, judge.panel_size), prompt["stage1"], keys) for panel in panels]
     gen = torch.Generator().manual_seed(int(seed))
     perms = [torch.randperm(G, generator=gen).tolist() for _ in range(len(images))]  # position p shows perm[p]
     if grid:
         prompt["stage2"] = _fill(P.stage2, P, labels, num_candidates=G, num_layers=N, labels=", ".join(labels))
         grids = [
-            render_group_grid(images[i], layers[i * G : (i + 1) * G][perm], labels, tile=tile(judge.grid_size))
+            pictures.render_group_grid(
+                images[i], layers[i * G : (i + 1) * G][perm], labels, tile=tile(judge.grid_size)
+            )
             for i, perm in enumerate(perms)
         ]
-        queries += [Query(_fit(g, judge.grid_size), prompt["stage2"], labels) for g in grids]
+        queries += [Query(pictures.fit(g, judge.grid_size), prompt["stage2"], labels) for g in grids]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         for j, q in enumerate(queries):
@@ -334,6 +273,11 @@ def judge_queries(images, layers, group_size, judge, seed, grid=True, save_dir=N
 
 
 def _criterion_weights(weights, keys):
+    if isinstance(weights, str):  # --reward_args weights=separation=2,alpha=1
+        pairs = [kv.split("=") for kv in weights.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"weights {weights}: write key=value pairs, e.g. separation=2,alpha=1")
+        weights = {k.strip(): float(v) for k, v in pairs}
     w = torch.tensor(
         [float(weights.get(k, 1.0)) for k in keys]
         if isinstance(weights, dict)
@@ -409,6 +353,169 @@ REWARDS = {
 }
 
 
+# ----------------------------------------------------------------------------- a reward from the command line
+def add_reward_flags(parser):
+    """The flags that pick the reward and its judge, the same in train.py and reward.py (distill.py: the judge's)."""
+    a = parser.add_argument
+    a(
+        "--reward",
+        default="vlm",
+        help=f"a name ({', '.join(REWARDS)}), or a reward of your own: path/to/file.py:"
+        "function (loaded by path, from any folder) or module:function (README, 'Forking a reward')",
+    )
+    a(
+        "--reward_args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword arguments of the reward, e.g. "
+        "combine=mean weights=separation=2,alpha=1 (vlm); a VALUE that reads as JSON is that number, list or dict",
+    )
+    add_judge_flags(parser)
+
+
+def add_judge_flags(parser):
+    """The judge's flags, the same in train.py, distill.py and reward.py."""
+    a = parser.add_argument
+    a(
+        "--judge",
+        default=None,
+        choices=["local", "http", "tiny", "text_encoder"],
+        help="VLM judge, built when named "
+        "here or when the reward uses one (default: http when --judge_url is given, else local). A local judge shares "
+        "the GPU and scores serially; an http judge scores while the GPU rolls out the next group; text_encoder is "
+        "the pipeline's own Qwen2.5-VL (train.py, distill.py)",
+    )
+    a(
+        "--judge_model",
+        default=None,
+        help=f"local: hub id or folder (default {DEFAULT_JUDGE}); http: served model name",
+    )
+    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    a(
+        "--judge_extra_body",
+        default=None,
+        help="http: JSON merged into each request, e.g. "
+        '\'{"chat_template_kwargs": {"enable_thinking": false}}\' (docs/reward.md: each server\'s way)',
+    )
+    a(
+        "--prompts_dir",
+        default=str(PROMPTS_DIR),
+        help="the judge's prompt set: criteria.txt, stage1.txt, stage2.txt "
+        "(a file it lacks comes from prompts/); its criteria are logged as stage1/<key>",
+    )
+    a(
+        "--panel_size",
+        type=int,
+        default=None,
+        help="longest side in px of a stage-1 panel sent to the judge (default: 1024, the tiny judge 128)",
+    )
+    a("--grid_size", type=int, default=None, help="longest side in px of a stage-2 grid sent to the judge")
+
+
+def resolve_reward(spec):
+    """The reward function --reward names: a name in REWARDS, `path/to/file.py:function` (the file loaded by path:
+    it may sit in any folder and import this repository's modules, e.g. `import reward`) or `module:function` (an
+    importable module, the current folder included). Anything else is bad input, in one line."""
+    if spec in REWARDS:
+        return REWARDS[spec]
+    target, sep, name = spec.rpartition(":")
+    if not (sep and target and name.isidentifier()):
+        raise cli.InputError(
+            f"--reward {spec}: choose one of {', '.join(REWARDS)}, or give FILE.py:FUNCTION or "
+            "MODULE:FUNCTION for a reward of your own"
+        )
+    if target.endswith(".py") or "/" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise cli.InputError(f"--reward {spec}: no file {path}")
+        key = f"reward_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"  # never shadows ours
+        if key not in sys.modules:
+            module_spec = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[key] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[key]
+                raise
+        module = sys.modules[key]
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.append(str(Path.cwd()))  # as `python -m` would: a module in the current folder
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name != target.split(".")[0]:
+                raise
+            raise cli.InputError(
+                f"--reward {spec}: no module {target} (here or installed); for a file, give its "
+                "path: path/to/file.py:function"
+            ) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        raise cli.InputError(f"--reward {spec}: {target} has no function {name} (its functions: {found})")
+    return fn
+
+
+def reward_kwargs(fn, spec, pairs):
+    """--reward_args KEY=VALUE ... as keyword arguments of the reward fn: VALUE parsed as JSON where it reads as
+    JSON (2, 0.5, [1, 2], {"a": 1}, true), else kept as text. A KEY must name a parameter of fn, unless fn takes
+    **kwargs under a name other than `_` (a reward's `**_` says it ignores what it does not use)."""
+    kwargs, params = {}, inspect.signature(fn).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params.values())
+    named = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD][3:]  # after images, layers, group_size
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise cli.InputError(f"--reward_args {pair}: write KEY=VALUE, e.g. combine=mean")
+        if key in ("judge", "seed"):
+            raise cli.InputError(f"--reward_args {key}: set by the training loop (--judge flags, --seed)")
+        if key not in named and not open_ended:
+            raise cli.InputError(
+                f"--reward_args {key}: --reward {spec} takes none such; its arguments: "
+                f"{[n for n in named if n not in ('judge', 'seed')]}"
+            )
+        try:
+            kwargs[key] = json.loads(text)
+        except ValueError:
+            kwargs[key] = text
+    return kwargs
+
+
+def load_judge(args, rewards=(), device="cpu", dtype=None, pipeline=None, concurrency=16):
+    """The judge of the command line's judge flags (add_reward_flags), built and checked now, before the expensive
+    model load; or None when no judge is named and none of `rewards` (reward functions) scores with one
+    (uses_judge). The kind defaults to http when --judge_url is given, else local (DEFAULT_JUDGE unless
+    --judge_model); --judge text_encoder is the pipeline's own text encoder: None until `pipeline` is given."""
+    if args.judge is None and args.judge_url is None and not any(needs_judge(fn) for fn in rewards):
+        return None
+    kind = args.judge or ("http" if args.judge_url else "local")
+    if kind == "text_encoder" and pipeline is None:
+        return None
+    if args.judge_url and kind != "http":
+        raise cli.InputError(f"--judge {kind} with --judge_url: the URL is for --judge http; drop one of them")
+    model = args.judge_model or (DEFAULT_JUDGE if kind == "local" else None)
+    if kind == "local":
+        how = "--judge local" + ("" if args.judge else " (the default: no --judge or --judge_url given)")
+        cli.check_hub(model, f"{how} with --judge_model {model}" + ("" if args.judge_model else " (the default)"))
+    try:
+        extra = json.loads(args.judge_extra_body) if args.judge_extra_body else None
+    except ValueError as e:
+        raise cli.InputError(f"--judge_extra_body {args.judge_extra_body}: not JSON ({e})") from None
+    cuda = str(device).startswith("cuda")
+    options = {
+        "tiny": {},
+        "local": {"device": device, "dtype": dtype, "offload": getattr(args, "judge_offload", False) and cuda},
+        "http": {"api_key_env": args.judge_api_key_env, "concurrency": concurrency, "extra_body": extra},
+        "text_encoder": {"pipeline": pipeline},
+    }[kind]
+    sizes = {"panel_size": args.panel_size, "grid_size": args.grid_size}
+    return make_judge(kind, model, args.judge_url, prompts=load_prompts(args.prompts_dir), **sizes, **options)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def load_decompositions(root):
     """rollout.py's PNG layout -> [(stem, image, layers (G, N, 4, H, W))], one entry per <stem> folder."""
@@ -444,7 +551,7 @@ def load_decompositions(root):
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a(
         "--decompositions",
@@ -452,21 +559,7 @@ def parse_args(argv=None):
         help="rollout.py output folder: <stem>/image.png, "
         "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group",
     )
-    a("--reward", default="vlm", choices=sorted(REWARDS), help="which reward to compute")
-    a("--judge", default="tiny", choices=["tiny", "local", "http"], help="judge backend for --reward vlm")
-    a("--judge_model", default=None, help="local: hub id or folder; http: served model name")
-    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    a("--api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    a(
-        "--judge_extra_body",
-        default=None,
-        help='http: JSON merged into each request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'',
-    )
-    a("--prompts_dir", default=str(PROMPTS_DIR), help="folder with criteria.txt, stage1.txt, stage2.txt")
-    a("--combine", default="calibrated", choices=COMBINE, help="how stage 1 and stage 2 make the reward")
-    a("--weights", default=None, help="criterion weights in the stage-1 total, e.g. separation=2,alpha=1 (others 1)")
-    a("--panel_size", type=int, default=None, help="longest side of a stage-1 panel sent to the judge")
-    a("--grid_size", type=int, default=None, help="longest side of a stage-2 grid sent to the judge")
+    add_reward_flags(p)
     a("--seed", type=int, default=0, help="seeds the grid order shuffle")
     a("--output_dir", default=None, help="save the panels, grids and prompts the judge saw here")
     return p.parse_args(argv)
@@ -475,45 +568,39 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        groups = load_decompositions(args.decompositions)
-        kwargs = {"seed": args.seed, "combine": args.combine}
-        if args.weights:
-            pairs = [kv.split("=") for kv in args.weights.split(",")]
-            if any(len(p) != 2 for p in pairs):
-                raise ValueError(f"--weights {args.weights}: write key=value pairs, e.g. separation=2,alpha=1")
-            kwargs["weights"] = {k.strip(): float(v) for k, v in pairs}
-        if args.reward == "vlm":
-            extra = json.loads(args.judge_extra_body) if args.judge_extra_body else None
-            opts = {"api_key_env": args.api_key_env, "extra_body": extra} if args.judge == "http" else {}
-            kwargs["judge"] = load_judge(
-                args.judge,
-                args.judge_model,
-                args.judge_url,
-                prompts_dir=args.prompts_dir,
-                panel_size=args.panel_size,
-                grid_size=args.grid_size,
-                **opts,
+    with cli.input_errors():
+        if args.judge == "text_encoder":
+            raise cli.InputError(
+                "--judge text_encoder is the diffusion pipeline's own: use it in train.py or "
+                "distill.py, or --judge tiny, local or http here"
             )
+        fn = resolve_reward(args.reward)
+        kwargs = {"seed": args.seed, **reward_kwargs(fn, args.reward, args.reward_args)}
+        groups = load_decompositions(args.decompositions)
+        judge = load_judge(args, [fn])
         rows = []
         for stem, image, layers in tqdm(groups, desc="groups", disable=len(groups) < 2):
             save = str(Path(args.output_dir) / stem) if args.output_dir else None
-            rewards, info = REWARDS[args.reward]([image], layers, layers.shape[0], save_dir=save, **kwargs)
+            extra = {"save_dir": save} if "save_dir" in inspect.signature(fn).parameters else {}
+            rewards, info = call_reward(
+                fn, f"--reward {args.reward}", [image], layers, layers.shape[0], judge=judge, **extra, **kwargs
+            )
             for k, r in enumerate(rewards.tolist()):
                 row = {"group": stem, "cand": f"{k:02d}"}
                 if c := info.get("candidates", [None] * len(rewards))[k]:  # vlm: per-candidate scores
                     row.update({"label": c["label"], **c["criteria"], "stage1": c["stage1"], "stage2": c["stage2"]})
                 rows.append({**row, "reward": r, **({"fallback": c["fallback"]} if c else {})})
             tqdm.write(f"{stem}: " + "  ".join(f"{k}={v:.3g}" for k, v in info.items() if isinstance(v, (int, float))))
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
     cols = list(rows[0])
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    width = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
+    width = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in cols}
     for r in [dict(zip(cols, cols))] + rows:
-        print("  ".join(fmt(r.get(c)).rjust(width[c]) for c in cols))
+        print("  ".join(_cell(r.get(c)).rjust(width[c]) for c in cols))
     if args.output_dir:
         print(f"what the judge saw: {args.output_dir}/<stem>/stage1_panel_*.png, stage2_grid_*.png, *_prompt.txt")
+
+
+def _cell(v):
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

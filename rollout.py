@@ -28,41 +28,36 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from quantize import quantize_blocks  # first: it keeps the quantization backends' import-time warnings quiet
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
-from diffusers.utils.torch_utils import randn_tensor
+from support import cli, quantize, tiny
+from support.checkpoints import load_lora
+from support.images import find_images, open_image, save_layers, to_rgb
 
-import lora
-import runs
-from data import find_images, open_image, save_layers, to_rgb
+with quantize.quiet_imports():
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+    from diffusers.utils.torch_utils import randn_tensor
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_PROMPT = "a clean, well composed image"  # the released Stable-Layers LoRA's fixed prompt
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision -> model dtype
 
 
 # ----------------------------------------------------------------------------- loading
 def load_pipeline(
-    pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False, quantize="none"
+    pretrained_model_name_or_path=DEFAULT_MODEL, torch_dtype=None, device=None, captioning=False, kind="none"
 ):
     """A QwenImageLayeredPipeline from a hub id or local folder; "tiny" for the tiny random one, "random" for the
     released configuration with random weights (built on `device`; "random:K" builds K of the 60 blocks).
 
     The captioning processor is skipped unless `captioning` (it needs torchvision; only auto-captions use it).
-    quantize ("int8", "nf4"; quantize.py): the transformer blocks' linears are quantized on their way to `device`,
-    so the model dtype's weights never need to fit it.
+    kind ("int8", "nf4"; support/quantize.py): the transformer blocks' linears are quantized on their way to
+    `device`, so the model dtype's weights never need to fit it.
     """
     name = pretrained_model_name_or_path
     if name == "tiny":
-        import tiny  # offline toy models, only for tests and dry runs
-
         pipe = tiny.tiny_pipeline()
         if torch_dtype not in (None, torch.float32):
             pipe.to(dtype=torch_dtype)
     elif name == "random" or name.startswith("random:"):
-        import tiny
-
         blocks = name.partition(":")[2]
         if blocks and not (blocks.isdigit() and 1 <= int(blocks) <= 60):
             raise ValueError(f"--pretrained_model_name_or_path {name}: write random or random:K with K in 1..60")
@@ -78,10 +73,10 @@ def load_pipeline(
                 f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: cannot load the "
                 f"pipeline ({str(e).splitlines()[0]}); give a hub id, a downloaded folder, or 'tiny'."
             ) from None
-    quantize_blocks(pipe.transformer, quantize, device)  # "random" was built on `device`: quantized in place
+    quantize.quantize_blocks(pipe.transformer, kind, device)  # "random" was built on `device`: quantized in place
     if device is not None:
         pipe.to(device)
-    if quantize != "none" and str(device).startswith("cuda"):
+    if kind != "none" and str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # the model dtype's blocks are gone: let the memory figures show it
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -99,8 +94,9 @@ def speed_up(transformer, attention_backend=None, compile=False):
     - compile: regional compilation of the repeated block (diffusers' compile_repeated_blocks; fullgraph, so a graph
       break fails loudly), peft's LoRA layers traced into it; the first step compiles the rollout's, the
       re-scoring's and the KL reference's graphs.
-    Both change the arithmetic's order, not what is computed (test_precision.py states the bounds on the log-probs), and
-    the rollout and its re-scoring run under the same levers. diffusers keeps the attention choice process-wide."""
+    Both change the arithmetic's order, not what is computed (tests/test_precision.py states the bounds on the
+    log-probs), and the rollout and its re-scoring run under the same levers. diffusers keeps the attention choice
+    process-wide."""
     if attention_backend:
         transformer.set_attention_backend(attention_backend)
     if compile:
@@ -545,7 +541,7 @@ def step_log_prob(transformer, traj, j, rows=slice(None)):
 
 # ----------------------------------------------------------------------------- files
 def parse_args(argv=None):
-    p = runs.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Sample G candidate layer decompositions per image (Flow-GRPO SDE sampler) "
         "and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png."
     )
@@ -592,11 +588,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = runs.pick_device(args.device, args.mixed_precision)  # float32 on the CPU
-    paths = find_images(args.images)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
-    if args.lora:
-        lora.load_lora(pipe, args.lora)
+    with cli.input_errors():  # bad input: one line, exit 2 (anything else keeps its traceback)
+        device, dtype = cli.pick_device(args.device, args.mixed_precision)  # float32 on the CPU
+        paths = find_images(args.images)
+        cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
+        pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+        if args.lora:
+            load_lora(pipe, args.lora)
     generator = torch.Generator(device).manual_seed(args.seed)
     out = Path(args.output_dir)
     for path in tqdm(paths, desc="images"):
@@ -623,5 +621,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with runs.input_errors():  # bad input: one line, exit 2 (anything else keeps its traceback)
-        main()
+    main()

@@ -48,14 +48,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import quantize  # first: it keeps the quantization backends' import-time warnings quiet
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
 import data
 import lora
 import rollout
-import runs
+from support import checkpoints, cli, quantize, runfolder, tracking
+from support.images import layer_indices, open_image
+
+with quantize.quiet_imports():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 FLOP_PER_FORWARD = 1.99e14  # one forward at 640 px, 4 layers (9,611 tokens): shared notes, section 7
 
@@ -88,7 +89,7 @@ def sample_problem(folder, max_layers):
     if not (folder / "image.png").is_file():
         return "no image.png (the flattened design)", 0
     try:
-        found = data.layer_indices(folder, required=True)
+        found = layer_indices(folder, required=True)
     except ValueError as e:
         return str(e), 0
     if len(found) > max_layers:
@@ -109,11 +110,11 @@ def sample_problem(folder, max_layers):
 
 def folder_specs(root, max_layers, flag):
     """The usable samples of a reference folder (one subfolder each: image.png, layer_0.png .. layer_{L-1}.png,
-    the format of data.py). A sample that breaks a rule is skipped with one line naming it and the rule; none
-    left: one line and exit 2."""
+    the reference format of support/images.py). A sample that breaks a rule is skipped with one line naming it and
+    the rule; none left: one line and exit 2."""
     root = Path(root)
     if not root.is_dir():
-        raise runs.InputError(f"{flag} {root}: no such folder")
+        raise cli.InputError(f"{flag} {root}: no such folder")
     specs = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         problem, num_layers = sample_problem(folder, max_layers)
@@ -122,8 +123,7 @@ def folder_specs(root, max_layers, flag):
         else:
             specs.append({"name": str(folder), "folder": str(folder), "layers": num_layers})
     if not specs:
-        print(f"error: {flag} {root}: no usable sample left (see the lines above)", file=sys.stderr)
-        raise SystemExit(2)
+        raise cli.InputError(f"{flag} {root}: no usable sample left (see the lines above)")
     return specs
 
 
@@ -132,7 +132,7 @@ def load_sample(spec):
     if "folder" in spec:
         folder = Path(spec["folder"])
         layers = [Image.open(folder / f"layer_{i}.png").convert("RGBA") for i in range(spec["layers"])]
-        return spec["name"], data.open_image(folder / "image.png"), layers
+        return spec["name"], open_image(folder / "image.png"), layers
     image, layers = data.make_design(np.random.default_rng(spec["entropy"]), spec["layers"], (spec["size"],) * 2)
     return spec["name"], image, layers
 
@@ -342,7 +342,7 @@ METHOD = "supervised flow matching (sft.py)"  # the model card's words
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Supervised flow-matching LoRA for Qwen-Image-Layered on layered designs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -400,8 +400,8 @@ def parse_args(argv=None):
         "--quantize",
         default="none",
         choices=list(quantize.QUANTIZE),
-        help="the frozen transformer blocks in fewer "
-        "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
+        help="the frozen transformer blocks in fewer bits, the LoRA in fp32 on top (support/quantize.py): int8 "
+        "(torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
     )
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
@@ -409,7 +409,7 @@ def parse_args(argv=None):
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
     a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
     a("--dataloader_num_workers", type=int, default=2, help="DataLoader workers making/reading designs (0 = inline)")
-    a("--report_to", choices=runs.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
+    a("--report_to", choices=tracking.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
     a("--measure_data", type=int, default=0, help="only time N synthetic designs (one worker) and exit")
     a("--eval_lora", default=None, help="only print the held-out val/loss of the base model + this LoRA and exit")
     args = p.parse_args(argv)
@@ -435,32 +435,27 @@ def main(argv=None):
     if args.measure_data:
         return measure_data(args)
     output_dir = Path(args.output_dir)
-    with runs.input_errors():
-        if not args.eval_lora and runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+    with cli.input_errors():  # setup: bad input (flags, files, the environment) is one line, exit 2
+        if not args.eval_lora and runfolder.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
             return None  # resumed at or past --max_train_steps: nothing to train, nothing written
-        device, dtype = runs.pick_device(args.device, args.mixed_precision)
-        lock = None if args.eval_lora else runs.claim_output_dir(output_dir, args.resume_from_checkpoint)  # to the end
-    torch.backends.cuda.matmul.allow_tf32 = True  # as the diffusers example's --allow_tf32
-
-    with runs.input_errors():
+        device, dtype = cli.pick_device(args.device, args.mixed_precision)
+        lock = None if args.eval_lora else runfolder.claim_output_dir(output_dir, args.resume_from_checkpoint)
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the diffusers example's --allow_tf32
         rollout.condition_size(Image.new("RGB", (args.resolution,) * 2), args.resolution)  # rejects a bad resolution
-        specs = (
-            folder_specs(args.data, args.max_layers, "--data")
-            if args.data
-            else synthetic_specs(args.synthetic or 0, args.seed, args.layers, args.resolution)
-        )
-        held_out = (
-            folder_specs(args.validation_data, args.max_layers, "--validation_data")
-            if args.validation_data
-            else synthetic_specs(args.validation_synthetic, args.seed, args.layers, args.resolution, True)
-        )
+        if args.data:
+            specs = folder_specs(args.data, args.max_layers, "--data")
+        else:
+            specs = synthetic_specs(args.synthetic or 0, args.seed, args.layers, args.resolution)
+        if args.validation_data:
+            held_out = folder_specs(args.validation_data, args.max_layers, "--validation_data")
+        else:
+            held_out = synthetic_specs(args.validation_synthetic, args.seed, args.layers, args.resolution, True)
         torch.manual_seed(args.seed)
         quantize.check(args.quantize, device)
-        pipe = rollout.load_pipeline(
-            args.pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=args.quantize
-        )
+        cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
+        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, dtype, device, kind=args.quantize)
         if args.eval_lora:
-            lora.load_lora(pipe, args.eval_lora)
+            checkpoints.load_lora(pipe, args.eval_lora, flag="--eval_lora")
     embeds, mask = rollout.encode_prompt(pipe, args.prompt)
     prompt = (embeds.to(device, dtype), None if mask is None else mask.to(device))  # (1, T, D), (1, T)
     rollout.free_text_encoder(pipe)
@@ -483,13 +478,11 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
     rollout.speed_up(transformer, args.attention_backend, args.compile)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    with runs.input_errors():
-        start = (
-            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
-            if args.resume_from_checkpoint
-            else 0
-        )
-        log = runs.RunLog(output_dir, args.report_to, config=vars(args))  # after resume rewrote metrics.jsonl
+    with cli.input_errors():
+        start = 0
+        if args.resume_from_checkpoint:
+            start = checkpoints.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer)
+        log = tracking.RunLog(output_dir, args.report_to, config=vars(args))  # after resume rewrote metrics.jsonl
     loader = torch.utils.data.DataLoader(
         Samples(specs, args.resolution, pipe.image_processor),
         batch_size=None,
@@ -500,26 +493,37 @@ def main(argv=None):
     batches = iter(loader)
     print(
         f"{len(specs)} training samples, {len(held_out)} held out, {sum(p.numel() for p in params) / 1e6:.2f}M "
-        "LoRA parameters, " + runs.device_line(device, dtype, args.quantize)
+        "LoRA parameters, " + cli.device_line(device, dtype, args.quantize)
     )
-    if start == 0 and held_out:
-        log.log({"step": 0, "val/loss": validate(transformer, prompt, held_out, args)})
-
+    timer = tracking.Timer()
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="sft")
-    for step in bar:
-        record = {"step": step + 1, **supervised_step(pipe, prompt, batches, args, step, params, optimizer, tables)}
-        if held_out and ((step + 1) % args.validation_every == 0 or step + 1 == args.max_train_steps):
-            record["val/loss"] = validate(transformer, prompt, held_out, args)
-        log.log(record)
-        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val/loss") if k in record})
-        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            runs.save_checkpoint(
-                output_dir, step + 1, transformer, optimizer, args, args.checkpoints_total_limit, method=METHOD
-            )
-    runs.save_final(output_dir, transformer, args, method=METHOD)
+
+    def save(step, metrics=None):
+        return checkpoints.save_checkpoint(
+            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
+        )
+
+    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))):
+        if start == 0 and held_out:
+            log.log({"step": 0, "val/loss": validate(transformer, prompt, held_out, args)})
+        for step in bar:
+            with timer("train"):
+                record = {
+                    "step": step + 1,
+                    **supervised_step(pipe, prompt, batches, args, step, params, optimizer, tables),
+                }
+            if held_out and ((step + 1) % args.validation_every == 0 or step + 1 == args.max_train_steps):
+                with timer("validate"):
+                    record["val/loss"] = validate(transformer, prompt, held_out, args)
+            if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
+                with timer("checkpoint"):
+                    save(step + 1, record)
+            log.log(record)
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val/loss") if k in record})
+    checkpoints.save_final(output_dir, transformer, args, method=METHOD)
     log.close()
-    lock.close()
-    print(runs.written(output_dir))
+    runfolder.release(lock)
+    print(runfolder.written(output_dir))
     return pipe
 
 

@@ -15,32 +15,34 @@
 The algorithm (main's loop, one call per line of it), for each optimizer step s:
     plan        images_per_step images, the layer count, the SDE window and the seeds, from (seed, s) alone
     roll out    G candidates per image with no gradient (rollout.sample: SDE on the window's K steps, ODE elsewhere)
-    score       r = reward(images, layers) (reward.REWARDS[--reward]; the VLM judge, scoring.py)
+    score       r = reward(images, layers) (--reward: reward.vlm_reward by default, the VLM judge)
     advantages  A = group_advantages(r) (grpo.py: centred per image, divided by the step's std, clipped)
     update      per inner epoch: re-score every stored transition j with gradients (rollout.step_log_prob);
                 loss = MEAN over (candidate, trained step j) of [policy_loss + beta * KL to the reference policy];
                 clip the gradient norm; one AdamW step
     log         metrics.jsonl and the tracker, a sample picture, a checkpoint
 Every random draw of step s derives from (--seed, s, image position), never from the rank or the number of ranks,
-so 1 or 8 processes train the same LoRA (parallel.py). Scaffolding sits behind one interface each: scoring.py (the
-judge's overlap with rollouts, gathering across ranks, a judge that answers nothing), runs.py (files, timers,
-stopping with one line), parallel.py (ranks and collectives), lora.py, memory.py.
+so 1 or 8 processes train the same LoRA. Scaffolding sits behind one interface each, in support/: scoring.py (the
+judge's overlap with rollouts, gathering across ranks, a judge that answers nothing), runfolder.py and
+checkpoints.py (one run per folder, checkpoints, resume), tracking.py (metrics, timers, stopping with one line),
+parallel.py (ranks and collectives), memory.py (the start-up memory check), cli.py (flags and bad input).
 
 Recipe: Flow-GRPO's Qwen-Image trainer (config pickscore_qwenimage, arXiv:2505.05470) wherever the paper and the
 released Stable-Layers model are silent, the released model where they speak (640 px longest side, 4 layers,
-CFG off, fixed prompt). Every departure (test_train.py checks this table against UPSTREAM and parse_args'
-defaults, and that docs/training.md shows the same table with the figures behind it):
-
-| parameter | upstream | here | why |
-|---|---|---|---|
-| `--group_size` | 16 | 8 | one GPU: a rollout holds G candidates at once and a step costs G; noisier advantages |
-| `--images_per_step` | 8 | 4 | one GPU: 32 samples per optimizer step instead of 128; use 8 with 8 GPUs |
-| `--true_cfg_scale` | 4.0 | 1.0 | the released Stable-Layers setting (CFG off); CFG during RL collapses upstream; halves the forwards |
-| `--beta` | 0.0 | 0.04 | the Flow-GRPO paper's KL weight, kept as a guard against hacking a VLM judge (upstream answers grid artefacts and blur by raising beta); costs a reference forward per trained sample; --beta 0 is upstream |
-| `--train_batch_size` | 4 | 2 | memory: 2 is what cards under 80 GB need; 4 fits 80 GB with the judge elsewhere and is a little faster per updated sample |
-| rollout batch | 4 | G | one image's G candidates share one batch (Layer-3D RoPE needs same-size rows; fewer launches) |
-| sampler state between steps | bf16 | fp32 | exact log-probs of the stored transitions, for a small share of a step's memory |
-| advantage groups | prompt text | image | the prompt is fixed, so the image is what a group shares |
+CFG off, fixed prompt). Every departure, as `setting: upstream -> here. Why.` (tests/test_train.py checks these
+against UPSTREAM and parse_args' defaults, and that docs/training.md's table says the same):
+  --group_size: 16 -> 8. One GPU: a rollout holds G candidates at once and a step costs G; noisier advantages.
+  --images_per_step: 8 -> 4. One GPU: 32 samples per optimizer step instead of 128; use 8 with 8 GPUs.
+  --true_cfg_scale: 4.0 -> 1.0. The released Stable-Layers setting (CFG off); CFG during RL collapses upstream; halves
+      the forwards.
+  --beta: 0.0 -> 0.04. The Flow-GRPO paper's KL weight, kept as a guard against hacking a VLM judge (upstream answers
+      grid artefacts and blur by raising beta); costs a reference forward per trained sample; --beta 0 is upstream.
+  --train_batch_size: 4 -> 2. Memory: 2 is what cards under 80 GB need; 4 fits 80 GB with the judge elsewhere and is a
+      little faster per updated sample.
+  rollout batch: 4 -> G. One image's G candidates share one batch (Layer-3D RoPE needs same-size rows; fewer launches).
+  sampler state between steps: bf16 -> fp32. Exact log-probs of the stored transitions, for a small share of a step's
+      memory.
+  advantage groups: prompt text -> image. The prompt is fixed, so the image is what a group shares.
 """
 
 import argparse
@@ -52,16 +54,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import data
 import grpo
 import lora
-import memory
-import parallel
-import quantize
 import reward
 import rollout
-import runs
-import scoring
+from support import checkpoints, cli, memory, parallel, quantize, runfolder, tracking
+from support.images import find_images, open_image
+from support.pictures import sample_picture
+from support.scoring import Scoring
 
 # flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a row of the docstring's table
 UPSTREAM = {
@@ -89,7 +89,7 @@ UPSTREAM = {
 
 
 def parse_args(argv=None):
-    p = runs.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Flow-GRPO + LoRA fine-tuning of Qwen-Image-Layered with a VLM reward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -152,32 +152,7 @@ def parse_args(argv=None):
         default=True,
         help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)",
     )
-    a(
-        "--reward",
-        default="vlm",
-        help=f"a name in reward.REWARDS: {sorted(reward.REWARDS)}, or your own (README, 'Forking a reward')",
-    )
-    a(
-        "--judge",
-        default=None,
-        choices=["local", "http", "tiny", "text_encoder"],
-        help="VLM judge, built when named here or when the reward uses one (default: http when --judge_url is "
-        "given, else local). A local judge shares the GPU and scores serially; an http judge scores while the GPU "
-        "rolls out the next group",
-    )
-    a(
-        "--judge_model",
-        default=None,
-        help=f"local: hub id/folder (default {reward.DEFAULT_JUDGE}); http: served model name",
-    )
-    a(
-        "--prompts_dir",
-        default=str(reward.PROMPTS_DIR),
-        help="the judge's prompt set: criteria.txt, stage1.txt, "
-        "stage2.txt (a file it lacks comes from prompts/); its criteria are logged as stage1/<key>",
-    )
-    a("--judge_url", default=None, help="http: OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    a("--judge_api_key_env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    reward.add_reward_flags(p)  # --reward, --reward_args and the judge's flags, as in distill.py and reward.py
     a(
         "--judge_concurrency",
         type=int,
@@ -227,14 +202,14 @@ def parse_args(argv=None):
         "--decode_chunk",
         type=int,
         default=8,
-        help="VAE frames decoded at a time after a rollout (fewer: less memory; python memory.py)",
+        help="VAE frames decoded at a time after a rollout (fewer: less memory; python -m bench.memory)",
     )
     a(
         "--memory_check",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on CUDA, compare memory.py's "
-        "plan for these flags with the card at start-up and stop with one line if it does not fit",
+        help="on CUDA, compare the memory plan for these flags (python -m bench.memory) with the card at start-up "
+        "and stop with one line if it does not fit",
     )
     a(
         "--compile",
@@ -255,8 +230,8 @@ def parse_args(argv=None):
         "--quantize",
         default="none",
         choices=list(quantize.QUANTIZE),
-        help="the frozen transformer blocks in fewer "
-        "bits, the LoRA in fp32 on top (quantize.py): int8 (torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
+        help="the frozen transformer blocks in fewer bits, the LoRA in fp32 on top (support/quantize.py): int8 "
+        "(torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
     )
     a(
         "--device",
@@ -270,7 +245,7 @@ def parse_args(argv=None):
         default=False,
         help="under torchrun: shard the frozen "
         "transformer across the ranks (FSDP2), so that several smaller GPUs train the bf16 model; the LoRA, the "
-        "algorithm and the checkpoints are unchanged (parallel.shard)",
+        "algorithm and the checkpoints are unchanged (support/parallel.py)",
     )
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
@@ -279,7 +254,7 @@ def parse_args(argv=None):
     a("--sample_every", type=int, default=10, help="write a PNG of one scored group every N steps (0 = never)")
     a(
         "--report_to",
-        choices=runs.REPORT_TO,
+        choices=tracking.REPORT_TO,
         default="tensorboard",
         help="tracker for the scalars and sample "
         "pictures (metrics.jsonl is always written); tensorboard: `tensorboard --logdir OUTPUT_DIR/logs`",
@@ -295,7 +270,6 @@ def parse_args(argv=None):
             f"--sde_window must be in 0..{T - 1} (--num_inference_steps - 1: the "
             "last step, to sigma 0, is never trained)",
         ),
-        (args.reward in reward.REWARDS, f"--reward {args.reward!r}: choose one of {sorted(reward.REWARDS)}"),
         (args.resolution % 16 == 0, "--resolution must be a multiple of 16 (the model uses 640 or 1024)"),
         (args.images_per_step >= 1, "--images_per_step must be >= 1"),
         (args.judge_concurrency is None or args.judge_concurrency >= 1, "--judge_concurrency must be >= 1"),
@@ -305,11 +279,13 @@ def parse_args(argv=None):
             not (args.judge_url and args.judge not in (None, "http")),
             f"--judge {args.judge} with --judge_url: the URL is for --judge http; drop one of them",
         ),
+        (
+            args.group_size <= 26 or args.judge is None and args.reward != "vlm",
+            "--group_size must be <= 26 with the VLM judge (the grid labels candidates A-Z)",
+        ),
         (args.max_train_steps >= 0 and args.checkpointing_steps >= 1, "--max_train_steps/--checkpointing_steps"),
     ]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    cli.check(p, checks)
     return args
 
 
@@ -348,7 +324,7 @@ def roll_out(pipe, args, path, plan, k, device):
     with lora.lora_precision(pipe.transformer):
         traj = rollout.sample(
             pipe,
-            [data.open_image(path)],
+            [open_image(path)],
             layers=plan.layers,
             prompt=args.prompt or None,
             group_size=args.group_size,
@@ -425,34 +401,30 @@ def policy_update(transformer, trajectories, advantages, args, params, optimizer
 NOT_TRAINED = {"train/grad_norm": 0.0, "train/skipped_updates": 1}  # a step the judge did not answer
 
 
-def log_step(log, step, plan, scores, advantages, stats, traj, args, timer, device):
+def log_step(log, step, plan, scores, advantages, stats, traj, args, timer, device, save):
     """One row of metrics.jsonl (and the tracker): the rewards and what the reward reported (the judge's stage1/*,
-    stage2/*, judge/*), the update's losses and diagnostics, times and memory; every --sample_every steps the
-    picture of this rank's first group, captioned with rewards, advantages and scores."""
-    G = args.group_size
-    log.log(
-        {
-            "step": step + 1,
-            **scores.metrics,
-            "reward/mean": scores.rewards.mean().item(),
-            "reward/std": scores.rewards.std(unbiased=False).item(),
-            **stats,
-            "layers": plan.layers,
-            "window": list(plan.window),
-            "time/reward_s": scores.reward_s,
-            **timer.figures(),
-            **runs.memory_figures(device),
-        }
-    )
-    if args.sample_every and (step + 1) % args.sample_every == 0:
-        picture = runs.save_group_png(
-            Path(args.output_dir) / "samples" / f"step-{step + 1:06d}.png",
-            traj,
-            scores.rewards[:G],
-            advantages[:G],
-            scores.candidates,
+    stage2/*, judge/*), the update's losses and diagnostics, times and memory; a checkpoint every
+    --checkpointing_steps (time/checkpoint_s) and at the end, unless the judge did not answer; every --sample_every
+    steps the picture of this rank's first group, captioned with rewards, advantages and scores."""
+    G, done = args.group_size, step + 1
+    record = {
+        "step": done,
+        **scores.metrics,
+        "reward/mean": scores.rewards.mean().item(),
+        "reward/std": scores.rewards.std(unbiased=False).item(),
+        **stats,
+        "layers": plan.layers,
+        "window": list(plan.window),
+        "time/reward_s": scores.reward_s,
+    }
+    if scores.answered and (done % args.checkpointing_steps == 0 or done == args.max_train_steps):
+        with timer("checkpoint"):
+            save(done, record)
+    log.log({**record, **timer.figures(), **tracking.memory_figures(device)})
+    if args.sample_every and done % args.sample_every == 0:
+        log.sample(
+            sample_picture(traj.images[0], traj.layers, scores.rewards[:G], advantages[:G], scores.candidates), done
         )
-        log.image("samples/group", picture, step + 1)
 
 
 def build_policy(args, device, dtype):
@@ -465,7 +437,7 @@ def build_policy(args, device, dtype):
         torch_dtype=dtype,
         device=None if args.fsdp else device,
         captioning=args.prompt == "",
-        quantize=args.quantize,
+        kind=args.quantize,
     )
     if args.prompt:  # a fixed prompt: encoded once, cached on the pipeline
         for prompt in [args.prompt, " "] if args.true_cfg_scale > 1 else [args.prompt]:
@@ -497,97 +469,97 @@ def build_policy(args, device, dtype):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    reward_fn = reward.REWARDS[args.reward]
-    with runs.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
-        if runs.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
+    with cli.input_errors():  # setup: bad input (flags, files, servers, environment) is one line, exit 2
+        reward_fn = reward.resolve_reward(args.reward)
+        reward_args = reward.reward_kwargs(reward_fn, args.reward, args.reward_args)
+        if runfolder.finished(output_dir, args.resume_from_checkpoint, args.max_train_steps):
             return None  # resumed at or past --max_train_steps: nothing to train, nothing written
-        device, dtype = runs.pick_device(args.device, args.mixed_precision)
+        device, dtype = cli.pick_device(args.device, args.mixed_precision)
         rank, world, device = parallel.init_distributed(device)
         parallel.check_fsdp(args.fsdp, world, args.quantize, args.compile)
         if args.images_per_step % world:
-            raise runs.InputError(
+            raise cli.InputError(
                 f"--images_per_step {args.images_per_step} must be a multiple of the number of ranks ({world})"
             )
-        lock = runs.claim_output_dir(output_dir, args.resume_from_checkpoint) if rank == 0 else None  # held to the end
-        paths = data.find_images(args.images)
+        lock = runfolder.claim_output_dir(output_dir, args.resume_from_checkpoint) if rank == 0 else None
+        paths = find_images(args.images)
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, as upstream
-            runs.check_attention(device, dtype)
+            cli.check_attention(device, dtype)
         quantize.check(args.quantize, device)
+        cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
         G, per_rank = args.group_size, args.images_per_step // world
-        judge = scoring.load_judge(
+        judge = reward.load_judge(
             args, [reward_fn], device, dtype, concurrency=args.judge_concurrency or per_rank * (G + 1)
         )  # checked before the model load; all of a step's requests
         pipe, params = parallel.in_turn(lambda: build_policy(args, device, dtype), turns=args.fsdp)
         transformer = pipe.transformer
-        judge = judge or scoring.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
+        judge = judge or reward.load_judge(args, [reward_fn], device, dtype, pipeline=pipe)  # --judge text_encoder
         if device.startswith("cuda") and args.memory_check:  # the plan for these flags against this rank's card
             line = memory.check_run(args, pipe, params, judge, world if args.fsdp else 1)
             if rank == 0:
                 print(line)
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         start = (
-            runs.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer, writer=rank == 0)
+            checkpoints.load_checkpoint(args.resume_from_checkpoint, output_dir, transformer, optimizer, rank == 0)
             if args.resume_from_checkpoint
             else 0
         )
-        log = runs.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
+        log = tracking.RunLog(output_dir, args.report_to, vars(args)) if rank == 0 else None
     if rank == 0:
         print(
             f"{len(paths)} images, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters, {world} rank(s), "
-            + runs.device_line(device, dtype, args.quantize)
+            + cli.device_line(device, dtype, args.quantize)
         )
     mine = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's image positions of every step
-    timer = runs.Timer()
-    scorer = scoring.Scoring(
+    rows = slice(mine.start * G, mine.stop * G)  # ... and their candidates' rows
+    timer = tracking.Timer()
+    scorer = Scoring(
         reward_fn,
+        args.reward,
         judge,
         G,
         timer,
-        overlap=judge is not None and judge.kind == "http" and args.judge_overlap,
+        reward_args,
         threads=per_rank,
+        overlap=judge is not None and judge.kind == "http" and args.judge_overlap,
         max_failed_steps=args.judge_max_failed_steps,
         last_step=args.max_train_steps,
     )
     bar = tqdm(
         range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train", disable=rank != 0
     )
-    save = lambda step: runs.save_checkpoint(
-        output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit
-    )
-    with runs.guard(output_dir, timer, save, close=lambda: (bar.close(), lock and lock.close())), scorer:
+
+    def save(step, metrics=None):
+        return checkpoints.save_checkpoint(
+            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics
+        )
+
+    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))), scorer:
         for step in bar:
             plan = step_plan(args, step, len(paths))
             trajectories = []
             for k in mine:
                 with timer("rollout"):
                     trajectories.append(roll_out(pipe, args, paths[plan.indices[k]], plan, k, device))
-                scorer.submit(trajectories[-1], step)  # with an HTTP judge: judged while the next group rolls out
-            scores = scorer.gather(step)  # every rank's rewards in image order (runs.Stop if the judge is down)
-            advantages = grpo.group_advantages(
-                scores.rewards, G, args.adv_std == "global", adv_clip_max=args.adv_clip_max
-            )  # (images_per_step * G,)
-            with timer("train"), lora.lora_precision(transformer):  # never on fallback rewards alone
-                stats = (
-                    policy_update(
-                        transformer, trajectories, advantages[mine.start * G : mine.stop * G], args, params, optimizer
-                    )
-                    if scores.answered
-                    else NOT_TRAINED
-                )
-            if rank != 0:
-                continue
-            with timer("log"):
-                log_step(log, step, plan, scores, advantages, stats, trajectories[0], args, timer, device)
-                bar.set_postfix(reward=f"{scores.rewards.mean().item():.3f}")
-                if scores.answered and (
-                    (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps
-                ):
-                    save(step + 1)
+                scorer.submit(trajectories[-1], step, plan.seeds[k])  # an HTTP judge scores while the next rolls out
+            scores = scorer.gather(step)  # every rank's rewards in image order (tracking.Stop if the judge is down)
+            global_std = args.adv_std == "global"
+            advantages = grpo.group_advantages(scores.rewards, G, global_std, adv_clip_max=args.adv_clip_max)  # (B,)
+            with timer("train"), lora.lora_precision(transformer):
+                if scores.answered:  # never train on fallback rewards alone
+                    stats = policy_update(transformer, trajectories, advantages[rows], args, params, optimizer)
+                else:
+                    stats = NOT_TRAINED
+            if rank == 0:
+                with timer("log"):
+                    log_step(log, step, plan, scores, advantages, stats, trajectories[0], args, timer, device, save)
+                    bar.set_postfix(reward=f"{scores.rewards.mean().item():.3f}")
     if rank == 0:
-        runs.save_final(output_dir, transformer, args)
+        checkpoints.save_final(output_dir, transformer, args)
         log.close()
-        print(runs.written(output_dir))
+        runfolder.release(lock)
+        print(runfolder.written(output_dir))
     parallel.close()
     return pipe
 

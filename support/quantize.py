@@ -14,24 +14,39 @@ backends), so rollouts, re-scoring and the KL reference (the LoRA disabled) all 
 the on-policy ratio stays 1. peft wraps the quantized linears (torchao: TorchaoLoraLinear; bitsandbytes: its
 Linear4bit as base layer) and saves only the LoRA, with the same keys as on the bf16 base: a LoRA trained on a
 quantized base loads on the bf16 model in diffusers and peft, and reproduces the trained policy up to the
-quantization's error (test_quantize.py states it).
+quantization's error (tests/test_quantize.py states it).
 
-    python -c "import quantize, tiny; t = tiny.tiny_pipeline().transformer; quantize.quantize_blocks(t, 'int8'); print(t.transformer_blocks[0].attn.to_q)"
+    python -c "from support import quantize, tiny; t = tiny.tiny_pipeline().transformer; \\
+        quantize.quantize_blocks(t, 'int8'); print(t.transformer_blocks[0].attn.to_q)"
 """
 
 import importlib
 import logging
 import types
+from contextlib import contextmanager
 
 import torch
 
-# diffusers and peft import both backends whenever they are installed, and at import each logs the optional
-# kernels it could not load for this torch build (CUDA or CPU extensions, a kernels-hub download), and diffusers
-# the torchao tensor types it registers for torchao-serialized checkpoints (not used here). What --quantize uses is
-# probed by check(); the rest is noise on every run, so these import-time warnings are kept quiet. Import this module
-# before diffusers' pipelines (lora.py, rollout.py and sft.py do).
-for _name in ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+# what importing diffusers, peft or transformers' models logs whenever torchao and bitsandbytes are installed (they
+# import both): the kernels these could not load for this torch build, torch's notes on their types, and the torchao
+# tensor types diffusers registers for torchao checkpoints (not used here). check() probes what --quantize uses
+NOISY_AT_IMPORT = ["torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"]
+
+
+@contextmanager
+def quiet_imports():
+    """Around an import of diffusers, peft or transformers' models (`with quantize.quiet_imports(): from diffusers
+    import ...`): the quantization backends' import-time warnings (NOISY_AT_IMPORT) are dropped there, only there."""
+    loggers = [logging.getLogger(name) for name in NOISY_AT_IMPORT]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
 
 QUANTIZE = {
     "none": "the model dtype (bf16 on CUDA)",

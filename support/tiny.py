@@ -4,17 +4,30 @@ measured where the weights cannot be downloaded).
 
 Randomly initialised, seeded, with the real architecture flags and no download; the tiny pipeline's RGBA VAE alone
 has its weights set in code so that it reconstructs (`tiny_vae`: no training, no weights file), so the paper's
-per-layer L1 means something on the toy model. The tests and the CPU dry runs use them through
-`rollout.load_pipeline("tiny")` and `reward.load_judge("tiny")`, which import this file lazily. Sizes and flags:
-../shared/NOTES.md sections 4 and 5.
+per-layer L1 means something on the toy model (tests/test_metric.py measures its round trip). The tests and the CPU
+dry runs use them through `--pretrained_model_name_or_path tiny` and `--judge tiny`.
 
-    python -c "import tiny; print(tiny.tiny_pipeline().transformer)"
-    python -c "import tiny; print(tiny.round_trip_l1())"   # the tiny VAE's round trip on 64 px synthetic designs
+    python -c "from support import tiny; print(tiny.tiny_pipeline().transformer)"
 """
 
 import torch
 
-import quantize  # noqa: F401 (before diffusers, imported lazily: keeps the quantization backends' warnings quiet)
+from support import quantize
+
+with quantize.quiet_imports():
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageLayeredPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
+        QwenImageAttentionBlock,
+        QwenImageResample,
+        QwenImageResidualBlock,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SPECIALS = [
     "<|endoftext|>",
@@ -30,8 +43,7 @@ SPECIALS = [
 def byte_level_tokenizer():
     """A Qwen2Tokenizer over the 256 byte-level characters (token id = byte value, GPT-2's byte-to-character
     map) plus Qwen's specials at 256..262, no merges (no chat template: the judge falls back to
-    reward.CHATML). Returns (tokenizer, {special: id})."""
-    from transformers import Qwen2Tokenizer
+    support/judges.py's CHATML). Returns (tokenizer, {special: id})."""
 
     printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     shifted = iter(range(256, 512))  # GPT-2 byte-level alphabet: non-printable bytes move above 255
@@ -48,7 +60,6 @@ def tiny_qwen2_5_vl(
     """A randomly initialised Qwen2.5-VL (by default text hidden 16, 2 layers, 2 heads, M-RoPE sections [1, 1, 2];
     vision depth 2, hidden 16), the architecture of both the pipeline's text encoder and the default judge;
     released_pipeline asks for the released text width (3584, 28 heads, 4 KV heads) in one layer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -86,7 +97,6 @@ def tiny_qwen2_5_vl(
 def tiny_judge(seed=0):
     """(model, tokenizer, image processor) of a 43K-parameter Qwen2.5-VL judge (PIL image processor: no
     torchvision needed)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok, ids = byte_level_tokenizer()
     return tiny_qwen2_5_vl(ids, len(tok), seed), tok, Qwen2VLImageProcessorPil()
@@ -104,7 +114,8 @@ BIG = 1e3  # the constant channel that sets each RMS norm (tiny_vae's heads)
 
 def _place(conv, entries):
     """Zero a convolution (weight and bias), then weight[out, in, centre tap] = value for each (out, in, value).
-    A causal 3D convolution sees a single frame at its last temporal tap (the two before it are causal zero padding)."""
+    A causal 3D convolution sees a single frame at its last temporal tap (the two before it are causal zero padding).
+    """
     w = conv.weight
     w.zero_()
     conv.bias.zero_()
@@ -136,12 +147,6 @@ def tiny_vae(seed=0, base_dim=12):
     average or rearrange channels; each head is made exact by `_linear_head`. The residual branches' first
     convolutions keep their random weights, seeded by `seed`. base_dim >= 9: the encoder's last 4 base_dim channels
     hold 16 latents, their negatives and BIG, the decoder's last base_dim 4 + 4 + 1. 1.47M parameters at 12."""
-    from diffusers import AutoencoderKLQwenImage
-    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
-        QwenImageAttentionBlock,
-        QwenImageResample,
-        QwenImageResidualBlock,
-    )
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -199,39 +204,10 @@ def tiny_vae(seed=0, base_dim=12):
     return vae
 
 
-def round_trip_l1(vae=None, num_samples=12, seed=0, size=64):
-    """How far decode(encode(layer)) is from the layer, over every layer of `python data.py synthetic --num_samples
-    12 --seed 0 --size 64` (by default; made in memory): (mean over pixels and the 4 straight RGBA channels in
-    [0, 1], mean over pixels and RGB over white: evaluate.py's per-layer L1 with the round trip as the prediction).
-    vae: the tiny pipeline's by default."""
-    import numpy as np
-
-    import data
-
-    vae = vae or tiny_vae()  # the seed only draws weights that multiply zeros: every tiny_vae maps alike
-    layers = torch.cat(
-        [
-            torch.stack(
-                [
-                    data.pil_to_rgba(layer)
-                    for layer in data.make_design(np.random.default_rng([seed, k]), (2, 3, 4)[k % 3], (size, size))[1]
-                ]
-            )
-            for k in range(num_samples)
-        ]
-    )
-    with torch.no_grad():  # (N, 4, H, W) in [0, 1], one frame each
-        z = vae.encode(layers[:, :, None] * 2 - 1).latent_dist.mode()
-        out = vae.decode(z).sample[:, :, 0] / 2 + 0.5
-    over_white = [(data.over_white(a) - data.over_white(b)).abs().mean() for a, b in zip(out, layers)]
-    return (out - layers).abs().mean().item(), torch.stack(over_white).mean().item()
-
-
 def tiny_pipeline(seed=0):
     """A QwenImageLayeredPipeline at toy sizes: layer-3D RoPE, the additional time condition, an RGBA VAE with
     z_dim 16 (z_dim 4 would be mistaken for latents) that reconstructs (`tiny_vae`), the linear dynamic time shift;
     ~92K transformer parameters. Every module is seeded from `seed`; the global RNG is left as it was."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline, QwenImageTransformer2DModel
 
     tok, ids = byte_level_tokenizer()
     text_encoder = tiny_qwen2_5_vl(ids, len(tok), seed)
@@ -259,8 +235,8 @@ def tiny_pipeline(seed=0):
 
 
 # ----------------------------------------------------------------------------- the released configuration, random
-# Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json (checked field by field: ../shared/NOTES.md
-# section 8); 60 blocks, 20.4B parameters, 38 GiB in bf16
+# Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json, field by field; 60 blocks, 20.4B parameters,
+# 38 GiB in bf16
 FULL_TRANSFORMER = dict(
     patch_size=2,
     in_channels=64,
@@ -293,12 +269,6 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
     enough to encode the prompt (train.py frees it then, as it frees the 7B one); the template's system part is
     dropped as the real tokenizer drops its 34 tokens, so the fixed prompt is 41 byte tokens (11 with Qwen's
     tokenizer: 0.3% more tokens in a 9,611-token forward)."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageLayeredPipeline,
-        QwenImageTransformer2DModel,
-    )
 
     tok, ids = byte_level_tokenizer()
     old = torch.get_default_dtype()

@@ -7,10 +7,11 @@ the answer's JSON skeleton and read the expected score from the digit logits; HT
 when the server returns them, else the parsed integer. The reward itself (which queries, how scores combine)
 is in reward.py; nothing here knows about layers.
 
-    python -c "import judges; print(judges.parse_scores('{\"alpha\": 7}', ['alpha']))"
+    python -c "from support import judges; print(judges.parse_scores('{\"alpha\": 7}', ['alpha']))"
 """
 
 import base64
+import importlib.util
 import io
 import json
 import logging
@@ -21,14 +22,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+
+from support import quantize, tiny
+
+with quantize.quiet_imports():
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 log = logging.getLogger("reward")
 LOW, HIGH = 1, 9  # the score scale: one digit token each in Qwen tokenizers
@@ -350,7 +357,7 @@ def _request(url, api_key_env, timeout, body=None):
         return json.loads(r.read().decode())
 
 
-def load_judge(kind: str, model: str | None = None, url: str | None = None, prompts=None, **options) -> Judge:
+def make_judge(kind: str, model: str | None = None, url: str | None = None, prompts=None, **options) -> Judge:
     """Build a judge and check it works now, before any expensive work.
     kind "tiny": random tiny Qwen2.5-VL (options: seed, panel_size, grid_size; default 128 px images).
     kind "local": model = hub id or folder of a Qwen-VL image-text-to-text model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
@@ -363,8 +370,6 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
     Common options: panel_size, grid_size. `prompts` (reward.Prompts) travels with the judge for the reward."""
     sizes = {k: int(v) for k in ("panel_size", "grid_size") if (v := options.pop(k, None)) is not None}
     if kind == "tiny":
-        import tiny  # offline toy models, only for tests and dry runs
-
         scorer = _local_scorer(
             *tiny.tiny_judge(options.get("seed", 0)),
             batch_size=options.get("batch_size", 16),
@@ -381,15 +386,13 @@ def load_judge(kind: str, model: str | None = None, url: str | None = None, prom
 
         return Judge("tiny", "tiny-qwen2.5-vl", one_thread, prompts, **{"panel_size": 128, "grid_size": 128, **sizes})
     if kind == "text_encoder":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         pipe = options.get("pipeline")
         enc = options.get("text_encoder", getattr(pipe, "text_encoder", None))
         tok = options.get("tokenizer", getattr(pipe, "tokenizer", None))
         if tok is None or not hasattr(enc, "generate") or not hasattr(enc, "lm_head"):
             raise ValueError(
                 "--judge text_encoder needs the pipeline's Qwen2_5_VLForConditionalGeneration text "
-                "encoder and its tokenizer (load_judge('text_encoder', pipeline=pipe))"
+                "encoder and its tokenizer (make_judge('text_encoder', pipeline=pipe))"
             )
         scorer = _local_scorer(
             enc.eval(),
@@ -431,7 +434,6 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
     """A Qwen-VL judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) from a hub id or folder: the model, its tokenizer
     and its image processor's PIL backend. One path whatever is installed (no AutoProcessor: with torchvision it
     takes another route, without it a Qwen-VL processor does not load); other VLM families: serve them over HTTP."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     if not model:
         raise ValueError("--judge local needs --judge_model (a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder)")
@@ -461,7 +463,6 @@ def _load_local(model, device=None, dtype=None, batch_size=16, offload=False):
 def warn_slow_kernels(config, device):
     """Qwen3.5's linear-attention layers run on slow reference kernels unless flash-linear-attention and
     causal-conv1d are installed: say so once, in one line, when they are missing on CUDA."""
-    import importlib.util
 
     text = getattr(config, "text_config", config)
     hybrid = "linear_attention" in (getattr(text, "layer_types", None) or []) or str(

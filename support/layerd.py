@@ -1,11 +1,11 @@
-"""layerd_protocol.py: LayerD's layer-decomposition evaluation protocol, written from its definition.
+"""LayerD's layer-decomposition evaluation protocol, written from its definition.
 
 LayerD (Suzuki et al., "LayerD: Decomposing Raster Graphic Designs into Layers", ICCV 2025, arXiv 2509.25134)
 scores a predicted layer stack against a reference stack that may have another number of layers and another
 granularity. Qwen-Image-Layered reports its Crello table "following LayerD". This file restates the definition
 of LayerD's code (CyberAgentAILab/LayerD at 6b95bc5, Apache-2.0: src/layerd/evaluation/{metrics,dtw,edits,
 edit_distance}.py, group_top_layers_indices in src/layerd/data/crello.py, the aggregation of tools/evaluate.py);
-none of its code is copied. test_layerd.py checks it against LayerD's own numbers.
+none of its code is copied. tests/test_layerd.py checks it against LayerD's own numbers.
 
 Layers are 8-bit straight-alpha RGBA arrays (H, W, 4) uint8, back to front (index 0 the background), as PNG files
 hold them. Every float is the 8-bit value / 255 in float64; every merge is PIL's 8-bit Image.alpha_composite(lower,
