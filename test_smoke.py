@@ -1,27 +1,24 @@
 """Smoke tests: CPU, offline, tiny randomly initialised real models: the sampler against diffusers, the
 objective term by term, the loop's outputs, the LoRA's round trip, resume, learning. Run: python -m pytest -q"""
 
-from contextlib import redirect_stderr
-from pathlib import Path
 import io
 import json
 import math
 import shutil
+from contextlib import redirect_stderr
 
-from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import data
 import grpo
 import lora
 import reward
 import rollout
 import train
-
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
+from support.checkpoints import load_lora
+from support.images import find_images, open_image
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +26,9 @@ def pipe():
     return rollout.load_pipeline("tiny")
 
 
-def design(size=(48, 32), seed=0):
-    """A small non-square 'layered design': background, a rectangle, an ellipse, a line of text."""
-    g = torch.Generator().manual_seed(seed)
-    c = [tuple(int(x) for x in torch.randint(0, 256, (3,), generator=g)) for _ in range(3)]
-    im = Image.new("RGB", size, c[0])
-    d = ImageDraw.Draw(im)
-    d.rectangle([4, 4, size[0] // 2, size[1] // 2], fill=c[1])
-    d.ellipse([size[0] // 2, size[1] // 3, size[0] - 3, size[1] - 3], fill=c[2])
-    d.text((2, size[1] - 12), "Hi", fill=(255, 255, 255))
-    return im
-
-
 # ----------------------------------------------------------------------------- rollout
 @pytest.mark.parametrize("layers,cfg", [(2, 1.0), (3, 4.0)])
-def test_sampler_matches_diffusers_call(pipe, layers, cfg):
+def test_sampler_matches_diffusers_call(pipe, layers, cfg, design):
     """noise_level=0 is diffusers' own Euler loop: same layers as __call__ (640 px bucket, non-square, diffusers'
     area sizing; with CFG, its per-token norm rescale)."""
     image = design()
@@ -108,7 +93,7 @@ def test_cps_variant():
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_on_policy_ratio_is_one(pipe, cfg):
+def test_on_policy_ratio_is_one(pipe, cfg, design):
     """Two groups of two; re-scoring every stored transition with the unchanged policy gives ratio 1."""
     images = [design(seed=0), design(seed=1)]
     traj = rollout.sample(
@@ -132,7 +117,7 @@ def test_on_policy_ratio_is_one(pipe, cfg):
 
 
 @pytest.mark.parametrize("layers", [2, 3, 4])
-def test_layers_shape_range_dtype(pipe, layers):
+def test_layers_shape_range_dtype(pipe, layers, design):
     traj = rollout.sample(
         pipe,
         [design(seed=layers)],
@@ -160,7 +145,7 @@ def test_layers_shape_range_dtype(pipe, layers):
     assert torch.equal(x, again.layers), "same seed, same rollout"
 
 
-def test_window_outside_is_ode(pipe):
+def test_window_outside_is_ode(pipe, design):
     """With the window on the first step only, the later steps are deterministic given that step's sample."""
     kw = dict(layers=2, num_inference_steps=4, noise_level=1.0, resolution=64, sde_window=(0, 1))
     a = rollout.sample(pipe, [design()], generator=torch.Generator().manual_seed(5), **kw)
@@ -169,7 +154,7 @@ def test_window_outside_is_ode(pipe):
     assert not torch.equal(a.layers, b.layers)
 
 
-def test_heun_beats_euler_at_equal_steps(pipe):
+def test_heun_beats_euler_at_equal_steps(pipe, design):
     """Heun (the released evaluation sampler) is closer than Euler to a 48-step Euler reference."""
     kw = dict(layers=2, resolution=64)
     ref = rollout.decompose(
@@ -184,14 +169,14 @@ def test_heun_beats_euler_at_equal_steps(pipe):
     assert (heun - ref).abs().mean() < 0.5 * (euler - ref).abs().mean()
 
 
-def test_rollout_bad_input(pipe, tmp_path):
+def test_rollout_bad_input(pipe, tmp_path, design):
     (tmp_path / "notes.png").write_text("this is not a png")
     with pytest.raises(ValueError, match="notes.png: not a readable image"):
-        data.open_image(tmp_path / "notes.png")
+        open_image(tmp_path / "notes.png")
     with pytest.raises(ValueError, match="empty list"):
         rollout.sample(pipe, [], layers=2, resolution=64)
     with pytest.raises(ValueError, match="no readable image"):
-        data.find_images(tmp_path)
+        find_images(tmp_path)
     with pytest.raises(ValueError, match="different sizes"):
         rollout.sample(pipe, [design((48, 32)), design((32, 48))], layers=2, resolution=96)
     with pytest.raises(ValueError, match="never an SDE step"):
@@ -222,7 +207,6 @@ def test_condition_sizing_released_rule_and_area_rule(aspect, longest, area):
 
 def test_any_image_mode(tmp_path):
     """Grey 16-bit, palette with transparency, CMYK, EXIF-rotated: all become RGB with the right content."""
-    import numpy as np
 
     Image.fromarray(np.full((8, 10), 65535, dtype=np.uint16)).save(tmp_path / "grey16.png")
     pal = Image.new("P", (10, 8), 0)
@@ -234,8 +218,8 @@ def test_any_image_mode(tmp_path):
     exif = rot.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     rot.save(tmp_path / "rotated.jpg", exif=exif)
-    paths = data.find_images(tmp_path)
-    images = [data.open_image(p) for p in paths]
+    paths = find_images(tmp_path)
+    images = [open_image(p) for p in paths]
     got = {p.stem: im for p, im in zip(paths, images)}
     assert all(im.mode == "RGB" for im in images)
     assert got["grey16"].getpixel((0, 0)) == (255, 255, 255)
@@ -244,7 +228,7 @@ def test_any_image_mode(tmp_path):
     assert got["rotated"].size == (8, 10)
 
 
-def test_rollout_cli_writes_png_layout(tmp_path):
+def test_rollout_cli_writes_png_layout(tmp_path, design):
     src = tmp_path / "in"
     src.mkdir()
     design(seed=1).save(src / "a.png")
@@ -319,47 +303,8 @@ def test_kl_loss():
 
 
 # ----------------------------------------------------------------------------- train
-TINY = [
-    "--pretrained_model_name_or_path",
-    "tiny",
-    "--resolution",
-    "64",
-    "--group_size",
-    "4",
-    "--num_inference_steps",
-    "4",
-    "--rank",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--mixed_precision",
-    "no",
-    "--train_batch_size",
-    "4",
-    "--images_per_step",
-    "1",
-    "--report_to",
-    "none",
-    "--device",
-    "cpu",
-]
-
-
 @pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """Designs in awkward formats, one corrupt PNG and a text file."""
-    d = tmp_path_factory.mktemp("images")
-    design((48, 32), seed=0).save(d / "a.png")
-    design((40, 40), seed=1).convert("CMYK").save(d / "b.jpg")
-    design((48, 32), seed=2).convert("P").save(d / "c.gif")
-    Image.fromarray((np.asarray(design((32, 48), seed=3).convert("L"), np.uint16) * 257)).save(d / "d16.png")
-    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (d / "README.txt").write_text("not an image")
-    return d
-
-
-@pytest.fixture(scope="module")
-def run(image_dir, tmp_path_factory):
+def run(image_dir, tmp_path_factory, tiny_flags):
     out, err = tmp_path_factory.mktemp("run"), io.StringIO()
     with redirect_stderr(err):  # the corrupt PNG is skipped with one plain line
         pipe = train.main(
@@ -381,7 +326,7 @@ def run(image_dir, tmp_path_factory):
                 "1",
                 "--sample_every",
                 "1",
-                *TINY,
+                *tiny_flags(),
                 "--images_per_step",
                 "2",
             ]
@@ -418,8 +363,8 @@ def test_train_outputs_and_first_ratio(run):
     assert Image.open(out / "samples" / "step-000002.png").size[0] > 64
 
 
-def tiny_policy(rank, train_batch_size, sde_window):
-    """A fresh tiny pipeline with a LoRA, train.py's args, and one group of 4 rollouts (T = 4, a = 1.2)."""
+def tiny_policy(image, rank, train_batch_size, sde_window):
+    """A fresh tiny pipeline with a LoRA, train.py's args, and one group of 4 rollouts (T = 4, a = 1.2) of `image`."""
     torch.manual_seed(0)
     pipe = rollout.load_pipeline("tiny")
     params = lora.add_lora(pipe.transformer, rank, 2 * rank)
@@ -428,7 +373,7 @@ def tiny_policy(rank, train_batch_size, sde_window):
     )
     traj = rollout.sample(
         pipe,
-        [design()],
+        [image],
         layers=2,
         group_size=4,
         num_inference_steps=4,
@@ -440,9 +385,9 @@ def tiny_policy(rank, train_batch_size, sde_window):
     return pipe, params, args, traj
 
 
-def test_update_follows_advantages():
+def test_update_follows_advantages(design):
     """After one update, the log-prob of each stored transition moves with its advantage."""
-    pipe, params, args, traj = tiny_policy(8, 4, (0, 2))
+    pipe, params, args, traj = tiny_policy(design(), 8, 4, (0, 2))
     advantages = torch.tensor([1.5, -0.5, 0.5, -1.5])
     stats = train.policy_update(pipe.transformer, [traj], advantages, args, params, torch.optim.AdamW(params, lr=1e-2))
     assert stats["diag/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["train/skipped_updates"] == 0
@@ -452,8 +397,8 @@ def test_update_follows_advantages():
     assert torch.corrcoef(torch.stack([delta, advantages]))[0, 1] > 0.9
 
 
-def test_non_finite_loss_skips_the_update():
-    pipe, params, args, traj = tiny_policy(4, 2, (0, 1))
+def test_non_finite_loss_skips_the_update(design):
+    pipe, params, args, traj = tiny_policy(design(), 4, 2, (0, 1))
     before = [p.detach().clone() for p in params]
     stats = train.policy_update(
         pipe.transformer,
@@ -467,11 +412,7 @@ def test_non_finite_loss_skips_the_update():
     assert all(torch.equal(a, p) for a, p in zip(before, params)) and all(p.grad is None for p in params)
 
 
-def _lora(folder):
-    return load_file(Path(folder) / "peft" / "adapter_model.safetensors")
-
-
-def test_saved_lora_reproduces_the_trained_policy(run):
+def test_saved_lora_reproduces_the_trained_policy(run, design):
     """The final LoRA loads through diffusers' load_lora_weights, through peft, and through lora.load_lora,
     and each gives the trained policy's velocity."""
     from peft import PeftModel
@@ -497,12 +438,12 @@ def test_saved_lora_reproduces_the_trained_policy(run):
         via_diffusers.load_lora_weights(str(out))
         via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
         via_rollout = rollout.load_pipeline("tiny")
-        lora.load_lora(via_rollout, out / "peft")
+        load_lora(via_rollout, out / "peft")
         for model in (via_diffusers.transformer, via_peft, via_rollout.transformer):
             torch.testing.assert_close(rollout.predict_velocity(model, probe, x, t), expected, rtol=0, atol=1e-6)
 
 
-def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_path, capsys):
+def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_path, capsys, design, tiny_flags):
     """--init_lora: the step-0 policy is base + that LoRA (velocity equal to loading it for inference), the KL of
     the first step is 0 (the reference is that starting policy, not the bare base), and the result still loads on
     the bare base model; a folder that holds no LoRA of this model exits 2."""
@@ -528,7 +469,7 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
             "0",
             "--learning_rate",
             "1e-2",
-            *TINY,
+            *tiny_flags(),
         ]
     )
     record = json.loads((out / "metrics.jsonl").read_text())
@@ -549,9 +490,9 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
     from peft import PeftModel
 
     started, via_diffusers, via_rollout = (rollout.load_pipeline("tiny") for _ in range(3))
-    lora.load_lora(started, start / "peft")
+    load_lora(started, start / "peft")
     via_diffusers.load_lora_weights(str(out))
-    lora.load_lora(via_rollout, out / "peft")
+    load_lora(via_rollout, out / "peft")
     via_peft = PeftModel.from_pretrained(rollout.load_pipeline("tiny").transformer, str(out / "peft"))
     with torch.no_grad():
         torch.testing.assert_close(
@@ -572,13 +513,13 @@ def test_init_lora_starts_from_it_and_is_the_kl_reference(run, image_dir, tmp_pa
                 "recon",
                 "--init_lora",
                 str(image_dir),
-                *TINY,
+                *tiny_flags(),
             ]
         )
     assert e.value.code == 2 and "--init_lora" in capsys.readouterr().err
 
 
-def test_resume_gives_the_same_run(image_dir, tmp_path):
+def test_resume_gives_the_same_run(image_dir, tmp_path, tiny_flags, peft_weights):
     """Killed between checkpoints, resumed from the last one: same weights and the same log as one straight run."""
     common = [
         "--images",
@@ -593,7 +534,7 @@ def test_resume_gives_the_same_run(image_dir, tmp_path):
         "0",
         "--learning_rate",
         "1e-2",
-        *TINY,
+        *tiny_flags(),
     ]
     train.main([*common, "--output_dir", str(tmp_path / "straight"), "--max_train_steps", "4"])
     train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "3"])
@@ -609,8 +550,8 @@ def test_resume_gives_the_same_run(image_dir, tmp_path):
             "latest",
         ]
     )
-    a = load_file(tmp_path / "straight" / "peft" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "peft" / "adapter_model.safetensors")
+    a = peft_weights(tmp_path / "straight")
+    b = peft_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rewards = [
         [json.loads(line)["reward/mean"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -619,7 +560,7 @@ def test_resume_gives_the_same_run(image_dir, tmp_path):
     assert rewards[0] == rewards[1] and len(rewards[0]) == 4
 
 
-def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeypatch):
+def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeypatch, design, tiny_flags):
     """The method works: a short run on the tiny model raises a programmatic reward (the background layer's
     opacity) measured on fixed evaluation seeds; training on the negated reward (advantages' sign flipped)
     lowers it."""
@@ -633,7 +574,7 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
     def evaluate(adapter=None):
         pipe = rollout.load_pipeline("tiny")
         if adapter:
-            lora.load_lora(pipe, adapter)
+            load_lora(pipe, adapter)
         traj = rollout.sample(
             pipe,
             images,
@@ -668,7 +609,7 @@ def test_learning_raises_the_reward_and_flipped_sign_lowers_it(tmp_path, monkeyp
                 "0",
                 "--learning_rate",
                 "3e-2",
-                *TINY,
+                *tiny_flags(),
                 "--group_size",
                 "8",
             ]
