@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import reward
 import rollout
-from support import cli, layerd, quantize
+from support import cli, quantize
+from support import layerd as layerd_protocol
 from support.checkpoints import load_lora
 from support.images import composite, list_references, load_layer_files, over_white, pil_to_rgba, save_layers
 from support.report import bar_chart, format_table, side_by_side, write_csv
@@ -125,7 +126,9 @@ def sample_metrics(
     }
     if layerd:
         levels = (
-            layerd.edit_levels([to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers], layerd_max_edits)
+            layerd_protocol.edit_levels(
+                [to_uint8(p) for p in pred], [to_uint8(r) for r in ref_layers], layerd_max_edits
+            )
             if N >= 2 and L >= 2
             else None
         )
@@ -208,7 +211,7 @@ def summarize(rows: list) -> dict:
                 }
             )
         levels = [r["layerd_levels"] for r in g if r.get("layerd_levels")]
-        s["layerd"], s["layerd_n"] = layerd.aggregate(levels), len(levels)
+        s["layerd"], s["layerd_n"] = layerd_protocol.aggregate(levels), len(levels)
         for key in ("rgb_l1", "alpha_iou", "edits"):
             s[f"layerd_{key}"] = s["layerd"][-1][f"avg_{key}"] if levels else None
         out[str(L)] = s
@@ -231,7 +234,7 @@ def evaluate(
     for name, pred_dir in runs.items():
         rows = score_predictions(references, pred_dir, layerd, max_samples, name, layerd_max_edits)
         results[name] = summarize(rows)
-        layerd_all[name] = layerd.aggregate([r["layerd_levels"] for r in rows if r.get("layerd_levels")])
+        layerd_all[name] = layerd_protocol.aggregate([r["layerd_levels"] for r in rows if r.get("layerd_levels")])
         all_rows += rows
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,9 +288,7 @@ def predict_with_model(
     folders, pipe, dirty = {}, None, False
     for name, adapter in runs.items():
         if pipe is None or dirty:
-            pipe = rollout.load_pipeline(
-                pretrained_model_name_or_path, torch_dtype=dtype, device=device, quantize=kind
-            )
+            pipe = rollout.load_pipeline(pretrained_model_name_or_path, torch_dtype=dtype, device=device, kind=kind)
         if adapter is not None:
             load_lora(pipe, adapter, flag=f"--lora {name}=")
         dirty = adapter is not None

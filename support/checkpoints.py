@@ -81,16 +81,17 @@ def load_lora(pipe, path, adapter_name="default", flag="--lora"):
     """Load a LoRA into pipe.transformer as adapter `adapter_name`, beside any others (one copy of the base weights):
     a diffusers LoRA (pytorch_lora_weights.safetensors, or a folder holding one) or a PEFT adapter folder
     (adapter_config.json + adapter_model.safetensors, the released Stable-Layers format). `flag` names the input
-    in errors."""
+    in errors ("--lora", or "--teacher NAME=" to which the path is appended)."""
     path = Path(path)
+    flag = flag if flag.endswith("=") else flag + " "
     if (path / "adapter_config.json").is_file():
         with quiet_peft():
             pipe.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=adapter_name)
-        load_peft_weights(pipe.transformer, path, adapter_name, flag)
+        load_peft_weights(pipe.transformer, path, adapter_name, flag.rstrip())
         return
     if not (path.is_file() or (path / "pytorch_lora_weights.safetensors").is_file()):
         raise InputError(
-            f"{flag} {path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) nor a PEFT adapter folder "
+            f"{flag}{path}: neither a diffusers LoRA (pytorch_lora_weights.safetensors) nor a PEFT adapter folder "
             "(adapter_config.json)"
         )
     file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
@@ -105,7 +106,7 @@ def load_lora(pipe, path, adapter_name="default", flag="--lora"):
         expected = sum("lora_" in k for k in f.keys())
     found = sum(f".{adapter_name}." in n and "lora_" in n for n, _ in pipe.transformer.named_parameters())
     if found != expected:
-        raise InputError(f"{flag} {path}: {expected - found} of its {expected} LoRA weights found no module")
+        raise InputError(f"{flag}{path}: {expected - found} of its {expected} LoRA weights found no module")
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume

@@ -20,43 +20,19 @@ import grpo
 import lora
 import reward
 import rollout
-import runs
 import train
+from support.checkpoints import load_lora, save_lora
+from support.cli import InputError
+from support.images import open_image
 
 # tiny settings shared by train.py and distill.py (64 px, G = 4, T = 4, rank 4, one image per step); sizing "area":
 # with "longest" (64x32 px for these 48x32 images) 20-30 train.py steps lowered both rewards on this toy model
-TINY = [
-    "--pretrained_model_name_or_path",
-    "tiny",
-    "--resolution",
-    "64",
-    "--sizing",
-    "area",
-    "--layers",
-    "2",
-    "--group_size",
-    "4",
-    "--num_inference_steps",
-    "4",
-    "--rank",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--mixed_precision",
-    "no",
-    "--train_batch_size",
-    "4",
-    "--images_per_step",
-    "1",
-    "--report_to",
-    "none",
-    "--sample_every",
-    "0",
-    "--checkpointing_steps",
-    "1000",
-    "--device",
-    "cpu",
-]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_flags):
+    """This file's runs: conftest's tiny flags at diffusers' area sizing, 2 layers, no pictures, no checkpoints."""
+    return tiny_flags(sizing="area", layers=2, sample_every=0, checkpointing_steps=1000)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +48,11 @@ def tiny_pipe(student=None, teachers=()):
     and each (name, folder) of `teachers` as a named adapter."""
     pipe = rollout.load_pipeline("tiny")
     if student:
-        distill.load_adapter(pipe, "default", student)
+        load_lora(pipe, student, "default")
     else:
         lora.add_lora(pipe.transformer, 4, 8)  # B = 0: exactly the base model
     for name, folder in teachers:
-        distill.load_adapter(pipe, name, folder)
+        load_lora(pipe, folder, name)
     pipe.transformer.set_adapter("default")
     return pipe
 
@@ -158,14 +134,14 @@ def teacher(tmp_path_factory):
         for n, p in pipe.transformer.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=g)
-    lora.save_lora(pipe.transformer, folder, base_model="tiny")
+    save_lora(pipe.transformer, folder, base_model="tiny")
     return folder
 
 
-def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path):
+def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path, tiny_run):
     """A teacher LoRA (diffusers format) distilled into a fresh student: the student's velocity error to the
     teacher falls by at least half in 15 steps; the LoRA written is the student's, not the teacher's."""
-    images = [data.open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
+    images = [open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
     before = velocity_gap(tiny_pipe(teachers=[("t", teacher)]), images)
     student = distill.main(
         [
@@ -173,7 +149,7 @@ def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path):
             str(image_dir),
             "--output_dir",
             str(tmp_path / "student"),
-            *TINY,
+            *tiny_run,
             "--teacher",
             f"t={teacher}",
             "--max_train_steps",
@@ -196,7 +172,7 @@ def test_distillation_reaches_one_teacher(image_dir, teacher, tmp_path):
     assert len(logged) == 15 and logged[-1]["kl/t"] < logged[0]["kl/t"]
 
 
-def test_resume_repeats_the_run(image_dir, tmp_path):
+def test_resume_repeats_the_run(image_dir, tmp_path, tiny_run):
     """2 steps + resume to 4 give the same student LoRA as 4 steps in one go (a teacher being a train.py output)."""
     train.main(
         [
@@ -210,13 +186,13 @@ def test_resume_repeats_the_run(image_dir, tmp_path):
             "1",
             "--beta",
             "0",
-            *TINY,
+            *tiny_run,
         ]
     )
     argv = [
         "--images",
         str(image_dir),
-        *TINY,
+        *tiny_run,
         "--teacher",
         f"t={tmp_path / 'teacher'}",
         "--checkpointing_steps",
@@ -249,7 +225,7 @@ def test_resume_repeats_the_run(image_dir, tmp_path):
     ]
 
 
-def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
+def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path, tiny_run):
     """NAME=PATH:FOLDER applies a teacher to its folder's images only (which join the pool); an image no teacher
     applies to is refused; --student_init copies a teacher into the student (0 steps: the teacher itself)."""
     extra = tmp_path / "extra"
@@ -270,7 +246,7 @@ def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
     paths, W = distill.image_pool(args)
     assert [p.name for p in paths] == ["0.png", "1.png", "2.png", "3.png", "x.png"]
     assert W.tolist() == [[0.5, 0.0]] * 4 + [[0.5, 1.0]]
-    with pytest.raises(runs.InputError, match="no teacher"):
+    with pytest.raises(InputError, match="no teacher"):
         distill.image_pool(distill.parse_args(["--images", str(image_dir), "--teacher", f"own={teacher}:{extra}"]))
     distill.main(
         [
@@ -278,7 +254,7 @@ def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
             str(image_dir),
             "--output_dir",
             str(tmp_path / "copy"),
-            *TINY,
+            *tiny_run,
             "--teacher",
             f"t={teacher / 'peft'}",
             "--student_init",
@@ -291,18 +267,34 @@ def test_teacher_folders_and_student_init(image_dir, teacher, tmp_path):
     assert copy.keys() == taught.keys() and all(torch.equal(copy[k], taught[k]) for k in taught)
 
 
-def test_bad_input(image_dir, tmp_path, capsys):
-    """Bad flags stop in parse_args (exit 2); a teacher that is not a LoRA stops with one line naming it."""
+def test_bad_input(image_dir, tmp_path, capsys, tiny_run):
+    """Bad flags stop in parse_args (exit 2); a teacher that is not a LoRA, or a teacher reward that names no reward,
+    stops with one line naming it."""
     for argv, message in [
         (["--teacher", "nope"], "--teacher 'nope'"),
         (["--teacher", "default=x"], "'default'"),
         (["--teacher", "a=x", "--teacher_weight", "b=1"], "--teacher_weight 'b=1'"),
-        (["--teacher", "a=x", "--teacher_reward", "a=nope"], "--teacher_reward"),
     ]:
         with pytest.raises(SystemExit) as e:
             distill.parse_args(["--images", str(image_dir), *argv])
-        assert e.value.code == 2
-    capsys.readouterr()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        distill.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path / "r"),
+                *tiny_run,
+                "--teacher",
+                "a=x",
+                "--teacher_reward",
+                "a=nope",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--reward nope: choose one of" in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as e:
         distill.main(
             [
@@ -310,7 +302,7 @@ def test_bad_input(image_dir, tmp_path, capsys):
                 str(image_dir),
                 "--output_dir",
                 str(tmp_path),
-                *TINY,
+                *tiny_run,
                 "--teacher",
                 f"a={tmp_path / 'missing'}",
             ]
@@ -319,12 +311,12 @@ def test_bad_input(image_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- two rewards
-def test_two_rewards_in_one_student(image_dir, tmp_path):
+def test_two_rewards_in_one_student(image_dir, tmp_path, tiny_run):
     """Two teachers trained by train.py on two programmatic rewards (background opacity, reconstruction), distilled
     into one student: on fixed evaluation seeds the student beats the base model on each reward."""
     t0 = time.perf_counter()
     steps, distill_steps = 30, 20
-    images = [data.open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
+    images = [open_image(p) for p in sorted(image_dir.glob("*.png"))[:2]]
     for name in ("opaque_background", "recon"):
         train.main(
             [
@@ -340,7 +332,7 @@ def test_two_rewards_in_one_student(image_dir, tmp_path):
                 "0",
                 "--learning_rate",
                 "3e-2",
-                *TINY,
+                *tiny_run,
             ]
         )
     distill.main(
@@ -349,7 +341,7 @@ def test_two_rewards_in_one_student(image_dir, tmp_path):
             str(image_dir),
             "--output_dir",
             str(tmp_path / "student"),
-            *TINY,
+            *tiny_run,
             "--teacher",
             f"opaque={tmp_path / 'opaque_background'}",
             "--teacher",

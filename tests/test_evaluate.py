@@ -6,24 +6,21 @@ import math
 import random
 import shutil
 
-from PIL import Image
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate as ev
-import tiny
-
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
-
+from support import tiny
+from support.images import composite, over_white, pil_to_rgba
 
 # ----------------------------------------------------------------------------- evaluate
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
 
 def layer(H, W, color=(0, 0, 0), alpha=0.0, box=None):
-    """(4, H, W): `color` with `alpha` inside box = (top, left, bottom, right) (everywhere when None), (0,0,0,0) else."""
+    """(4, H, W): `color` with `alpha` inside box = (top, left, bottom, right) (everywhere when None), 0 elsewhere."""
     x = torch.zeros(4, H, W)
     t, l, b, r = box or (0, 0, H, W)
     x[:3, t:b, l:r] = torch.tensor(color, dtype=torch.float32).view(3, 1, 1)
@@ -189,12 +186,12 @@ def test_synthetic_generator(tmp_path):
             tmp_path / "b" / f"synth_{k:04d}" / "image.png"
         ).read_bytes()
     img, layers = data.make_design(random.Random(0), 4, (48, 40))
-    stack = torch.stack([data.pil_to_rgba(x) for x in layers])
+    stack = torch.stack([pil_to_rgba(x) for x in layers])
     assert img.mode == "RGB" and img.size == (48, 40) and stack.shape == (4, 4, 40, 48)
     assert (stack[0, 3] == 1).all()  # opaque background
     assert all(0 < (s[3] > 0).float().mean() < 1 for s in stack[1:])  # every foreground layer partly visible
-    recon = data.over_white(data.composite(stack))
-    assert (recon - data.pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
+    recon = over_white(composite(stack))
+    assert (recon - pil_to_rgba(img)[:3]).abs().max() <= 0.5 / 255 + 1e-6
     other, _ = data.make_design(random.Random(1), 4, (48, 40))
     assert np.abs(np.asarray(img, float) - np.asarray(other, float)).mean() > 5
     data.main(
@@ -273,7 +270,6 @@ def test_evaluate_bad_input(tmp_path, capsys):
 
 
 def test_model_mode_base_and_lora_in_each_format(tmp_path):
-    rollout = pytest.importorskip("rollout")
     from diffusers import QwenImageLayeredPipeline
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 

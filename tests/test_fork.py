@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 import reward
-from test_judges import completion, judge_server, keys_asked
-from test_smoke import TINY
+from support.openai_server import completion, keys_asked
 
-README = (Path(__file__).parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+README = (ROOT / "README.md").read_text()
 
 
 def readme_file(name, folder):
@@ -38,7 +39,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_programmatic_reward_from_the_readme(design_images, tmp_path, monkeypatch):
+def test_programmatic_reward_from_the_readme(design_images, tmp_path, monkeypatch, tiny_flags):
     script = readme_file("my_reward.py", tmp_path / "mine")
     out = tmp_path / "out"
     run(
@@ -56,7 +57,7 @@ def test_programmatic_reward_from_the_readme(design_images, tmp_path, monkeypatc
             "2",
             "--sample_every",
             "0",
-            *TINY,
+            *tiny_flags(),
         ],
         monkeypatch,
     )
@@ -66,7 +67,9 @@ def test_programmatic_reward_from_the_readme(design_images, tmp_path, monkeypatc
     assert 0 < r[0]["coverage/mean"] < 1 and not any(k.startswith(("stage1/", "judge/")) for k in r[0])  # no judge
 
 
-def test_judged_reward_and_criteria_from_the_readme_with_the_tiny_judge(design_images, tmp_path, monkeypatch):
+def test_judged_reward_and_criteria_from_the_readme_with_the_tiny_judge(
+    design_images, tmp_path, monkeypatch, tiny_flags
+):
     """With no judge named, @reward.uses_judge makes train.py build the default one (a local judge: here the tiny
     Qwen2.5-VL judge saved to a folder stands in for Qwen3.5-9B) and pass it to the reward; the penalty shows in the
     reward and the criteria file replaces the five criteria."""
@@ -95,7 +98,7 @@ def test_judged_reward_and_criteria_from_the_readme_with_the_tiny_judge(design_i
             "1",
             "--sample_every",
             "0",
-            *TINY,
+            *tiny_flags(),
         ],
         monkeypatch,
     )
@@ -105,7 +108,9 @@ def test_judged_reward_and_criteria_from_the_readme_with_the_tiny_judge(design_i
     assert row["reward/mean"] == pytest.approx(row["stage2/score"] - 0.5 * row["blank/layers"], abs=1e-5)
 
 
-def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(design_images, tmp_path, monkeypatch):
+def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(
+    design_images, tmp_path, monkeypatch, tiny_flags, judge_server
+):
     """The same two files against an OpenAI-compatible judge on 127.0.0.1 (--judge_url): the server is asked for the
     README's criteria, the groups are judged overlapped with the rollouts (the default), every request answered."""
     script = readme_file("my_judged_reward.py", tmp_path / "mine")
@@ -140,7 +145,7 @@ def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(design_im
                 "1",
                 "--sample_every",
                 "0",
-                *TINY,
+                *tiny_flags(),
                 "--images_per_step",
                 "2",
             ],
@@ -152,7 +157,7 @@ def test_judged_reward_and_criteria_from_the_readme_with_an_http_judge(design_im
     assert row["stage1/text"] == pytest.approx(3.0) and row["stage1/background"] == pytest.approx(4.0)
 
 
-def test_judged_reward_with_the_pipelines_own_text_encoder_as_judge(design_images, tmp_path, monkeypatch):
+def test_judged_reward_with_the_pipelines_own_text_encoder_as_judge(design_images, tmp_path, monkeypatch, tiny_flags):
     """--judge text_encoder (the pipeline's Qwen2.5-VL, kept instead of freed) serves a reward of your own too."""
     script = readme_file("my_judged_reward.py", tmp_path / "mine")
     out = tmp_path / "text_encoder"
@@ -173,7 +178,7 @@ def test_judged_reward_with_the_pipelines_own_text_encoder_as_judge(design_image
             "1",
             "--sample_every",
             "0",
-            *TINY,
+            *tiny_flags(),
         ],
         monkeypatch,
     )

@@ -8,19 +8,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import pytest
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from PIL import Image
-
-import bench
 import memory
-import reward
-import rollout
+import pytest
 import runs
 import tiny
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import bench
+import reward
+import rollout
 import train
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TINY = [
@@ -53,7 +56,7 @@ TINY = [
 ]
 
 
-def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
+def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path, tiny_flags):
     """train.py at --mixed_precision bf16 on CUDA: the frozen weights in bf16, the LoRA (the optimizer's copy) in
     fp32, TF32 turned on for the fp32 parts (upstream's setting; both flags are off before it runs, so it is train.py
     that turns them on), and the first ratio 1 within a tenth of --clip_range, bench.py --levers' bound (a rollout in
@@ -73,7 +76,7 @@ def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path):
                 "bf16",
                 "--learning_rate",
                 "1e-2",
-                *TINY,
+                *tiny_flags(),
             ]
         )
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -109,7 +112,7 @@ def test_attention_check_and_the_rollout_runs_on_flash_alone():
     assert traj.prompt_embeds_mask is None and torch.isfinite(traj.log_probs).all()
 
 
-def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_path, capsys):
+def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_path, capsys, tiny_flags):
     """A real CUDA OOM in the loop (the process capped at 0.25 GiB, a 1024 px rollout of 16 candidates): one line
     naming the phase and the flags that lower it, exit 2."""
     torch.cuda.empty_cache()
@@ -125,7 +128,7 @@ def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_
                     str(tmp_path),
                     "--max_train_steps",
                     "1",
-                    *TINY,
+                    *tiny_flags(),
                     "--resolution",
                     "1024",
                     "--group_size",
@@ -140,7 +143,7 @@ def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_
     assert "--group_size" in err and "--resume_from_checkpoint" in err
 
 
-def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path):
+def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path, load_judge):
     """--judge_offload: the weights live in CPU memory, go to the GPU for a score() call and come back (the GPU holds
     less than half their bytes before and after, all of them during), and the scores equal those of the judge kept
     on the GPU."""
@@ -150,12 +153,12 @@ def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path):
     weights = sum(p.numel() * 2 for p in parts[0].parameters())  # bytes in bf16, the judge's dtype on CUDA
     images = [Image.new("RGB", (32, 24), "orange")]
     layers = torch.rand(2, 2, 4, 24, 32, generator=torch.Generator().manual_seed(0))
-    resident = reward.load_judge("local", model=str(tmp_path), device="cuda", panel_size=128)
+    resident = load_judge("local", model=str(tmp_path), device="cuda", panel_size=128)
     expected, _ = reward.vlm_reward(images, layers, 2, judge=resident, combine="stage1")
     del resident
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    offloaded = reward.load_judge("local", model=str(tmp_path), device="cuda", panel_size=128, offload=True)
+    offloaded = load_judge("local", model=str(tmp_path), device="cuda", panel_size=128, offload=True)
     assert torch.cuda.memory_allocated() - before < weights / 2  # loaded, then parked in CPU memory
     torch.cuda.reset_peak_memory_stats()
     got, info = reward.vlm_reward(images, layers, 2, judge=offloaded, combine="stage1")
@@ -166,7 +169,7 @@ def test_local_judge_visits_the_gpu_only_while_it_scores(tmp_path):
 
 def _torchrun(nproc, argv, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py", *argv],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "train.py"), *argv],
         capture_output=True,
         text=True,
         timeout=300,
@@ -178,7 +181,7 @@ def _torchrun(nproc, argv, **kw):
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="rank k on cuda:k needs 2 GPUs or more: one rank creates no process group"
 )
-def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
+def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path, tiny_flags):
     """One rank per GPU: rank k on cuda:k, nccl."""
     n = torch.cuda.device_count()
     ok = _torchrun(
@@ -188,7 +191,7 @@ def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
             str(design_images),
             "--max_train_steps",
             "1",
-            *TINY,
+            *tiny_flags(),
             "--images_per_step",
             str(n),
             "--output_dir",
@@ -199,7 +202,7 @@ def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path):
     assert f"{n} rank(s), device cuda:0" in ok.stdout  # rank 0's line; each rank k set_device(k) before nccl
 
 
-def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path):
+def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path, tiny_flags):
     """One rank more than the node's GPUs (2 ranks on one GPU): one line naming what to launch, no rendezvous."""
     n = torch.cuda.device_count()
     bad = _torchrun(
@@ -209,7 +212,7 @@ def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path):
             str(design_images),
             "--max_train_steps",
             "1",
-            *TINY,
+            *tiny_flags(),
             "--output_dir",
             str(tmp_path),
             "--images_per_step",
@@ -224,7 +227,7 @@ def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path):
 
 
 def test_memory_plan_against_the_peaks_cuda_allocates():
-    """memory.plan, which train.py checks at start-up on CUDA, against the peaks the CUDA allocator reaches in bench.py's
+    """memory.plan, which train.py checks at start-up on CUDA, against the peaks the CUDA allocator reaches in bench's
     rows at full width (2 of the 60 blocks, 512 px, 2 layers, G 4, micro-batch 2, LoRA r 64, bf16): the update
     micro-step with the KL and the rollout step with the LoRA, each within 10 % (the plan is within 1 % of
     memory.simulate here; the rest is the GPU's own: kernel workspaces, the allocator's rounding). The decode is left

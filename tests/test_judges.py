@@ -1,36 +1,23 @@
-"""The judges (judges.py): an OpenAI-compatible server on 127.0.0.1, the tiny and local Qwen-VL judges, expected
-scores and the lenient parser."""
+"""The judges (support/judges.py): an OpenAI-compatible server on 127.0.0.1, the tiny and local Qwen-VL judges,
+expected scores and the lenient parser."""
 
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import base64
-import io
 import json
 import math
-import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
-from PIL import Image
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import judges
 import reward
-import tiny
+from support import judges, tiny
+from support.openai_server import completion, keys_asked
 
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
-
-
-# ----------------------------------------------------------------------------- reward
-KEYS = ["separation", "alpha", "inpainting", "distribution", "validity"]
-
-
-@pytest.fixture(scope="module")
-def tiny_judge():
-    return reward.load_judge("tiny")
+KEYS = list(reward.load_prompts().criteria)
 
 
 @contextmanager
@@ -49,89 +36,7 @@ def _layers(g, n=3, h=24, w=32, seed=0):
     return torch.rand(g, n, 4, h, w)
 
 
-# ------------------------------------------------------------------------------------- a real HTTP judge
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, payload):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path == "/v1/models":
-            return self._send(self.server.models_status, {"object": "list", "data": [{"id": "judge-test"}]})
-        self._send(404, {"error": "not found"})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.posts.append(body)
-            self.server.auth.append(self.headers.get("Authorization"))
-        status, payload = self.server.answer(body)
-        self._send(status, payload)
-
-
-@contextmanager
-def judge_server(answer, models_status=200):
-    """Serve /v1/models and /v1/chat/completions on an ephemeral port; answer(body) -> (status, payload)."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads, srv.block_on_close = True, False
-    srv.answer, srv.models_status, srv.lock, srv.posts, srv.auth = answer, models_status, threading.Lock(), [], []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def keys_asked(body):  # the JSON fields the prompt's answer format asks for
-    text = body["messages"][0]["content"][1]["text"]
-    return re.findall(r'"(\w+)": <1-9>', text)
-
-
-def image_sent(body):
-    url = body["messages"][0]["content"][0]["image_url"]["url"]
-    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
-
-
-def completion(text, tops=None):
-    """A chat completion whose logprobs split the text into one-character tokens; tops maps a character
-    index to its top_logprobs [(token, probability)]."""
-    content = [
-        {
-            "token": ch,
-            "logprob": 0.0,
-            "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in (tops or {}).get(i, [])],
-        }
-        for i, ch in enumerate(text)
-    ]
-    return {
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": content} if tops is not None else None,
-            }
-        ]
-    }
-
-
-def http_judge(url, **options):
-    return reward.load_judge(
-        "http", model="judge-test", url=url, backoff=0.01, panel_size=96, grid_size=160, **options
-    )
-
-
-def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog):
+def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog, judge_server, http_judge):
     stage1 = {"separation": 9, "alpha": 7, "inpainting": 5, "distribution": 3, "validity": 1}
 
     def answer(body):
@@ -166,7 +71,7 @@ def test_http_good_answers_use_top_logprobs_weights_and_key(monkeypatch, caplog)
     assert "sk-test-secret" not in repr(judge) + repr(info) + caplog.text
 
 
-def test_http_garbage_falls_back_and_counts():
+def test_http_garbage_falls_back_and_counts(judge_server, http_judge):
     bad = [
         (200, completion("I'm sorry, I can't rate images.")),
         (200, completion('{"separation": 5, "alpha": 5}')),  # fields missing
@@ -208,7 +113,7 @@ def test_http_garbage_falls_back_and_counts():
         assert all(np.isfinite(v) for k, v in info.items() if k not in ("candidates", "judge_last_error"))
 
 
-def test_http_500_then_success_and_logprobs_rejected():
+def test_http_500_then_success_and_logprobs_rejected(judge_server, http_judge):
     seen, lock = {}, threading.Lock()
 
     def answer(body):
@@ -232,7 +137,7 @@ def test_http_500_then_success_and_logprobs_rejected():
     assert sum("logprobs" in b for b in srv.posts) >= 1 and "logprobs" not in srv.posts[-1]
 
 
-def test_http_slow_server_times_out_in_bounded_time():
+def test_http_slow_server_times_out_in_bounded_time(judge_server, http_judge):
     def answer(body):
         time.sleep(5.0)
         return 200, completion(json.dumps({k: 8 for k in keys_asked(body)}))
@@ -247,21 +152,21 @@ def test_http_slow_server_times_out_in_bounded_time():
     assert info["judge/requests"] == 10 and info["judge/failed_stage1"] == 4 and info["judge/failed_stage2"] == 1
 
 
-def test_http_judge_fails_at_startup_with_a_clear_message():
+def test_http_judge_fails_at_startup_with_a_clear_message(load_judge, judge_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=r"--judge_url .*cannot reach"):
-        reward.load_judge("http", model="m", url=f"http://127.0.0.1:{dead_port}/v1")
+        load_judge("http", model="m", url=f"http://127.0.0.1:{dead_port}/v1")
     assert time.perf_counter() - t0 < 5
     with judge_server(lambda b: (200, {}), models_status=401) as (_, url):
         with pytest.raises(ValueError, match=r"HTTP 401.*MY_KEY"):
-            reward.load_judge("http", model="judge-test", url=url, api_key_env="MY_KEY")
+            load_judge("http", model="judge-test", url=url, api_key_env="MY_KEY")
     with judge_server(lambda b: (200, {})) as (_, url):
         with pytest.raises(ValueError, match=r"--judge_model nope: not served"):
-            reward.load_judge("http", model="nope", url=url)
-        assert reward.load_judge("http", url=url).name.startswith("judge-test")  # the only model served
+            load_judge("http", model="nope", url=url)
+        assert load_judge("http", url=url).name.startswith("judge-test")  # the only model served
 
 
 # ------------------------------------------------------------------------------------------- tiny judge
@@ -308,9 +213,9 @@ def test_tiny_judge_end_to_end_group_of_4(tiny_judge, tmp_path):
 def test_qwen3_5_judge_names_its_missing_fast_kernels_once(caplog):
     """The default judge's architecture (Qwen3.5: linear-attention layers) on CUDA without flash-linear-attention
     and causal-conv1d: one warning line naming what to install; nothing on CPU or for a full-attention model."""
-    from transformers import Qwen2_5_VLConfig, Qwen3_5Config
-
     import importlib.util
+
+    from transformers import Qwen2_5_VLConfig, Qwen3_5Config
 
     missing = [m for m in ("fla", "causal_conv1d") if importlib.util.find_spec(m) is None]
     with caplog.at_level("WARNING", logger="reward"):
@@ -324,40 +229,40 @@ def test_qwen3_5_judge_names_its_missing_fast_kernels_once(caplog):
     )
 
 
-def test_judge_offload_keeps_the_scores(tiny_judge):
+def test_judge_offload_keeps_the_scores(tiny_judge, load_judge):
     """A local judge whose weights live in CPU memory and visit its device only while scoring (train.py's
     --judge_offload) scores exactly as the resident one. On this CPU-only machine both places are the CPU, so this
     checks the path and the scores; the memory it saves is a GPU figure (docs/performance.md)."""
-    offloaded = reward.load_judge("tiny", offload_to="cpu")
+    offloaded = load_judge("tiny", offload_to="cpu")
     images, layers = [Image.new("RGB", (32, 24), "orange")], _layers(4)
     a, _ = reward.vlm_reward(images, layers[:4], 4, judge=tiny_judge, seed=3)
     b, _ = reward.vlm_reward(images, layers[:4], 4, judge=offloaded, seed=3)
     assert torch.equal(a, b)
 
 
-def test_local_judge_loads_a_saved_folder(tiny_judge, tmp_path):
+def test_local_judge_loads_a_saved_folder(tiny_judge, tmp_path, load_judge):
     model, tok, ip = tiny.tiny_judge(seed=0)
     for part in (model, tok, ip):
         part.save_pretrained(tmp_path)
-    local = reward.load_judge("local", model=str(tmp_path), device="cpu", panel_size=128)
+    local = load_judge("local", model=str(tmp_path), device="cpu", panel_size=128)
     images, layers = [Image.new("RGB", (32, 24), "orange")], _layers(2)
     with one_thread():
         r_local, _ = reward.vlm_reward(images, layers, 2, judge=local, combine="stage1")
     r_tiny, _ = reward.vlm_reward(images, layers, 2, judge=tiny_judge, combine="stage1")
     assert torch.allclose(r_local, r_tiny, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="--judge_model /no/such/judge"):
-        reward.load_judge("local", model="/no/such/judge")
+        load_judge("local", model="/no/such/judge")
     # the pipeline's text encoder as judge, with a tokenizer whose chat template knows no images (-> ChatML)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    reuse = reward.load_judge("text_encoder", text_encoder=model, tokenizer=tok, panel_size=128)
+    reuse = load_judge("text_encoder", text_encoder=model, tokenizer=tok, panel_size=128)
     with one_thread():
         r_reuse, _ = reward.vlm_reward(images, layers, 2, judge=reuse, combine="stage1")
     assert torch.allclose(r_reuse, r_tiny, atol=1e-5)
     with pytest.raises(ValueError, match="text_encoder needs"):
-        reward.load_judge("text_encoder", text_encoder=model.model, tokenizer=tok)  # no lm_head: cannot answer
+        load_judge("text_encoder", text_encoder=model.model, tokenizer=tok)  # no lm_head: cannot answer
 
 
-def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path):
+def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path, load_judge):
     """The released model's judge family (Qwen3.5: linear + full attention, 16 px patches), tiny and random."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -414,7 +319,7 @@ def test_local_judge_runs_a_hybrid_attention_qwen3_5(tmp_path):
     torch.manual_seed(0)
     for part in (Qwen3_5ForConditionalGeneration(config), tok, Qwen2VLImageProcessorPil(patch_size=16)):
         part.save_pretrained(tmp_path)
-    judge = reward.load_judge("local", model=str(tmp_path), device="cpu", panel_size=96, grid_size=96)
+    judge = load_judge("local", model=str(tmp_path), device="cpu", panel_size=96, grid_size=96)
     with one_thread():
         rewards, info = reward.vlm_reward([Image.new("RGB", (32, 24), "red")], _layers(4), 4, judge=judge)
     assert info["judge/requests"] == 2 and info["judge/fallbacks"] == 0 and torch.isfinite(rewards).all()

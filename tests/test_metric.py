@@ -12,12 +12,27 @@ import torch
 
 import data
 import evaluate as ev
-import lora
 import reward
 import rollout
 import sft
-import tiny
 import train
+from support.checkpoints import load_lora
+from support.images import open_image, over_white, pil_to_rgba
+
+
+def round_trip_l1(vae, num_samples=12, seed=0, size=64):
+    """How far decode(encode(layer)) is from the layer, over every layer of `python data.py synthetic --num_samples
+    12 --seed 0 --size 64` (made in memory): (mean over pixels and the 4 straight RGBA channels in [0, 1], mean over
+    pixels and RGB over white: evaluate.py's per-layer L1 with the round trip as the prediction)."""
+    designs = [
+        data.make_design(np.random.default_rng([seed, k]), (2, 3, 4)[k % 3], (size, size)) for k in range(num_samples)
+    ]
+    layers = torch.stack([pil_to_rgba(layer) for _, design in designs for layer in design])  # (N, 4, H, W) in [0, 1]
+    with torch.no_grad():  # one frame each
+        z = vae.encode(layers[:, :, None] * 2 - 1).latent_dist.mode()
+        out = vae.decode(z).sample[:, :, 0] / 2 + 0.5
+    white = [(over_white(a) - over_white(b)).abs().mean() for a, b in zip(out, layers)]
+    return (out - layers).abs().mean().item(), torch.stack(white).mean().item()
 
 
 def test_tiny_vae_reconstructs_rgba_layers():
@@ -25,12 +40,12 @@ def test_tiny_vae_reconstructs_rgba_layers():
     decode(encode(layer)) is within 0.05 mean L1 of the layers of `python data.py synthetic --size 64` (straight
     RGBA, and over white as evaluate.py scores)."""
     vae = rollout.load_pipeline("tiny").vae
-    rgba, over_white = tiny.round_trip_l1(vae)
-    print(f"round trip on 36 layers of 12 designs, 64 px: mean L1 {rgba:.4f} (RGBA), {over_white:.4f} (over white)")
-    assert rgba <= 0.05 and over_white <= 0.05
+    rgba, white = round_trip_l1(vae)
+    print(f"round trip on 36 layers of 12 designs, 64 px: mean L1 {rgba:.4f} (RGBA), {white:.4f} (over white)")
+    assert rgba <= 0.05 and white <= 0.05
 
     image, layers = data.make_design(np.random.default_rng([3, 0]), 3, (64, 48))  # non-square: h != w
-    x = torch.stack([data.pil_to_rgba(image.convert("RGBA"))] + [data.pil_to_rgba(layer) for layer in layers]) * 2 - 1
+    x = torch.stack([pil_to_rgba(image.convert("RGBA"))] + [pil_to_rgba(layer) for layer in layers]) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0]  # (4, 16, 6, 8)
     means = torch.nn.functional.avg_pool2d(x, 4)  # (4, 4, 12, 16)
@@ -108,13 +123,13 @@ def test_grpo_on_recon_raises_it_on_fixed_seeds(tmp_path):
     (tmp_path / "images").mkdir()
     for k in range(4):
         data.make_design(np.random.default_rng([5, k]), 2, (64, 64))[0].save(tmp_path / "images" / f"{k}.png")
-    seen = [data.open_image(tmp_path / "images" / f"{k}.png") for k in range(2)]
+    seen = [open_image(tmp_path / "images" / f"{k}.png") for k in range(2)]
     unseen = [data.make_design(np.random.default_rng([6, k]), 2, (64, 64))[0] for k in range(2)]
 
     def recon(images, adapter=None):
         pipe = rollout.load_pipeline("tiny")
         if adapter:
-            lora.load_lora(pipe, adapter)
+            load_lora(pipe, adapter)
         traj = rollout.sample(
             pipe,
             images,

@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from test_smoke import _lora, image_dir, TINY  # noqa: F401 (image_dir: a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def _torchrun(nproc, argv, timeout=240, **kw):
@@ -29,7 +31,7 @@ def _torchrun(nproc, argv, timeout=240, **kw):
             str(nproc),
             "--master_port",
             str(_free_port()),
-            "train.py",
+            str(ROOT / "train.py"),
             *argv,
         ],
         capture_output=True,
@@ -46,7 +48,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(image_dir, tmp_path):
+def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(
+    image_dir, tmp_path, tiny_flags, peft_weights
+):
     """gloo on CPU: 2 ranks x 1 image per step train the LoRA of 1 process x 2 images; a 2-rank run stopped at
     step 2 resumes to 4 on 1 rank, equal to 4 uninterrupted steps; only rank 0 writes. (Resuming on the same number
     of ranks is test_resume_gives_the_same_run's case: the checkpoint holds nothing rank-specific.) The one-process
@@ -64,7 +68,7 @@ def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(ima
         "1",
         "--checkpoints_total_limit",
         "10",
-        *TINY,
+        *tiny_flags(),
         "--images_per_step",
         "2",
     ]
@@ -83,12 +87,12 @@ def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(ima
             "latest",
         ]
     )
-    ref = {k: _lora(tmp_path / "one" / f"checkpoint-{s}") for k, s in (("2", 2), ("4", 4))}
-    two_at_2 = _lora(tmp_path / "two" / "checkpoint-2")
+    ref = {k: peft_weights(tmp_path / "one" / f"checkpoint-{s}") for k, s in (("2", 2), ("4", 4))}
+    two_at_2 = peft_weights(tmp_path / "two" / "checkpoint-2")
     dw = max((ref["2"][k] - two_at_2[k]).abs().max().item() for k in ref["2"])
     print(f"world-size invariance: max |dW| after 2 steps = {dw:.2e}")
     assert dw <= 1e-6
-    final = _lora(tmp_path / "two_then_one")
+    final = peft_weights(tmp_path / "two_then_one")
     assert max((ref["4"][k] - final[k]).abs().max().item() for k in final) <= 1e-6
     ref_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for folder, steps in (("two", 2), ("two_then_one", 4)):
@@ -103,7 +107,7 @@ def test_torchrun_two_ranks_equal_one_process_and_resume_with_any_world_size(ima
     assert bad.returncode != 0 and "multiple of the number of ranks (2)" in bad.stderr
 
 
-def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path):
+def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path, tiny_flags):
     import psutil
 
     argv = [
@@ -119,7 +123,7 @@ def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path):
         str(tmp_path),
         "--max_train_steps",
         "500",
-        *TINY,
+        *tiny_flags(),
         "--images_per_step",
         "2",
     ]
@@ -132,7 +136,7 @@ def test_torchrun_a_killed_rank_stops_the_job(image_dir, tmp_path):
             "2",
             "--master_port",
             str(_free_port()),
-            "train.py",
+            str(ROOT / "train.py"),
             *argv,
         ],
         stdout=subprocess.DEVNULL,
@@ -164,7 +168,7 @@ def _rewards(folder):
     return [json.loads(line)["reward/mean"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp_path):  # noqa: F811
+def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp_path, tiny_flags, peft_weights):  # noqa: F811
     """2 gloo ranks with --fsdp (each holding half of the frozen transformer) train the LoRA of one process to float
     summation order, with the same rewards; a sharded checkpoint resumes in one process without --fsdp, and an
     unsharded one under --fsdp, both ending where 4 straight steps end. Checkpoints are the same files either way."""
@@ -181,7 +185,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp
         "1",
         "--checkpoints_total_limit",
         "10",
-        *TINY,
+        *tiny_flags(),
         "--images_per_step",
         "2",
         "--beta",
@@ -196,7 +200,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp
         for r, a, b in re.findall(r"rank (\d): ([\d.e-]+) of the frozen transformer's ([\d.e-]+) GiB", run.stdout)
     }
     assert sorted(shares) == [0, 1] and all(a == pytest.approx(b / 2, rel=0.05) for a, b in shares.values())
-    dw = _max_dw(_lora(one / "checkpoint-2"), _lora(sharded / "checkpoint-2"))
+    dw = _max_dw(peft_weights(one / "checkpoint-2"), peft_weights(sharded / "checkpoint-2"))
     print(f"--fsdp, 2 ranks vs 1 process: max |dW| after 2 steps = {dw:.2e}")
     assert dw <= 1e-6 and _rewards(sharded) == pytest.approx(_rewards(one)[:2], abs=1e-6)
     assert sorted(p.name for p in sharded.iterdir() if p.name.startswith("checkpoint")) == [
@@ -238,17 +242,17 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp
     )
     assert run.returncode == 0, run.stderr[-800:]
     for resumed in (tmp_path / "sharded_then_one", unsharded):
-        assert _max_dw(_lora(one), _lora(resumed)) <= 1e-6
+        assert _max_dw(peft_weights(one), peft_weights(resumed)) <= 1e-6
         assert _rewards(resumed) == pytest.approx(_rewards(one), abs=1e-6)
 
 
-def test_fsdp_refuses_what_it_cannot_shard(image_dir, tmp_path, capsys):  # noqa: F811
+def test_fsdp_refuses_what_it_cannot_shard(image_dir, tmp_path, capsys, tiny_flags):  # noqa: F811
     """--fsdp in one process, or with a quantized base: one line at start-up, exit 2, nothing loaded."""
     for extra, message in (
         (["--fsdp"], "torchrun --nproc_per_node N"),
         (["--fsdp", "--quantize", "int8"], "--fsdp with --quantize int8"),
     ):
         with pytest.raises(SystemExit) as e:
-            train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "x"), *TINY, *extra])
+            train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "x"), *tiny_flags(), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0]

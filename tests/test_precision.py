@@ -7,12 +7,8 @@ import lora
 import rollout
 import train
 
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
 
-from test_smoke import design
-
-
-def test_bf16_model_with_fp32_lora():
+def test_bf16_model_with_fp32_lora(design):
     """On a bf16 model, lora_precision runs the fp32 LoRA in bf16 under autocast: the same policy as peft's
     fp32 path up to bf16 rounding, ratio 1 on re-scoring, and fp32 gradients on every LoRA weight."""
     torch.manual_seed(0)
@@ -50,7 +46,7 @@ def bf16_policy(blocks=None):
     return pipe, params
 
 
-def rollouts_and_updates(pipe, params, steps):
+def rollouts_and_updates(pipe, params, steps, image):
     """`steps` of train.py's inner loop by hand: a rollout of 2 candidates (3 steps, 2 in the SDE window) under
     lora_precision, then policy_update with fixed advantages. Returns [(trajectory, stats)] per step."""
     args = train.parse_args(["--images", ".", "--reward", "recon", "--beta", "0", "--train_batch_size", "2"])
@@ -60,7 +56,7 @@ def rollouts_and_updates(pipe, params, steps):
         with lora.lora_precision(pipe.transformer):
             traj = rollout.sample(
                 pipe,
-                [design()],
+                [image],
                 layers=2,
                 group_size=2,
                 num_inference_steps=3,
@@ -76,7 +72,7 @@ def rollouts_and_updates(pipe, params, steps):
     return out
 
 
-def test_compiled_blocks_give_eager_numbers_in_bf16():
+def test_compiled_blocks_give_eager_numbers_in_bf16(design):
     """--compile (rollout.speed_up: regional torch.compile of the repeated block, LoRA inside) on CPU inductor,
     bf16 weights and fp32 LoRA as on a GPU: two steps of rollouts and updates give the eager run's log-probs, ratio
     and gradient norms exactly, and its trained LoRA within 1e-5 (one element of 40 tensors differed, by 5.4e-7:
@@ -86,7 +82,10 @@ def test_compiled_blocks_give_eager_numbers_in_bf16():
     eager, compiled = bf16_policy(blocks=1), bf16_policy(blocks=1)
     rollout.speed_up(compiled[0].transformer, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    a, b = rollouts_and_updates(*eager, steps=2), rollouts_and_updates(*compiled, steps=2)
+    a, b = (
+        rollouts_and_updates(*eager, steps=2, image=design()),
+        rollouts_and_updates(*compiled, steps=2, image=design()),
+    )
     for (traj_a, stats_a), (traj_b, stats_b) in zip(a, b):
         assert torch.equal(traj_a.log_probs, traj_b.log_probs) and stats_b["diag/ratio_mean"] == 1.0
         assert stats_b["train/grad_norm"] == stats_a["train/grad_norm"] > 0
@@ -94,12 +93,12 @@ def test_compiled_blocks_give_eager_numbers_in_bf16():
     assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 3  # made in step 1, reused in 2
 
 
-def test_attention_backend_keeps_the_numbers():
+def test_attention_backend_keeps_the_numbers(design):
     """--attention_backend (rollout.speed_up through diffusers' dispatcher): the math kernel against PyTorch's SDPA
     choice on the same transitions: log-probs within 1e-3 in bf16 (measured 4.3e-4 at most: bf16 rounding inside the
     attention), and the re-scoring's ratio under the chosen backend is 1 (rollout and update run the same kernel)."""
     pipe, params = bf16_policy()
-    ((traj, _),) = rollouts_and_updates(pipe, params, steps=1)
+    ((traj, _),) = rollouts_and_updates(pipe, params, steps=1, image=design())
     pipe.transformer.eval()
     try:
         with torch.no_grad(), lora.lora_precision(pipe.transformer):
@@ -107,7 +106,7 @@ def test_attention_backend_keeps_the_numbers():
             rollout.speed_up(pipe.transformer, attention_backend="_native_math")
             math_ = torch.stack([rollout.step_log_prob(pipe.transformer, traj, j)[0] for j in range(2)], 1)
         assert 0 < (math_ - sdpa).abs().max() < 1e-3
-        ((_, stats),) = rollouts_and_updates(pipe, params, steps=1)
+        ((_, stats),) = rollouts_and_updates(pipe, params, steps=1, image=design())
         assert float(stats["diag/ratio_mean"]) == 1.0
     finally:
         pipe.transformer.set_attention_backend("native")  # diffusers keeps the choice process-wide

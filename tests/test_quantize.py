@@ -10,38 +10,18 @@ import torch
 from PIL import Image
 
 import lora
-import memory
-import quantize
 import rollout
 import sft
 import train
+from bench import memory as memory_bench
+from support import memory, quantize
+from support.checkpoints import load_lora
 
-TINY = [
-    "--pretrained_model_name_or_path",
-    "tiny",
-    "--device",
-    "cpu",
-    "--resolution",
-    "64",
-    "--layers",
-    "2",
-    "--group_size",
-    "4",
-    "--num_inference_steps",
-    "4",
-    "--rank",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--train_batch_size",
-    "2",
-    "--images_per_step",
-    "1",
-    "--report_to",
-    "none",
-    "--sample_every",
-    "0",
-]
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_flags):
+    """This file's runs: conftest's tiny flags with 2 layers, micro-batches of 2, no pictures, the dtype's default."""
+    return tiny_flags(layers=2, train_batch_size=2, sample_every=0, mixed_precision=None)
 
 
 def velocity(transformer, traj):
@@ -51,7 +31,7 @@ def velocity(transformer, traj):
 
 @pytest.mark.parametrize("kind, error", [("int8", 0.01), ("nf4", 0.1)])
 def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
-    design_images, tmp_path, kind, error, capsys
+    design_images, tmp_path, kind, error, capsys, tiny_run
 ):
     """--quantize: one GRPO step (with the KL) on the tiny model with its blocks quantized: ratio 1, the LoRA moves
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
@@ -74,7 +54,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
             "1",
             "--learning_rate",
             "3e-2",
-            *TINY,
+            *tiny_run,
         ]
     )
     assert (
@@ -112,7 +92,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
     assert base_error < error and (trained - quantized_base).abs().max() > 1e-4  # the LoRA matters
     via_diffusers, via_lora = rollout.load_pipeline("tiny"), rollout.load_pipeline("tiny")
     via_diffusers.load_lora_weights(str(out))
-    lora.load_lora(via_lora, out / "peft")
+    load_lora(via_lora, out / "peft")
     for full in (via_diffusers, via_lora):
         assert ((velocity(full.transformer, probe) - trained).norm() / trained.norm()).item() < error
     sft.main(
@@ -152,7 +132,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
     assert rows[-1]["train/grad_norm"] > 0
 
 
-def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_path, monkeypatch, capsys):
+def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_path, monkeypatch, capsys, tiny_run):
     """A backend that is not installed (bitsandbytes made unimportable, as Python does for a None entry in
     sys.modules): one line naming what to install and the quantization that would work, exit 2, before any model is
     loaded."""
@@ -169,7 +149,7 @@ def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_p
                 "recon",
                 "--quantize",
                 "nf4",
-                *TINY,
+                *tiny_run,
             ]
         )
     out, err = capsys.readouterr()
@@ -189,11 +169,11 @@ def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_p
     ids=["bf16", "nf4"],
 )
 def test_memory_plan_matches_the_simulation(setup):
-    """memory.plan (arithmetic) against memory.simulate (this code on meta tensors, the quantized weights counted
-    on a real quantized block) on configurations its constants were not read from: every phase within 6 %."""
+    """support/memory.plan (arithmetic) against bench/memory.simulate (this code on meta tensors, the quantized weights
+    counted on a real quantized block) on configurations its constants were not read from: every phase within 6 %."""
     if setup.quantize != "none":
         pytest.importorskip(quantize.PACKAGE[setup.quantize][0], reason="requirements.txt installs it")
-    simulated, planned = memory.simulate(setup), memory.plan(setup)
+    simulated, planned = memory_bench.simulate(setup), memory.plan(setup)
     print({k: f"plan {planned[k]:.3f} / simulated {v:.3f} GiB" for k, v in simulated.items()})
     assert all(planned[k] == pytest.approx(v, rel=0.06) for k, v in simulated.items())
 

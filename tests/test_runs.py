@@ -1,8 +1,8 @@
 """A rerun never destroys a run, and a newcomer's first minutes are clean (CPU, offline, tiny models, ~15 s):
 the same command twice, a finished run resumed, output folders that cannot be used, one-line command-line errors,
-memory.py's flags, a skipped image, peft's noise.
+the memory plan's flags, a skipped image, peft's noise.
 
-    python -m pytest -q test_runs.py
+    python -m pytest -q tests/test_runs.py
 """
 
 import hashlib
@@ -13,44 +13,26 @@ from pathlib import Path
 
 import pytest
 
-import data
 import distill
 import evaluate as ev
 import lora
-import memory
 import reward
 import rollout
 import sft
 import train
+from bench import memory
+from support.checkpoints import load_lora, save_lora
+from support.images import find_images
 
-TINY = [
-    "--pretrained_model_name_or_path",
-    "tiny",
-    "--resolution",
-    "64",
-    "--layers",
-    "2",
-    "--group_size",
-    "2",
-    "--num_inference_steps",
-    "2",
-    "--sde_window",
-    "1",
-    "--rank",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--mixed_precision",
-    "no",
-    "--train_batch_size",
-    "2",
-    "--images_per_step",
-    "1",
-    "--reward",
-    "recon",
-    "--device",
-    "cpu",
-]
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_flags):
+    """This file's runs: G 2, T 2, one trained step per rollout, the recon reward, the tracker left at its default."""
+    return tiny_flags(
+        layers=2, group_size=2, num_inference_steps=2, sde_window=1, train_batch_size=2, reward="recon", report_to=None
+    )
 
 
 def hashes(folder):
@@ -69,7 +51,7 @@ def one_line(capsys):
     return out, lines[0]
 
 
-def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_images, tmp_path, capsys):
+def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_images, tmp_path, capsys, tiny_run):
     """The README's situation: a command run again (up-arrow, Enter) into the same --output_dir. train.main is called
     in this process as `python train.py ...` calls it (the same parse_args(argv), exit code and streams; only the
     imports are shared). The second stops before loading a model with one line naming the folder, its last step and
@@ -90,7 +72,7 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
         "1",
         "--report_to",
         "tensorboard",
-        *TINY,
+        *tiny_run,
     ]
     train.main(argv)
     printed = capsys.readouterr().out.strip().splitlines()
@@ -137,12 +119,12 @@ def test_the_same_command_twice_leaves_the_first_run_byte_identical(design_image
     assert steps == [1, 2, 3]
 
 
-def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images, tmp_path, capsys):
+def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images, tmp_path, capsys, tiny_run):
     """--output_dir . in a project folder would write the model card over its README.md: refused, nothing changed;
     a run killed before its first checkpoint is a run too, and the line says that resuming it starts at step 0."""
     (tmp_path / "README.md").write_text("my notes")
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(design_images), "--output_dir", str(tmp_path), *TINY])
+        train.main(["--images", str(design_images), "--output_dir", str(tmp_path), *tiny_run])
     assert e.value.code == 2 and one_line(capsys)[1] == (
         f"error: --output_dir {tmp_path} holds README.md, which a run writes; nothing was changed. Choose another "
         "--output_dir, or add --resume_from_checkpoint latest to write there"
@@ -155,7 +137,7 @@ def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images
     killed.mkdir()
     (killed / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(design_images), "--output_dir", str(killed), *TINY])
+        train.main(["--images", str(design_images), "--output_dir", str(killed), *tiny_run])
     assert e.value.code == 2 and one_line(capsys)[1] == (
         f"error: --output_dir {killed} holds a run, to step 3 (metrics.jsonl); nothing was changed. It saved no "
         "checkpoint: to redo it from step 0 add --resume_from_checkpoint latest; to start a new run choose another "
@@ -164,14 +146,14 @@ def test_a_folder_that_only_holds_what_a_run_writes_is_refused_too(design_images
     assert [p.name for p in killed.iterdir()] == ["metrics.jsonl"]
 
 
-def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_images, tmp_path, capsys):
+def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_images, tmp_path, capsys, tiny_run):
     """A folder that cannot be made (under a file) is one line naming --output_dir in each script; a start that
     fails after the folder was made (a missing --images) removes it again, with the parents it made; a folder that
     was there before stays, without a .lock."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for script, other in (
-        (train, ["--images", str(design_images), *TINY]),
+        (train, ["--images", str(design_images), *tiny_run]),
         (sft, ["--synthetic", "2"]),
         (distill, ["--images", str(design_images), "--teacher", f"t={tmp_path}"]),
     ):
@@ -191,11 +173,11 @@ def test_output_folder_errors_name_the_flag_and_leave_nothing_behind(design_imag
             f"error: --output_dir {blocker / 'out'}: {blocker} is a file, not a folder; choose another --output_dir"
         )
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "new" / "run"), *TINY])
+        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "new" / "run"), *tiny_run])
     assert e.value.code == 2 and "no such folder" in one_line(capsys)[1]
     (tmp_path / "mine").mkdir()
     with pytest.raises(SystemExit):
-        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), *TINY])
+        train.main(["--images", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "mine"), *tiny_run])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"] and not any((tmp_path / "mine").iterdir())
 
 
@@ -210,9 +192,9 @@ def test_command_line_errors_are_one_line_and_help_keeps_the_usage(module, capsy
 
 
 def test_memory_flags_are_train_flags_with_its_forms_and_defaults(capsys):
-    """Every memory.py flag but --simulate and torchrun's --nproc_per_node is a train.py flag with its default; a list
-    of layers and random:K parse
-    as train.py parses them (the plan takes the largest layer count); a bad value is one line."""
+    """Every bench.memory flag but --simulate and torchrun's --nproc_per_node is a train.py flag with its default; a
+    list of layers and random:K parse as train.py parses them (the plan takes the largest layer count); a bad value is
+    one line."""
     planned, trained = vars(memory.parse_args([])), vars(train.parse_args(["--images", "x"]))
     shared = set(planned) - {"simulate", "num_blocks", "nproc_per_node"}
     assert shared <= set(trained) and {k: planned[k] for k in shared} == {k: trained[k] for k in shared}
@@ -244,7 +226,7 @@ def test_a_skipped_image_is_one_plain_line(design_images, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert len(data.find_images(tmp_path)) == 2
+        assert len(find_images(tmp_path)) == 2
     assert not [w for w in caught if "broken" in str(w.message)]
     err = capsys.readouterr().err
     assert err.startswith(f"skipping {tmp_path / 'broken.png'}: not a readable image (") and err.count("\n") == 1
@@ -252,28 +234,28 @@ def test_a_skipped_image_is_one_plain_line(design_images, tmp_path, capsys):
 
 def test_peft_noise_is_silenced_where_it_arises_and_only_there(tmp_path):
     """Loading a diffusers LoRA (what evaluate.py --lora does) and a LoRA on int8 blocks (--quantize int8) raise
-    none of peft's two noise warnings through lora.py, though peft raises them when called directly; other warnings,
-    and these outside lora.py, still show."""
+    none of peft's two noise warnings through our code, though peft raises them when called directly; other warnings,
+    and these outside our code, still show."""
     from peft import LoraConfig
 
     pipe = rollout.load_pipeline("tiny")
     lora.add_lora(pipe.transformer, 4, 8)
-    lora.save_lora(pipe.transformer, tmp_path, base_model="tiny")
+    save_lora(pipe.transformer, tmp_path, base_model="tiny")
     noise = ("exclude_modules", "get_apply_tensor_subclass")
     int8 = importlib.util.find_spec("torchao") is not None  # requirements.txt installs it; a GPU image may lack it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lora.load_lora(rollout.load_pipeline("tiny"), tmp_path)
-        lora.load_lora(rollout.load_pipeline("tiny"), tmp_path / "peft")
+        load_lora(rollout.load_pipeline("tiny"), tmp_path)
+        load_lora(rollout.load_pipeline("tiny"), tmp_path / "peft")
         if int8:
-            lora.add_lora(rollout.load_pipeline("tiny", quantize="int8").transformer, 4, 8)
+            lora.add_lora(rollout.load_pipeline("tiny", kind="int8").transformer, 4, 8)
     assert not [w for w in caught if any(n in str(w.message) for n in noise)], [str(w.message) for w in caught]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rollout.load_pipeline("tiny").load_lora_weights(str(tmp_path))  # diffusers directly: peft warns
         if int8:
-            rollout.load_pipeline("tiny", quantize="int8").transformer.add_adapter(LoraConfig(target_modules=["to_q"]))
-        warnings.warn("a warning of someone else's")
+            rollout.load_pipeline("tiny", kind="int8").transformer.add_adapter(LoraConfig(target_modules=["to_q"]))
+        warnings.warn("a warning of someone else's", stacklevel=1)
     messages = [str(w.message) for w in caught]
     assert any("exclude_modules" in m for m in messages) and "a warning of someone else's" in messages
     assert not int8 or any("get_apply_tensor_subclass" in m for m in messages)
@@ -287,15 +269,20 @@ def _documented_commands():
     import shlex
 
     found = []
-    for path in [Path(__file__).with_name("README.md"), *sorted(Path(__file__).with_name("docs").glob("*.md"))]:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = "" if line.lstrip().startswith("#") else line.split("&&")[-1].split(" #")[0].strip()
                 words = shlex.split(line) if line else []
-                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)]
+                if words[:3] in (["python", "-m", "bench"], ["python", "-m", "bench.memory"]):
+                    found.append((path.name, importlib.import_module(words[2]), words[3:]))
+                    continue
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"[\w./-]*\w\.py", w)]
                 if scripts and (words[0] in ("python", "torchrun") or "=" in words[0]) and words[1:2] != ["-m"]:
                     i = scripts[0]
-                    found.append((path.name, importlib.import_module(words[i][:-3]), words[i + 1 :]))
+                    script = Path(words[i]).stem
+                    if (ROOT / f"{script}.py").is_file():  # the repository's scripts, wherever the command runs
+                        found.append((path.name, importlib.import_module(script), words[i + 1 :]))
     return found
 
 
@@ -303,9 +290,9 @@ def test_documented_commands_parse():
     """The commands the README and docs/ show (dry runs, the real runs, each script's examples) are accepted by
     the scripts' own parse_args, so the front door cannot drift from the code."""
     commands = _documented_commands()
-    assert {m.__name__ for _, m, _ in commands} >= {"train", "rollout", "reward", "data", "evaluate"}
+    assert {m.__name__ for _, m, _ in commands} >= {"train", "rollout", "reward", "data", "evaluate", "bench"}
     for name, module, argv in commands:
         try:
             module.parse_args(argv)
         except SystemExit as e:
-            raise AssertionError(f"{name}: python {module.__name__}.py {' '.join(argv)} does not parse") from e
+            raise AssertionError(f"{name}: {module.__name__} {' '.join(argv)} does not parse") from e

@@ -24,12 +24,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import judges
 import pytest
+import tiny
 from PIL import Image
 
-import judges
 import reward
-import tiny
 import train
 
 
@@ -175,13 +175,13 @@ def server(tmp_path_factory):
             proc.wait()
 
 
-def test_startup_check_accepts_the_served_name_and_refuses_others(server):
+def test_startup_check_accepts_the_served_name_and_refuses_others(server, load_judge):
     """GET /v1/models on transformers serve lists its hub cache, not the model it serves: HTTP 500 while the cache
     folder is missing, then another model once one is cached. Either way the served name is accepted, and a wrong
     one, or the one name listed, is refused with one line carrying the server's reason."""
     url, folder, hub, _, _ = server
     assert get(url + "/models")[0] == 500  # "Cache directory not found"
-    assert reward.load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
+    assert load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
     for kw, refusal in (
         (
             {"model": "wrong"},
@@ -191,10 +191,10 @@ def test_startup_check_accepts_the_served_name_and_refuses_others(server):
         ({}, r"--judge_model is required: .*\(GET /models answered HTTP 500\)"),
     ):
         with pytest.raises(ValueError, match=refusal) as e:
-            reward.load_judge("http", url=url, **kw)
+            load_judge("http", url=url, **kw)
         assert "\n" not in str(e.value)
     # past the check (probe=False), a refused request is not retried, and the server's reason is the last error
-    unchecked = reward.load_judge("http", model="wrong", url=url, probe=False, backoff=0.01)
+    unchecked = load_judge("http", model="wrong", url=url, probe=False, backoff=0.01)
     scores, stats = unchecked.score([judges.Query(Image.new("RGB", (32, 32)), "Score it.", ["a"])])
     assert scores == [None] and stats["requests"] == 1 and "HTTP 400" in stats["last_error"]
     assert "pinned" in stats["last_error"]
@@ -206,13 +206,13 @@ def test_startup_check_accepts_the_served_name_and_refuses_others(server):
     (hub / "models--tiny--other-judge" / "refs" / "main").write_text("0" * 40)
     status, listing = get(url + "/models", timeout=30)
     assert status == 200 and [m["id"] for m in listing["data"]] == ["tiny/other-judge"]
-    assert reward.load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
+    assert load_judge("http", model=folder, url=url).name == f"{folder} @ {url}"
     for kw, refusal in (
         ({"model": "wrong"}, r"--judge_model wrong: not served at .*tiny/other-judge.*pinned"),
         ({}, r"--judge_model is required: .* lists only tiny/other-judge but refuses it .*pinned"),
     ):
         with pytest.raises(ValueError, match=refusal) as e:
-            reward.load_judge("http", url=url, **kw)
+            load_judge("http", url=url, **kw)
         assert "\n" not in str(e.value)
 
 
@@ -270,12 +270,12 @@ def test_train_one_step_against_the_server(server, design_images, tmp_path, caps
     assert (tmp_path / "run" / "checkpoint-1").is_dir()
 
 
-def test_expected_scores_read_the_servers_logprobs_when_it_returns_them(server):
+def test_expected_scores_read_the_servers_logprobs_when_it_returns_them(server, load_judge):
     """The client asks for logprobs/top_logprobs. If the server returns them, each score is the expectation over
     the top digits at the token that wrote it; if not (transformers serve 5.23 drops both fields with a warning),
     each score is the integer the answer wrote. Checked against the same requests sent by hand."""
     url, folder, _, log_path, prompts = server
-    judge = reward.load_judge("http", model=folder, url=url, panel_size=128)
+    judge = load_judge("http", model=folder, url=url, panel_size=128)
     _, tok, image_processor = tiny.tiny_judge()
     text, keys = prompts[0]
     queries = [judges.Query(Image.new("RGB", (96, 48), colour), text, keys) for colour in ("orange", "navy")]

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import data
-import lora
 import rollout
 import sft
+from support.checkpoints import load_lora
 
 
 def vae_alone(vae, frame):
@@ -115,7 +115,7 @@ def test_training_lowers_train_and_held_out_loss(tmp_path):
     pipe = rollout.load_pipeline("tiny")
     train_specs = sft.synthetic_specs(args.synthetic, args.seed, args.layers, args.resolution)
     base = held_out_loss(pipe, args, train_specs, 3)
-    lora.load_lora(pipe, out)
+    load_lora(pipe, out)
     trained = held_out_loss(pipe, args, train_specs, 3)
     print(f"loss on the training designs: base {base:.4f}, trained {trained:.4f}; --eval_lora val/loss {reloaded:.6f}")
     assert trained < base - 0.01

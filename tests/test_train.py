@@ -1,32 +1,32 @@
 """train.py's loop as a user meets it: an OpenAI-compatible judge on 127.0.0.1 (overlapped and serial, one that
 answers nothing), bad input, out of memory, the departures table, the trackers, one run per folder."""
 
-from pathlib import Path
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import grpo
-import judges
 import reward
 import rollout
-import runs
 import train
+from support import judges, runfolder
+from support.checkpoints import write_model_card
+from support.openai_server import completion, image_sent, keys_asked
 
-torch.set_num_threads(1)  # toy-sized ops: a second thread only adds OpenMP spin-waits (bench.py, --threads)
-
-from test_smoke import _lora, image_dir, TINY  # noqa: F401 (image_dir: a fixture)
-from test_judges import completion, image_sent, judge_server, KEYS, keys_asked
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+KEYS = list(reward.load_prompts().criteria)
 
 
-def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
+def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch, tiny_flags, judge_server):
     """The real loop against an OpenAI-compatible judge on 127.0.0.1, chosen by --judge_url alone: G + 1 requests
     per group, no failure, the grid's scores (which differ per label) become rewards with a spread; the model card
     names the base model and carries no secret from the environment."""
@@ -54,7 +54,7 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
                 "1",
                 "--sample_every",
                 "1",
-                *TINY,
+                *tiny_flags(),
             ]
         )
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -67,7 +67,12 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
     assert card.data.base_model == "tiny" and card.data.library_name == "diffusers"
     assert {"lora", "stable-layers", "flow-grpo", "qwen-image-layered"} <= set(card.data.tags)
     text = (tmp_path / "README.md").read_text()
-    assert "load_lora_weights" in text and "PeftModel.from_pretrained" in text and "samples/step-000001.png" in text
+    assert "tiny.tiny_pipeline()" in text and "samples/step-000001.png" in text  # a base built in code: how to load
+    assert 'from_pretrained("tiny")' not in text  # ... not a hub id that cannot load
+    (tmp_path / "hub").mkdir()
+    write_model_card(tmp_path / "hub", train.parse_args(["--images", "."]), {"step": 3})  # the released base
+    hub_text = (tmp_path / "hub" / "README.md").read_text()
+    assert 'from_pretrained("Qwen/Qwen-Image-Layered"' in hub_text and "PeftModel.from_pretrained" in hub_text
     assert "sk-secret-in-env-42" not in text and url in text
     assert ModelCard.load(tmp_path / "checkpoint-1" / "README.md").data.base_model == "tiny"
     with pytest.raises(SystemExit) as e:
@@ -75,7 +80,9 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch):
     assert e.value.code == 2
 
 
-def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_dir, tmp_path, monkeypatch, capsys):
+def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(
+    image_dir, tmp_path, monkeypatch, capsys, tiny_flags, peft_weights, judge_server
+):
     """A judge that answers HTTP 500 to every request from step 2 on: steps 2 and 3 are not trained (no optimizer
     step, no checkpoint), and with --judge_max_failed_steps 2 the run stops after step 3 with one line naming the
     judge, its last error and the checkpoint; once the judge is back, --resume_from_checkpoint latest ends where a
@@ -108,7 +115,7 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         "3",
         "--learning_rate",
         "1e-2",
-        *TINY,
+        *tiny_flags(),
     ]
     with judge_server(answer) as (server, url):
         train.main([*common, "--judge_url", url, "--output_dir", str(tmp_path / "healthy"), "--no-judge_overlap"])
@@ -122,7 +129,7 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: the judge")
         assert f"judge-test @ {url}" in err[0] and "HTTP 500" in err[0] and "steps 2..3" in err[0]
         assert "checkpoint-1" in err[0] and "--resume_from_checkpoint latest" in err[0]
-        assert [p.name for p in runs.checkpoints(tmp_path / "down")] == ["checkpoint-1"]
+        assert [p.name for p in runfolder.checkpoints(tmp_path / "down")] == ["checkpoint-1"]
         rows = [json.loads(line) for line in (tmp_path / "down" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]  # step 2 logged (not trained); step 3 stopped the run
         assert rows[1]["judge/answered"] == 0 and rows[1]["train/skipped_updates"] == 1
@@ -131,7 +138,7 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
         train.main(
             [*common, "--judge_url", url, "--output_dir", str(tmp_path / "down"), "--resume_from_checkpoint", "latest"]
         )
-    a, b = _lora(tmp_path / "healthy"), _lora(tmp_path / "down")
+    a, b = peft_weights(tmp_path / "healthy"), peft_weights(tmp_path / "down")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(line)["step"] for line in (tmp_path / "down" / "metrics.jsonl").read_text().splitlines()] == [
         1,
@@ -140,25 +147,29 @@ def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(image_d
     ]
 
 
-def test_train_bad_input(tmp_path, capsys):
+def test_train_bad_input(tmp_path, capsys, tiny_flags):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(empty), "--output_dir", str(tmp_path / "out"), "--reward", "recon", *TINY])
+        train.main(["--images", str(empty), "--output_dir", str(tmp_path / "out"), "--reward", "recon", *tiny_flags()])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no readable image" in err and "Traceback" not in err
     for argv, message in [
-        (["--group_size", "1"], "--group_size"),
-        (["--reward", "nope"], "--reward 'nope'"),
-        (["--sde_window", "20"], "--sde_window"),
-        (["--judge_concurrency", "0"], "--judge_concurrency"),
+        (["--group_size", "1"], "--group_size must be >= 2"),
+        (["--sde_window", "20"], "--sde_window must be in 0..3"),
+        (["--judge_concurrency", "0"], "--judge_concurrency must be >= 1"),
     ]:
         with pytest.raises(SystemExit) as e:
-            train.parse_args(["--images", str(empty), *argv])
-        assert e.value.code == 2
+            train.parse_args(["--images", str(empty), *tiny_flags(), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(empty), "--output_dir", str(tmp_path / "out"), "--reward", "nope", *tiny_flags()])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--reward nope: choose one of vlm, recon" in err and err.count("\n") == 1
 
 
-def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
+def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path, tiny_flags, peft_weights, judge_server):
     """An HTTP judge on loopback with delays and failures (the first answer for some pictures is HTTP 500): each
     group judged in a thread while the next is rolled out gives the same LoRA and the same metrics as judging
     after each rollout in the main thread."""
@@ -198,7 +209,7 @@ def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
                     "2",
                     "--sample_every",
                     "0",
-                    *TINY,
+                    *tiny_flags(),
                     "--images_per_step",
                     "2",
                     mode,
@@ -215,11 +226,13 @@ def test_judge_overlap_gives_the_serial_loop_exactly(image_dir, tmp_path):
     assert (
         sum(r["judge/retries"] for r in rows["--judge_overlap"]) > 0 and rows["--judge_overlap"][0]["reward/std"] > 0
     )
-    a, b = (_lora(o) for o in out.values())
+    a, b = (peft_weights(o) for o in out.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answer(image_dir, tmp_path, monkeypatch):
+def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answer(
+    image_dir, tmp_path, monkeypatch, tiny_flags, peft_weights, judge_server
+):
     """Overlapped, a step's groups are with the judge at once (the default bound on requests in flight is a step's,
     so no group waits for a slot; --judge_concurrency caps it) and the update starts after the last answer (the
     advantages need every reward, with either --adv_std); the LoRA equals judging after each rollout."""
@@ -262,7 +275,7 @@ def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answe
                         "1",
                         "--sample_every",
                         "0",
-                        *TINY,
+                        *tiny_flags(),
                         "--images_per_step",
                         "3",
                         "--adv_std",
@@ -272,7 +285,7 @@ def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answe
                 )
                 assert len(answered) == 3 * 5 and started[0] > max(answered)  # 3 groups: 4 panels and a grid each
                 assert in_flight[1] > 5 if mode == "--judge_overlap" else in_flight[1] == 5
-            a, b = (_lora(tmp_path / adv_std / m) for m in ("--judge_overlap", "--no-judge_overlap"))
+            a, b = (peft_weights(tmp_path / adv_std / m) for m in ("--judge_overlap", "--no-judge_overlap"))
             assert all(torch.equal(a[k], b[k]) for k in a)
         in_flight[1] = 0
         train.main(
@@ -291,7 +304,7 @@ def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answe
                 "1",
                 "--sample_every",
                 "0",
-                *TINY,
+                *tiny_flags(),
                 "--images_per_step",
                 "2",
                 "--judge_concurrency",
@@ -301,11 +314,13 @@ def test_overlapped_judge_spans_the_groups_and_the_update_follows_the_last_answe
         assert in_flight[1] == 3
 
 
-def test_train_errors_bad_input_one_line_bugs_keep_their_traceback(image_dir, tmp_path, monkeypatch, capsys):
+def test_train_errors_bad_input_one_line_bugs_keep_their_traceback(
+    image_dir, tmp_path, monkeypatch, capsys, tiny_flags
+):
     """Bad input (a missing folder, --sde_window = T, --images_per_step not a multiple of the ranks) is one line
     and exit 2; an exception raised by a (forked) reward inside the loop reaches the top with its traceback."""
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(tmp_path / "nope"), "--reward", "recon", *TINY])
+        train.main(["--images", str(tmp_path / "nope"), "--reward", "recon", *tiny_flags()])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no such folder" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
@@ -317,22 +332,24 @@ def test_train_errors_bad_input_one_line_bugs_keep_their_traceback(image_dir, tm
 
     monkeypatch.setitem(reward.REWARDS, "broken", broken)
     with pytest.raises(RuntimeError, match="shape mismatch in my reward"):
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path / "out"), "--reward", "broken", *TINY])
+        train.main(
+            ["--images", str(image_dir), "--output_dir", str(tmp_path / "out"), "--reward", "broken", *tiny_flags()]
+        )
 
 
-def test_out_of_memory_gives_one_actionable_line(image_dir, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_gives_one_actionable_line(image_dir, tmp_path, monkeypatch, capsys, tiny_flags):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "policy_update", oom)
     with pytest.raises(SystemExit) as e:
-        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", *TINY])
+        train.main(["--images", str(image_dir), "--output_dir", str(tmp_path), "--reward", "recon", *tiny_flags()])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert e.value.code == 2 and err.startswith("error: CUDA out of memory")
     assert "during the update" in err and "--train_batch_size 1" in err and "--resume_from_checkpoint" in err
 
 
-def test_cps_with_the_kl_trains_every_step_and_window_0_stops_before_the_last(image_dir, tmp_path):
+def test_cps_with_the_kl_trains_every_step_and_window_0_stops_before_the_last(image_dir, tmp_path, tiny_flags):
     """CPS has std 0 on the last step (sigma_next = 0): the window never holds it, so the KL stays finite and no
     update is skipped; --sde_window 0 trains steps 0..T-2."""
     train.main(
@@ -359,7 +376,7 @@ def test_cps_with_the_kl_trains_every_step_and_window_0_stops_before_the_last(im
             "2",
             "--sample_every",
             "0",
-            *TINY,
+            *tiny_flags(),
         ]
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -383,24 +400,37 @@ def test_advantages_use_upstream_global_std_over_the_step():
     assert train.parse_args(["--images", "."]).adv_std == "global" == train.UPSTREAM["adv_std"]
 
 
+def departures():
+    """train.py's docstring list of departures, `  setting: upstream -> here. Why.` (continued on indented lines):
+    {setting: (upstream, here, why)}."""
+    entries, doc = {}, train.__doc__.split("Every departure", 1)[1]
+    for line in doc.splitlines():
+        if m := re.match(r"^  (\S[^:]*): (.+?) -> (.+?)\. (.*)$", line):
+            entries[m[1]] = [m[2], m[3], m[4]]
+        elif line.startswith("      ") and entries:
+            entries[list(entries)[-1]][2] += " " + line.strip()
+    return entries
+
+
 def test_departures_table_is_the_defaults():
-    """The departures table in train.py's docstring is the truth: every flag with an upstream value either keeps
-    it as its default or has a row whose `upstream` and `here` columns are upstream's value and the default;
-    docs/training.md shows the same table."""
-    table = [line for line in train.__doc__.splitlines() if line.startswith("|")]  # header, |---|, rows
-    rows = {
-        cells[0].strip("`"): cells[1:3]
-        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
-    }
+    """The departures listed in train.py's docstring are the truth: every flag with an upstream value either keeps
+    it as its default or has an entry whose upstream and here values are upstream's value and the default;
+    docs/training.md's table has the same rows, word for word."""
+    rows = departures()
+    assert len(rows) >= 8 and "--beta" in rows and "advantage groups" in rows
     args = train.parse_args(["--images", "."])
     for flag, upstream in train.UPSTREAM.items():
         default = getattr(args, flag)
         if default == upstream:
             assert f"--{flag}" not in rows, f"--{flag} keeps upstream's {upstream} but has a row"
         else:
-            assert rows.get(f"--{flag}") == [str(upstream), str(default)], f"--{flag}: {default} vs {upstream}"
+            assert rows.get(f"--{flag}", [])[:2] == [str(upstream), str(default)], f"--{flag}: {default} vs {upstream}"
     assert all(name in {f"--{f}" for f in train.UPSTREAM} for name in rows if name.startswith("--"))
-    assert "\n".join(table) in (Path(__file__).parent / "docs" / "training.md").read_text()
+    table = (ROOT / "docs" / "training.md").read_text()
+    for name, (upstream, here, why) in rows.items():
+        setting = f"`{name}`" if name.startswith("--") else name
+        row = f"| {setting} | {upstream} | {here} | {why[0].lower() + why[1:].removesuffix('.')} |"
+        assert row in table, row
 
 
 def _tensorboard_scalars(folder):
@@ -411,7 +441,7 @@ def _tensorboard_scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
 
 
-def test_report_to_tensorboard_matches_metrics_jsonl(image_dir, tmp_path):
+def test_report_to_tensorboard_matches_metrics_jsonl(image_dir, tmp_path, tiny_flags):
     train.main(
         [
             "--images",
@@ -426,7 +456,7 @@ def test_report_to_tensorboard_matches_metrics_jsonl(image_dir, tmp_path):
             "2",
             "--sample_every",
             "2",
-            *TINY,
+            *tiny_flags(),
             "--report_to",
             "tensorboard",
         ]
@@ -462,7 +492,7 @@ def _wandb_history(run_file):
     return rows
 
 
-def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monkeypatch):
+def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monkeypatch, tiny_flags):
     pytest.importorskip("wandb", reason="--report_to wandb is optional; requirements.txt installs it")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -480,7 +510,7 @@ def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monk
             "2",
             "--sample_every",
             "1",
-            *TINY,
+            *tiny_flags(),
             "--report_to",
             "wandb",
         ]
@@ -494,7 +524,7 @@ def test_report_to_wandb_offline_matches_metrics_jsonl(image_dir, tmp_path, monk
         assert logged[r["step"]]["samples/group/_type"] == "image-file"
 
 
-def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
+def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path, tiny_flags):
     """A second run on a busy folder exits non-zero at once (before loading a model) with one line; the first logs
     exactly one row per step; a run killed with SIGKILL leaves no stale lock (the OS drops it), so the next run
     resumes. The first run is long enough never to end by itself (a fast machine once finished 40 steps before the
@@ -502,7 +532,7 @@ def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
     out = tmp_path / "run"
     argv = [
         sys.executable,
-        "train.py",
+        str(ROOT / "train.py"),
         "--images",
         str(image_dir),
         "--output_dir",
@@ -517,7 +547,7 @@ def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
         "0",
         "--checkpointing_steps",
         "1",
-        *TINY,
+        *tiny_flags(),
     ]
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -533,9 +563,16 @@ def test_one_run_per_output_dir_and_kill_leaves_no_lock(image_dir, tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
-    done = int(runs.checkpoints(out)[-1].name.split("-")[1])  # the last checkpoint's step
+    done = int(runfolder.checkpoints(out)[-1].name.split("-")[1])  # the last checkpoint's step
     train.main(
-        [*argv[2 : -len(TINY) - 2], "--max_train_steps", str(done + 1), *TINY, "--resume_from_checkpoint", "latest"]
+        [
+            *argv[2 : -len(tiny_flags()) - 2],
+            "--max_train_steps",
+            str(done + 1),
+            *tiny_flags(),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
     )  # in this process: the killed one's lock is gone
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, done + 2))
