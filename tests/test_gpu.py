@@ -2,7 +2,7 @@
 kernels, a real CUDA out-of-memory error, the local judge's trips to and from the GPU, torchrun's device per rank
 (with 2 GPUs or more; its refusal of more ranks than GPUs on one), and memory.plan against the peaks the CUDA
 allocator reaches at full width. Skipped without CUDA (the README's test command runs them where a GPU is visible);
-`bash .ci/gpu correct` runs them with the full-size loop (bench.py --loop)."""
+`bash .ci/gpu correct` runs them with the full-size loop (python -m bench --loop)."""
 
 import json
 import os
@@ -10,10 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memory
 import pytest
-import runs
-import tiny
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,44 +19,23 @@ import bench
 import reward
 import rollout
 import train
+from support import cli, memory, tiny
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-TINY = [
-    "--pretrained_model_name_or_path",
-    "tiny",
-    "--resolution",
-    "64",
-    "--layers",
-    "2",
-    "--group_size",
-    "4",
-    "--num_inference_steps",
-    "4",
-    "--rank",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--train_batch_size",
-    "4",
-    "--images_per_step",
-    "1",
-    "--report_to",
-    "none",
-    "--sample_every",
-    "0",
-    "--reward",
-    "recon",
-    "--device",
-    "cuda",
-]
 
 
-def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path, tiny_flags):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_flags):
+    """This file's runs: conftest's tiny flags on CUDA in bf16 (its default dtype), 2 layers, the recon reward."""
+    return tiny_flags(device="cuda", mixed_precision=None, layers=2, sample_every=0, reward="recon")
+
+
+def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path, tiny_run):
     """train.py at --mixed_precision bf16 on CUDA: the frozen weights in bf16, the LoRA (the optimizer's copy) in
     fp32, TF32 turned on for the fp32 parts (upstream's setting; both flags are off before it runs, so it is train.py
-    that turns them on), and the first ratio 1 within a tenth of --clip_range, bench.py --levers' bound (a rollout in
+    that turns them on), and the first ratio 1 within a tenth of --clip_range, bench --levers' bound (a rollout in
     eval without gradients against a re-scoring in train mode with checkpointing, in bf16)."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -76,7 +52,7 @@ def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path, tiny_flags):
                 "bf16",
                 "--learning_rate",
                 "1e-2",
-                *tiny_flags(),
+                *tiny_run,
             ]
         )
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -95,7 +71,7 @@ def test_bf16_loop_with_tf32_and_fp32_lora(design_images, tmp_path, tiny_flags):
 def test_attention_check_and_the_rollout_runs_on_flash_alone():
     """runs.check_attention passes on CUDA in bf16, and a rollout step runs with the flash kernel alone allowed:
     no attention mask reaches it when every text token is real (a mask would need another kernel)."""
-    runs.check_attention("cuda", torch.bfloat16)
+    cli.check_attention("cuda", torch.bfloat16)
     pipe = rollout.load_pipeline("tiny", torch_dtype=torch.bfloat16, device="cuda")
     rollout.encode_prompt(pipe, rollout.DEFAULT_PROMPT)  # the text encoder's causal mask is not the question here
     image = Image.new("RGB", (64, 48), "teal")
@@ -112,7 +88,7 @@ def test_attention_check_and_the_rollout_runs_on_flash_alone():
     assert traj.prompt_embeds_mask is None and torch.isfinite(traj.log_probs).all()
 
 
-def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_path, capsys, tiny_flags):
+def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_path, capsys, tiny_run):
     """A real CUDA OOM in the loop (the process capped at 0.25 GiB, a 1024 px rollout of 16 candidates): one line
     naming the phase and the flags that lower it, exit 2."""
     torch.cuda.empty_cache()
@@ -128,7 +104,7 @@ def test_a_real_cuda_out_of_memory_gives_one_actionable_line(design_images, tmp_
                     str(tmp_path),
                     "--max_train_steps",
                     "1",
-                    *tiny_flags(),
+                    *tiny_run,
                     "--resolution",
                     "1024",
                     "--group_size",
@@ -181,7 +157,7 @@ def _torchrun(nproc, argv, **kw):
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="rank k on cuda:k needs 2 GPUs or more: one rank creates no process group"
 )
-def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path, tiny_flags):
+def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path, tiny_run):
     """One rank per GPU: rank k on cuda:k, nccl."""
     n = torch.cuda.device_count()
     ok = _torchrun(
@@ -191,7 +167,7 @@ def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path, tiny_flags)
             str(design_images),
             "--max_train_steps",
             "1",
-            *tiny_flags(),
+            *tiny_run,
             "--images_per_step",
             str(n),
             "--output_dir",
@@ -202,7 +178,7 @@ def test_torchrun_puts_each_rank_on_its_gpu(design_images, tmp_path, tiny_flags)
     assert f"{n} rank(s), device cuda:0" in ok.stdout  # rank 0's line; each rank k set_device(k) before nccl
 
 
-def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path, tiny_flags):
+def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path, tiny_run):
     """One rank more than the node's GPUs (2 ranks on one GPU): one line naming what to launch, no rendezvous."""
     n = torch.cuda.device_count()
     bad = _torchrun(
@@ -212,7 +188,7 @@ def test_torchrun_refuses_more_ranks_than_gpus(design_images, tmp_path, tiny_fla
             str(design_images),
             "--max_train_steps",
             "1",
-            *tiny_flags(),
+            *tiny_run,
             "--output_dir",
             str(tmp_path),
             "--images_per_step",

@@ -168,7 +168,7 @@ def _rewards(folder):
     return [json.loads(line)["reward/mean"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp_path, tiny_flags, peft_weights):  # noqa: F811
+def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp_path, tiny_flags, peft_weights):
     """2 gloo ranks with --fsdp (each holding half of the frozen transformer) train the LoRA of one process to float
     summation order, with the same rewards; a sharded checkpoint resumes in one process without --fsdp, and an
     unsharded one under --fsdp, both ending where 4 straight steps end. Checkpoints are the same files either way."""
@@ -246,7 +246,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_across_modes(image_dir, tmp
         assert _rewards(resumed) == pytest.approx(_rewards(one), abs=1e-6)
 
 
-def test_fsdp_refuses_what_it_cannot_shard(image_dir, tmp_path, capsys, tiny_flags):  # noqa: F811
+def test_fsdp_refuses_what_it_cannot_shard(image_dir, tmp_path, capsys, tiny_flags):
     """--fsdp in one process, or with a quantized base: one line at start-up, exit 2, nothing loaded."""
     for extra, message in (
         (["--fsdp"], "torchrun --nproc_per_node N"),

@@ -7,7 +7,7 @@ skipped with the reason where either is missing. The random judge answers the ju
 generation config biases it onto the answer's skeleton (skeleton_bias), leaving the digits to the model. What
 the server did, and where this ran, is in docs/reward.md.
 
-    python -m pytest -q test_serve.py -rs
+    python -m pytest -q tests/test_serve.py -rs
 """
 
 import base64
@@ -24,13 +24,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import judges
 import pytest
-import tiny
 from PIL import Image
 
 import reward
 import train
+from support import judges, tiny
 
 
 def _missing():
