@@ -39,7 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/v1/models":
-            return self._send(self.server.models_status, {"object": "list", "data": [{"id": MODEL}]})
+            return self._send(self.server.models_status, {"object": "list", "data": [{"id": self.server.model}]})
         self._send(404, {"error": "not found"})
 
     def do_POST(self):
@@ -59,20 +59,20 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def make_server(answer, port=0, models_status=200):
-    """The server, bound to 127.0.0.1:port (0: a free one), not yet serving. It keeps every request body in .posts,
-    its Authorization header in .auth and every answer sent in .answers."""
+def make_server(answer, port=0, models_status=200, model=MODEL):
+    """The server, bound to 127.0.0.1:port (0: a free one), not yet serving, listing `model`. It keeps every request
+    body in .posts, its Authorization header in .auth and every answer sent in .answers."""
     srv = _Server(("127.0.0.1", port), _Handler)
     srv.daemon_threads, srv.block_on_close = True, False
-    srv.answer, srv.models_status, srv.lock = answer, models_status, threading.Lock()
+    srv.answer, srv.models_status, srv.model, srv.lock = answer, models_status, model, threading.Lock()
     srv.posts, srv.auth, srv.answers = [], [], []
     return srv
 
 
 @contextmanager
-def serve(answer, models_status=200):
+def serve(answer, models_status=200, model=MODEL):
     """Serve in a thread on a free port; yields (server, base URL ending in /v1)."""
-    srv = make_server(answer, models_status=models_status)
+    srv = make_server(answer, models_status=models_status, model=model)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -125,7 +125,7 @@ def _token(text, logprob):
     return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
-def vllm_completion(scores, distributions):
+def vllm_completion(scores, distributions, model=MODEL):
     """A completion as vLLM writes one for `"logprobs": true, "top_logprobs": k`: the answer {"key": d, ...} in
     Qwen-tokenizer pieces ('{"', 'key', '":', ' ', 'd', ',', ...), every token with its logprob, bytes and
     top_logprobs; a score digit's top_logprobs are distributions[key] ({token: probability}, tokens such as "7" or
@@ -147,7 +147,7 @@ def vllm_completion(scores, distributions):
     return {
         "id": "chatcmpl-loopback",
         "object": "chat.completion",
-        "model": MODEL,
+        "model": model,
         "choices": [
             {
                 "index": 0,
