@@ -348,7 +348,9 @@ def main(argv=None):
             output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
         )
 
-    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))):
+    with tracking.guard(
+        output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))
+    ):
         for step in bar:
             plan = train.step_plan(args, step, len(paths))  # all from (seed, step), as train.py's
             decode = bool(rewards) or bool(args.sample_every and (step + 1) % args.sample_every == 0)

@@ -8,18 +8,22 @@
     python reward.py --decompositions OUT --judge http --judge_url http://localhost:8000/v1 \
         --judge_model Qwen/Qwen2.5-VL-7B-Instruct --output_dir judge_view   # saves what the judge saw
     python reward.py --decompositions OUT --reward recon                   # no judge at all
+    python reward.py --decompositions OUT --judge tiny --reward_args combine=mean weights=separation=2
 
 Every reward is fn(images, layers, group_size, **kwargs) -> (rewards (B,) float32 CPU, info dict), with
 layers (B, N, 4, H, W) in [0, 1], straight alpha, layer 0 = background, and the G = group_size candidates
-of image i in rows i*G .. i*G+G-1. REWARDS maps names to functions; unknown kwargs are ignored.
+of image i in rows i*G .. i*G+G-1. --reward names one of REWARDS or a function of your own (FILE.py:FUNCTION,
+MODULE:FUNCTION: resolve_reward); the loop passes judge= and seed= (one seed per group), and --reward_args the
+rest (reward_kwargs). A reward's `**_` says it ignores keyword arguments it does not name.
 
 The "vlm" reward (Stable-Layers' two-stage judge: structured per-candidate scoring, then grid calibration):
   stage 1, each candidate b alone (its panel: input + N layers on a checkerboard), criteria k = prompts/criteria.txt:
       s_bk = E[score] = sum_{d=1..9} p(d) * d, p = softmax of the digit logits at the score position,
              renormalised over the digits 1..9 (local judges; HTTP: top_logprobs, else the parsed integer)
       t_b  = sum_k w_k * s_bk / sum_k w_k                      (weights w equal by default)
-  stage 2, one grid per image i with its G panels in the order perm_i = randperm(G) (torch generator seeded
-      with `seed`, one draw per group); position p is labelled letter p and shows candidate perm_i[p]:
+  stage 2, one grid per image i with its G panels in the order perm_i = randperm(G) (a torch generator seeded
+      with `seed`, one draw per image of the call; train.py calls once per group, with the group's own seed, so
+      every group of a step has its own order); position p is labelled letter p and shows candidate perm_i[p]:
       c_{i*G + perm_i[p]} = E[score of letter p]               (so position bias cannot become reward)
   combine = "calibrated" (default): r_b = c_b;  "mean": r_b = (t_b + c_b) / 2;  "stage1": r_b = t_b (no grid).
 Fallbacks (counted in info, never raised): a candidate whose stage 1 failed gets the mean t of its group's

@@ -503,7 +503,9 @@ def main(argv=None):
             output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
         )
 
-    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))):
+    with tracking.guard(
+        output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))
+    ):
         if start == 0 and held_out:
             log.log({"step": 0, "val/loss": validate(transformer, prompt, held_out, args)})
         for step in bar:

@@ -535,7 +535,12 @@ def main(argv=None):
             output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics
         )
 
-    with tracking.guard(output_dir, timer, save, close=lambda: (bar.close(), runfolder.release(lock))), scorer:
+    with (
+        tracking.guard(
+            output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))
+        ),
+        scorer,
+    ):
         for step in bar:
             plan = step_plan(args, step, len(paths))
             trajectories = []

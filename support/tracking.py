@@ -164,7 +164,7 @@ def guard(output_dir, timer, save, close):
       to resume from;
     - InputError (exit 2): bad input found in the loop, e.g. a reward that returns the wrong thing;
     - Ctrl-C (exit 130) and SIGTERM (exit 143): the step reached, the last checkpoint, the command that goes on.
-    Any other exception is a bug and keeps its traceback."""
+    Any other exception is a bug and keeps its traceback (close() runs first here too)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
@@ -191,6 +191,9 @@ def guard(output_dir, timer, save, close):
         if parallel.rank() != 0:
             raise SystemExit(code) from None
         fail(interrupted(name, output_dir), code=code)
+    except Exception:  # a bug: its traceback, after the folder's claim is released
+        close()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -5,14 +5,24 @@ the memory plan's flags, a skipped image, peft's noise.
     python -m pytest -q tests/test_runs.py
 """
 
+import fcntl
 import hashlib
 import importlib.util
+import json
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
+import bench
+import data
 import distill
 import evaluate as ev
 import lora
@@ -21,6 +31,7 @@ import rollout
 import sft
 import train
 from bench import memory
+from support import cli, runfolder
 from support.checkpoints import load_lora, save_lora
 from support.images import find_images
 
@@ -42,6 +53,14 @@ def hashes(folder):
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def last_line(capsys):
+    """The one error line a run ends with, after its progress bar: (stdout, that line)."""
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    return out, errors[0]
 
 
 def one_line(capsys):
@@ -296,3 +315,208 @@ def test_documented_commands_parse():
             module.parse_args(argv)
         except SystemExit as e:
             raise AssertionError(f"{name}: {module.__name__} {' '.join(argv)} does not parse") from e
+
+
+# ----------------------------------------------------------------------------- a newcomer's rough edges
+def test_a_reward_that_returns_the_wrong_thing_stops_in_one_line_and_leaves_the_folder_reusable(
+    design_images, tmp_path, capsys, tiny_run
+):
+    """A reward's return is checked where it is called: the wrong shape, a non-finite value or no info dict stops
+    the run with one line naming the reward and what it returned (exit 2) and leaves nothing in the folder; a crash
+    (a bug: its traceback) in the first step leaves no run either. The same command then runs there."""
+    (tmp_path / "bad.py").write_text(
+        "import torch\n\n\n"
+        "def wide(images, layers, group_size, **_):\n    return torch.zeros(len(layers), 2), {}\n\n\n"
+        "def nan(images, layers, group_size, **_):\n    return torch.full((len(layers),), float('nan')), {}\n\n\n"
+        "def bare(images, layers, group_size, **_):\n    return torch.zeros(len(layers))\n\n\n"
+        "def crash(images, layers, group_size, **_):\n    raise RuntimeError('a bug in my reward')\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--images", str(design_images), "--output_dir", str(out), "--max_train_steps", "1", *tiny_run]
+    for name, said in [
+        ("wide", "returned rewards of shape (2, 2); give shape (2,)"),
+        ("nan", "returned non-finite rewards at rows [0, 1]"),
+        ("bare", "returned a Tensor of shape (2,); a reward returns a pair"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, "--reward", f"{tmp_path / 'bad.py'}:{name}"])
+        assert e.value.code == 2 and f"--reward {tmp_path / 'bad.py'}:{name} {said}" in last_line(capsys)[1]
+        assert not out.exists()  # nothing left behind: the folder this start made went again
+    with pytest.raises(RuntimeError, match="a bug in my reward"):
+        train.main([*argv, "--reward", f"{tmp_path / 'bad.py'}:crash"])
+    assert not runfolder.holds_run(out)  # a bug keeps its traceback and leaves no run
+    train.main([*argv, "--reward", "recon"])  # the same folder, no --resume_from_checkpoint needed
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    with pytest.raises(SystemExit):  # now it holds a run: never written over
+        train.main([*argv, "--reward", "recon"])
+    assert "holds a run, to step 1" in capsys.readouterr().err
+
+
+def test_each_group_of_a_step_gets_its_own_seed(design_images, tmp_path, monkeypatch, tiny_run):
+    """The reward's seed (the VLM reward's grid order) is drawn per group, from (--seed, step, image position), as
+    reward.py's docstring says: four groups over two steps, four seeds, the plan's own."""
+    seen = []
+
+    def record(images, layers, group_size, seed=None, **_):
+        seen.append(seed)
+        return layers[:, 0, 3].float().mean((1, 2)), {}
+
+    monkeypatch.setitem(reward.REWARDS, "record", record)
+    argv = ["--images", str(design_images), "--output_dir", str(tmp_path), "--max_train_steps", "2"]
+    train.main([*argv, *tiny_run, "--reward", "record", "--images_per_step", "2"])
+    args = train.parse_args([*argv, *tiny_run, "--images_per_step", "2"])
+    assert seen == [s for step in range(2) for s in train.step_plan(args, step, 2).seeds] and len(set(seen)) == 4
+
+
+@pytest.mark.parametrize("signal_name, code, said", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_stop_in_one_line_with_the_way_on(
+    design_images, tmp_path, signal_name, code, said, tiny_run
+):
+    """Mid-run, Ctrl-C (SIGINT) and SIGTERM stop train.py with one line, no traceback: the step reached, the last
+    checkpoint and the command that goes on; exit 130 / 143, the folder's lock released. The command it prints
+    resumes the run."""
+    out = tmp_path / "run"
+    argv = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--images",
+        str(design_images),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "1000",
+        "--checkpointing_steps",
+        "1",
+        "--sample_every",
+        "0",
+        *tiny_run,
+    ]
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not runfolder.checkpoints(out) and time.time() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        run.send_signal(getattr(signal, signal_name))
+        err = run.communicate(timeout=60)[1]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    last = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert run.returncode == code and "Traceback" not in err and len(last) == 1, err
+    saved = runfolder.checkpoints(out)[-1]
+    assert last[0].startswith(f"error: stopped by {said} after step ") and f"last checkpoint {saved}" in last[0]
+    resume = last[0].split("To go on: ", 1)[1]
+    assert resume.endswith("--resume_from_checkpoint latest") and str(out) in resume
+    with open(out / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: nobody holds it
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    words = shlex.split(resume)
+    assert words[:2] == ["python", str(ROOT / "train.py")]
+    step = int(saved.name.split("-")[1])
+    train.main([*words[2:], "--max_train_steps", str(step + 1)])  # the printed command, one step further
+    assert runfolder.run_step(out) == step + 1
+
+
+def test_an_unreachable_hub_fails_within_seconds_naming_the_flag_in_effect(
+    design_images, tmp_path, monkeypatch, capsys, tiny_run
+):
+    """With no hub and an empty cache, the default model stops the run at once with one line naming the flag in
+    effect and that it is the default, a local folder as the way out and the dry run; then the default judge alike.
+    Without --device on a machine with no CUDA, the first line says the run is on the CPU."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    base = ["--images", str(design_images), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    for argv, flag in [
+        (base, "--pretrained_model_name_or_path Qwen/Qwen-Image-Layered (the default)"),
+        (
+            [*base, "--pretrained_model_name_or_path", "tiny"],
+            "--judge local (the default: no --judge or --judge_url given) with --judge_model Qwen/Qwen3.5-9B (the "
+            "default)",
+        ),
+    ]:
+        started = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        seconds = time.perf_counter() - started
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert e.value.code == 2 and seconds < 10 and line.startswith(f"error: {flag}: not in the Hugging Face cache")
+        assert "127.0.0.1 cannot be reached" in line and "--local-dir DIR" in line and "dry run" in line, line
+        if not torch.cuda.is_available():
+            assert err.startswith("no CUDA GPU is visible: running on the CPU")
+        assert not (tmp_path / "out").exists()
+    assert "given" not in train.parse_args([*base, *tiny_run]).__dict__  # the record of given flags stays apart
+
+
+@pytest.mark.parametrize(
+    "module, argv, said",
+    [
+        (train, ["--imgs", "x"], "unrecognized argument --imgs: did you mean --images?"),
+        (
+            train,
+            ["--images", "x", "--group-size", "4"],
+            "unrecognized argument --group-size: did you mean --group_size?",
+        ),
+        (distill, ["--images", "x", "--teacher", "a=b", "--judge-url", "u"], "--judge-url: did you mean --judge_url?"),
+        (sft, ["--synthetic", "2", "--learning-rate", "1"], "--learning-rate: did you mean --learning_rate?"),
+        (rollout, ["--images", "x", "--group_sizes", "2"], "--group_sizes: did you mean --group_size?"),
+        (reward, ["--decompositions", "x", "--reward-args", "a=1"], "--reward-args: did you mean --reward_args?"),
+        (ev, ["--reference", "x"], "unrecognized argument --reference: did you mean --references?"),
+        (data, ["synthetic", "x", "--num-samples", "3"], "--num-samples: did you mean --num_samples?"),
+        (memory, ["--group-size", "4"], "--group-size: did you mean --group_size?"),
+        (bench, ["--warm_up", "1"], "--warm_up: did you mean --warmup?"),
+    ],
+)
+def test_an_unknown_flag_names_itself_and_the_closest_one(module, argv, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(argv)
+    assert e.value.code == 2 and said in one_line(capsys)[1]
+
+
+def test_flag_names_agree_across_scripts():
+    """The reward's and the judge's flags are one set, with one name each, in train.py, distill.py and reward.py (the
+    reward's own in train.py and reward.py); no script spells a concept another way."""
+
+    def flags(module, argv):
+        parser = {}
+        original = cli.ArgumentParser.parse_args
+
+        def grab(self, args=None, namespace=None):
+            parser.setdefault("p", self)
+            return original(self, args, namespace)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(cli.ArgumentParser, "parse_args", grab)
+            module.parse_args(argv)
+        return set(parser["p"]._option_dests())
+
+    judge = {
+        "--judge",
+        "--judge_model",
+        "--judge_url",
+        "--judge_api_key_env",
+        "--judge_extra_body",
+        "--prompts_dir",
+        "--panel_size",
+        "--grid_size",
+    }
+    found = {
+        "train": flags(train, ["--images", "x"]),
+        "distill": flags(distill, ["--images", "x", "--teacher", "a=b"]),
+        "reward": flags(reward, ["--decompositions", "x"]),
+    }
+    assert (
+        all(judge <= f for f in found.values()) and {"--reward", "--reward_args"} <= found["train"] & found["reward"]
+    )
+    everything = set().union(
+        *found.values(),
+        flags(sft, ["--synthetic", "1"]),
+        flags(rollout, ["--images", "x"]),
+        flags(ev, []),
+        flags(memory, []),
+        flags(bench, []),
+    )
+    assert not everything & {"--api_key_env", "--combine", "--weights", "--num_blocks_built"}
