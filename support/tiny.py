@@ -136,7 +136,7 @@ def _linear_head(last_block, norm, conv, n):
 
 def tiny_vae(seed=0, base_dim=12):
     """An RGBA AutoencoderKLQwenImage (z_dim 16, 8x smaller sides) whose weights are set, not trained, so that it
-    reconstructs (round trip on 64 px synthetic designs: `round_trip_l1`):
+    reconstructs (round trip on 64 px synthetic designs: tests/test_metric.py):
         encode: z = the 4x4 block means of R, G, B, A, space-to-depth: channel 4 p + c holds colour c of sub-block
                 p = 2 dy + dx of each 8x8 cell (the image at a quarter of its size, (B, 16, 1, H/8, W/8));
         decode: every pixel of an 8x8 cell = the mean of the cell's 4 sub-blocks (its 8x8 block mean).

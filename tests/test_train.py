@@ -18,7 +18,7 @@ import grpo
 import reward
 import rollout
 import train
-from support import judges, runfolder
+from support import judges, openai_server, runfolder
 from support.checkpoints import write_model_card
 from support.openai_server import completion, image_sent, keys_asked
 
@@ -78,6 +78,61 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch, tiny_
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--images", ".", "--judge", "local", "--judge_url", url])
     assert e.value.code == 2
+
+
+def test_a_server_that_returns_logprobs_as_vllm_does_gives_the_expected_scores(
+    image_dir, tmp_path, tiny_flags, judge_server
+):
+    """One train.py step against a loopback server answering as vLLM does when asked for `logprobs`/`top_logprobs`
+    (each token with its logprob, bytes and top alternatives, digits as " 7" or "7"): every score the loop uses is
+    the expectation over the digits' top_logprobs, computed here apart from the judge's code, never the integer
+    written in the answer (which differs from it in every case here)."""
+    top = {  # the top alternatives of each score digit: the written digit is the most probable one
+        "A": {"6": 0.5, "7": 0.3, " 8": 0.2},
+        "B": {"3": 0.6, " 4": 0.25, "9": 0.15},
+        "C": {"5": 0.4, "4": 0.35, "2": 0.25},
+        "D": {"8": 0.7, "9": 0.2, "1": 0.1},
+    }
+    for i, key in enumerate(KEYS):  # stage 1: criterion i gets a spread of its own
+        top[key] = {str(3 + i): 0.55, str(4 + i): 0.3, f" {5 + i}": 0.15}
+    written = {k: int(max(d, key=d.get)) for k, d in top.items()}
+    expected = {
+        k: openai_server.expected_digit([{"token": t, "logprob": math.log(p)} for t, p in d.items()])
+        for k, d in top.items()
+    }
+    assert all(abs(expected[k] - written[k]) > 0.2 for k in top)  # a fallback to the integers cannot pass below
+
+    def answer(body):
+        assert body["logprobs"] is True and body["top_logprobs"] >= 3  # the judge asks for them
+        keys = keys_asked(body)
+        return 200, openai_server.vllm_completion({k: written[k] for k in keys}, top, model="Qwen/Qwen3.5-9B")
+
+    with judge_server(answer, model="Qwen/Qwen3.5-9B") as (server, url):
+        train.main(
+            [
+                "--images",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--judge_url",
+                url,
+                "--judge_model",
+                "Qwen/Qwen3.5-9B",
+                "--layers",
+                "2",
+                "--max_train_steps",
+                "1",
+                *tiny_flags(sample_every=0),
+            ]
+        )
+    assert len(server.posts) == 4 + 1
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["judge/fallbacks"] == 0 and row["judge/answered"] == 5
+    for key in KEYS:  # every candidate got the same stage-1 answer: its mean is the expectation itself
+        assert row[f"stage1/{key}"] == pytest.approx(expected[key], abs=1e-6)
+    calibrated = [expected[k] for k in "ABCD"]  # each candidate's reward is its letter's expectation
+    assert row["reward/mean"] == pytest.approx(np.mean(calibrated), abs=1e-6)
+    assert row["reward/std"] == pytest.approx(np.std(calibrated), abs=1e-6)
 
 
 def test_a_judge_that_answers_nothing_stops_the_run_and_resume_continues(
