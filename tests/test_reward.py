@@ -164,3 +164,20 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     (prompts / "stage2.txt").write_text("Score {candidates}: {answer_format}")
     with pytest.raises(ValueError, match=r"stage2.txt: placeholders"):
         reward.load_prompts(prompts)
+
+
+def test_reward_args_reach_the_vlm_reward_and_a_typo_is_one_line(tmp_path, capsys):
+    """--reward_args passes the VLM reward's own options (combine, weights) from the command line, the same flag
+    train.py has; an argument the reward does not take is named in one line with the ones it does."""
+    _write_layout(tmp_path / "out")
+    argv = ["--decompositions", str(tmp_path / "out"), "--judge", "tiny"]
+    reward.main([*argv, "--reward_args", "combine=stage1", "weights=separation=3,alpha=1"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    header = next(line for line in lines if line[:2] == ["group", "cand"])
+    for row in (line for line in lines if line and line[0] == "poster"):
+        scores = {k: float(row[header.index(k)]) for k in KEYS}
+        total = (3 * scores["separation"] + sum(scores.values()) - scores["separation"]) / (3 + len(KEYS) - 1)
+        assert row[header.index("stage2")] == "-"  # stage1: no grid asked for
+        assert float(row[header.index("reward")]) == pytest.approx(total, abs=2e-3)  # the table rounds to 3 places
+    err = one_line_error(capsys, reward.main, [*argv, "--reward_args", "combin=mean"])
+    assert "--reward_args combin: --reward vlm takes none such; its arguments: ['weights', 'combine'" in err

@@ -520,3 +520,12 @@ def test_flag_names_agree_across_scripts():
         flags(bench, []),
     )
     assert not everything & {"--api_key_env", "--combine", "--weights", "--num_blocks_built"}
+
+
+def test_the_last_line_counts_in_words(tmp_path):
+    """What a run wrote, as its last line says it: one picture, two pictures."""
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "step-000001.png").write_bytes(b"")
+    assert runfolder.written(tmp_path) == f"wrote in {tmp_path}: samples/ (1 picture)"
+    (tmp_path / "samples" / "step-000002.png").write_bytes(b"")
+    assert runfolder.written(tmp_path) == f"wrote in {tmp_path}: samples/ (2 pictures)"
