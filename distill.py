@@ -102,8 +102,8 @@ def parse_args(argv=None):
     a(
         "--pretrained_model_name_or_path",
         default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or "
-        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
+        "its 60 blocks: the real loop offline)",
     )
     a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
@@ -112,8 +112,8 @@ def parse_args(argv=None):
         "--sizing",
         choices=["longest", "area"],
         default="longest",
-        help="condition size rule, as the teachers were "
-        "trained: longest side = resolution (released inference) or diffusers' area rule",
+        help="condition size rule, as the teachers were trained: longest side = resolution (released inference) or "
+        "diffusers' area rule",
     )
     a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (the teachers' training prompt)")

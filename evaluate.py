@@ -369,8 +369,8 @@ def parse_args(argv=None):
         "--lora",
         action="append",
         metavar="[NAME=]PATH",
-        help="model run with this LoRA: a diffusers pytorch_lora_weights.safetensors (or its folder) or a "
-        "PEFT adapter folder; repeatable",
+        help="model run with this LoRA: a diffusers pytorch_lora_weights.safetensors (or its folder) or a PEFT "
+        "adapter folder; repeatable",
     )
     p.add_argument(
         "--base",
@@ -415,8 +415,8 @@ def parse_args(argv=None):
         "--layerd_max_edits",
         type=int,
         default=5,
-        help="LayerD's max_edits: merges of adjacent layers "
-        "allowed per sample, scores kept per level 0 .. max (LayerD's tools/evaluate.py --max-edits)",
+        help="LayerD's max_edits: merges of adjacent layers allowed per sample, scores kept per level 0 .. max "
+        "(LayerD's tools/evaluate.py --max-edits)",
     )
     return p.parse_args(argv)
 

@@ -372,8 +372,8 @@ def add_reward_flags(parser):
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="keyword arguments of the reward, e.g. "
-        "combine=mean weights=separation=2,alpha=1 (vlm); a VALUE that reads as JSON is that number, list or dict",
+        help="keyword arguments of the reward, e.g. combine=mean weights=separation=2,alpha=1 (vlm); a VALUE that "
+        "reads as JSON is that number, list or dict",
     )
     add_judge_flags(parser)
 
@@ -385,10 +385,9 @@ def add_judge_flags(parser):
         "--judge",
         default=None,
         choices=["local", "http", "tiny", "text_encoder"],
-        help="VLM judge, built when named "
-        "here or when the reward uses one (default: http when --judge_url is given, else local). A local judge shares "
-        "the GPU and scores serially; an http judge scores while the GPU rolls out the next group; text_encoder is "
-        "the pipeline's own Qwen2.5-VL (train.py, distill.py)",
+        help="VLM judge, built when named here or when the reward uses one (default: http when --judge_url is given, "
+        "else local). A local judge shares the GPU and scores serially; an http judge scores while the GPU "
+        "rolls out the next group; text_encoder is the pipeline's own Qwen2.5-VL (train.py, distill.py)",
     )
     a(
         "--judge_model",
@@ -406,8 +405,8 @@ def add_judge_flags(parser):
     a(
         "--prompts_dir",
         default=str(PROMPTS_DIR),
-        help="the judge's prompt set: criteria.txt, stage1.txt, stage2.txt "
-        "(a file it lacks comes from prompts/); its criteria are logged as stage1/<key>",
+        help="the judge's prompt set: criteria.txt, stage1.txt, stage2.txt (a file it lacks comes from prompts/); "
+        "its criteria are logged as stage1/<key>",
     )
     a(
         "--panel_size",
@@ -560,8 +559,8 @@ def parse_args(argv=None):
     a(
         "--decompositions",
         required=True,
-        help="rollout.py output folder: <stem>/image.png, "
-        "<stem>/candidate_<kk>/layer_<i>.png; each <stem> is one group",
+        help="rollout.py output folder: <stem>/image.png, <stem>/candidate_<kk>/layer_<i>.png; each <stem> is one "
+        "group",
     )
     add_reward_flags(p)
     a("--seed", type=int, default=0, help="seeds the grid order shuffle")

@@ -570,8 +570,8 @@ def parse_args(argv=None):
         "--sizing",
         choices=["longest", "area"],
         default="longest",
-        help="condition size: longest side = "
-        "resolution, multiples of 16 (released inference), or diffusers' area rule (~resolution^2 px, x32)",
+        help="condition size: longest side = resolution, multiples of 16 (released inference), or diffusers' area "
+        "rule (~resolution^2 px, x32)",
     )
     p.add_argument("--true_cfg_scale", type=float, default=1.0, help="true CFG scale; 1 = off (released setting)")
     p.add_argument(

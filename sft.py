@@ -350,8 +350,8 @@ def parse_args(argv=None):
     a(
         "--pretrained_model_name_or_path",
         default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or "
-        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
+        "its 60 blocks: the real loop offline)",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="reference-format folder: <sample>/image.png, layer_<i>.png")
@@ -385,15 +385,15 @@ def parse_args(argv=None):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="regional torch.compile of the "
-        "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)",
+        help="regional torch.compile of the repeated transformer block, LoRA included (rollout.speed_up; the first "
+        "step pays the compile)",
     )
     a(
         "--attention_backend",
         default=None,
         choices=rollout.ATTENTION_BACKENDS,
-        help="attention kernel through "
-        "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)",
+        help="attention kernel through diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA "
+        "choice; rollout.speed_up)",
     )
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
     a(

@@ -63,7 +63,7 @@ from support.images import find_images, open_image
 from support.pictures import sample_picture
 from support.scoring import Scoring
 
-# flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a row of the docstring's table
+# flag -> upstream value (Flow-GRPO's Qwen-Image recipe); a default that differs is a departure in the docstring
 UPSTREAM = {
     "group_size": 16,
     "images_per_step": 8,
@@ -98,14 +98,14 @@ def parse_args(argv=None):
     a(
         "--pretrained_model_name_or_path",
         default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or "
-        "'random[:K]' (the released configuration with random weights, K of its 60 blocks: the real loop offline)",
+        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
+        "its 60 blocks: the real loop offline)",
     )
     a(
         "--init_lora",
         default=None,
-        help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter "
-        "folder); it is also the KL reference; its rank and targets replace --rank/--lora_alpha",
+        help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter folder); it is also the KL "
+        "reference; its rank and targets replace --rank/--lora_alpha",
     )
     a("--output_dir", default="outputs/stable-layers", help="checkpoints, metrics.jsonl, samples/, final LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
@@ -114,8 +114,8 @@ def parse_args(argv=None):
         "--sizing",
         choices=["longest", "area"],
         default="longest",
-        help="condition size rule: longest side = "
-        "resolution, multiples of 16 (released inference) or diffusers' area rule",
+        help="condition size rule: longest side = resolution, multiples of 16 (released inference) or diffusers' "
+        "area rule",
     )
     a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
@@ -124,8 +124,8 @@ def parse_args(argv=None):
         "--images_per_step",
         type=int,
         default=4,
-        help="images (groups) per optimizer step, over all ranks (a "
-        "multiple of their number); step times: docs/performance.md",
+        help="images (groups) per optimizer step, over all ranks (a multiple of their number); step times: "
+        "docs/performance.md",
     )
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps during training rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (Flow-GRPO's Qwen-Image setting)")
@@ -134,8 +134,8 @@ def parse_args(argv=None):
         "--sde_window",
         type=int,
         default=2,
-        help="K: consecutive SDE (trained) steps per rollout; 0 = every step "
-        "but the last (0..T-2: the last step, to sigma 0, is never trained)",
+        help="K: consecutive SDE (trained) steps per rollout; 0 = every step but the last (0..T-2: the last step, to "
+        "sigma 0, is never trained)",
     )
     a(
         "--sde_window_range",
@@ -157,15 +157,15 @@ def parse_args(argv=None):
         "--judge_concurrency",
         type=int,
         default=None,
-        help="http: requests in flight at once, across the groups of "
-        "a step (default: all of a step's, images per rank x (G + 1), so no group waits for a slot)",
+        help="http: requests in flight at once, across the groups of a step (default: all of a step's, images per "
+        "rank x (G + 1), so no group waits for a slot)",
     )
     a(
         "--judge_offload",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="local: keep the judge's "
-        "weights in CPU memory except while it scores (the peak is max(update, resident + judge), not their sum)",
+        help="local: keep the judge's weights in CPU memory except while it scores (the peak is max(update, resident "
+        "+ judge), not their sum)",
     )
     a(
         "--judge_overlap",
@@ -177,9 +177,8 @@ def parse_args(argv=None):
         "--judge_max_failed_steps",
         type=int,
         default=1,
-        help="stop after this many steps in a row in which the judge "
-        "answered none of its requests (such steps are never trained), saving the state for --resume_from_checkpoint "
-        "latest once the judge is back",
+        help="stop after this many steps in a row in which the judge answered none of its requests (such steps are "
+        "never trained), saving the state for --resume_from_checkpoint latest once the judge is back",
     )
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
     a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
@@ -215,15 +214,15 @@ def parse_args(argv=None):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="regional torch.compile of the "
-        "repeated transformer block, LoRA included (rollout.speed_up; the first step pays the compile)",
+        help="regional torch.compile of the repeated transformer block, LoRA included (rollout.speed_up; the first "
+        "step pays the compile)",
     )
     a(
         "--attention_backend",
         default=None,
         choices=rollout.ATTENTION_BACKENDS,
-        help="attention kernel through "
-        "diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA choice; rollout.speed_up)",
+        help="attention kernel through diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA "
+        "choice; rollout.speed_up)",
     )
     a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
     a(
@@ -236,16 +235,15 @@ def parse_args(argv=None):
     a(
         "--device",
         default=None,
-        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, "
-        "cuda puts rank k on cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks",
+        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, cuda puts rank k on "
+        "cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks",
     )
     a(
         "--fsdp",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="under torchrun: shard the frozen "
-        "transformer across the ranks (FSDP2), so that several smaller GPUs train the bf16 model; the LoRA, the "
-        "algorithm and the checkpoints are unchanged (support/parallel.py)",
+        help="under torchrun: shard the frozen transformer across the ranks (FSDP2), so that several smaller GPUs "
+        "train the bf16 model; the LoRA, the algorithm and the checkpoints are unchanged (support/parallel.py)",
     )
     a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
@@ -256,8 +254,8 @@ def parse_args(argv=None):
         "--report_to",
         choices=tracking.REPORT_TO,
         default="tensorboard",
-        help="tracker for the scalars and sample "
-        "pictures (metrics.jsonl is always written); tensorboard: `tensorboard --logdir OUTPUT_DIR/logs`",
+        help="tracker for the scalars and sample pictures (metrics.jsonl is always written); tensorboard: "
+        "`tensorboard --logdir OUTPUT_DIR/logs`",
     )
     args = p.parse_args(argv)
     T = args.num_inference_steps

@@ -56,8 +56,8 @@ def parse_args(argv=None):
         "--num_blocks",
         type=int,
         default=None,
-        help="full size: build K of the 60 blocks, scale the figures to 60 "
-        "(K >= 2: a lone block is also the last one, which has 3 fewer LoRA modules)",
+        help="full size: build K of the 60 blocks, scale the figures to 60 (K >= 2: a lone block is also the last "
+        "one, which has 3 fewer LoRA modules)",
     )
     a("--mixed_precision", choices=["no", "bf16"], default=None, help="model dtype (default: bf16 on cuda, no on cpu)")
     a("--resolution", type=int, default=None, help="condition side in px (default: 640 full, 64 toy)")
@@ -82,23 +82,23 @@ def parse_args(argv=None):
     a(
         "--quant_error",
         action="store_true",
-        help="instead of the table: the velocity of each --quantize kind against "
-        "the model dtype's on the same inputs (released configuration, --num_blocks K at full width; CPU is enough)",
+        help="instead of the table: the velocity of each --quantize kind against the model dtype's on the same "
+        "inputs (released configuration, --num_blocks K at full width; CPU is enough)",
     )
     a(
         "--judge_gib",
         type=float,
         default=0.0,
-        help="hold this many GiB on the GPU all along, as a judge on the same "
-        "GPU would (Qwen3.5-9B bf16: 18); out of memory then answers 'does not fit'",
+        help="hold this many GiB on the GPU all along, as a judge on the same GPU would (Qwen3.5-9B bf16: 18); out "
+        "of memory then answers 'does not fit'",
     )
     a(
         "--card_gib",
         type=float,
         default=None,
         help="the table as on a smaller card: once the model is built, all of the GPU's memory above this many GiB "
-        "(the card's total as nvidia-smi gives it; docs/performance.md lists the classes') is held away, so a row "
-        "that would not fit that card says so; its GiB figures leave the held memory out",
+        "(the card's total as nvidia-smi gives it; docs/performance.md lists the classes') is held away, so a "
+        "row that would not fit that card says so; its GiB figures leave the held memory out",
     )
     a("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     a("--repeats", type=int, default=3, help="timed calls; the median is reported")
@@ -107,8 +107,8 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=None,
-        help="CPU threads (default 1 at toy size: its kernels are too small to "
-        "gain and OpenMP spin-waits wreck timings on a busy machine; else torch's default)",
+        help="CPU threads (default 1 at toy size: its kernels are too small to gain and OpenMP spin-waits wreck "
+        "timings on a busy machine; else torch's default)",
     )
     a("--seed", type=int, default=0, help="random seed")
     a("--json", default=None, help="also write the numbers to this JSON file (any mode)")
@@ -117,21 +117,21 @@ def parse_args(argv=None):
         type=float,
         default=None,
         metavar="D",
-        help="instead of the table: train.py's step time on the tiny "
-        "model (--resolution, default 64; --threads, default 1), 4 images per step, with a loopback HTTP judge "
-        "answering after D seconds: serial, overlapped, and the lower bound",
+        help="instead of the table: train.py's step time on the tiny model (--resolution, default 64; --threads, "
+        "default 1), 4 images per step, with a loopback HTTP judge answering after D seconds: serial, "
+        "overlapped, and the lower bound",
     )
     a(
         "--scaling",
         action="store_true",
-        help="instead of the table: images/s of train.py on the tiny model as 1 "
-        "process and as torchrun --nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio",
+        help="instead of the table: images/s of train.py on the tiny model as 1 process and as torchrun "
+        "--nproc_per_node 2 (CPU, gloo, one thread per rank), and their ratio",
     )
     a(
         "--ratio",
         action="store_true",
-        help="instead of the table: the on-policy ratio's distance from 1 when the "
-        "rollout runs batch G and re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)",
+        help="instead of the table: the on-policy ratio's distance from 1 when the rollout runs batch G and "
+        "re-scoring runs micro-batches of --train_batch_size (bf16 rounding differs)",
     )
     a(
         "--levers",
@@ -139,11 +139,10 @@ def parse_args(argv=None):
         const="all",
         default=None,
         choices=list(LEVER_SETS),
-        help="instead of the table: the "
-        "speed levers against eager in one run (--attention_backend, default _native_cudnn on cuda; --compile; twice "
-        "--train_batch_size): rollout step, micro-step, one image's step, the on-policy ratio and the log-prob "
-        "distance from eager under each. 'eager' or 'compiled' runs one half (each fits a lent GPU's part; "
-        "'compiled' starts with eager, its reference)",
+        help="instead of the table: the speed levers against eager in one run (--attention_backend, default "
+        "_native_cudnn on cuda; --compile; twice --train_batch_size): rollout step, micro-step, one image's "
+        "step, the on-policy ratio and the log-prob distance from eager under each. 'eager' or 'compiled' runs "
+        "one half (each fits a lent GPU's part; 'compiled' starts with eager, its reference)",
     )
     a(
         "--attention_backend",
@@ -154,10 +153,10 @@ def parse_args(argv=None):
     a(
         "--loop",
         action="store_true",
-        help="instead of the table: train.py's whole loop on the released configuration "
-        "with random weights (--pretrained_model_name_or_path random; --num_blocks K builds K blocks), one image per "
-        "step, the vlm reward with the tiny judge: a step and its checkpoint, then a resumed second step; prints each "
-        "step's time and peak memory and the checkpoint's size and write time",
+        help="instead of the table: train.py's whole loop on the released configuration with random weights "
+        "(--pretrained_model_name_or_path random; --num_blocks K builds K blocks), one image per step, the vlm "
+        "reward with the tiny judge: a step and its checkpoint, then a resumed second step; prints each step's "
+        "time and peak memory and the checkpoint's size and write time",
     )
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -185,33 +184,27 @@ def parse_args(argv=None):
     return args
 
 
+MODES = {  # flag -> the measurement it runs instead of the table (each returns one line of figures)
+    "loop": loop,
+    "overlap": lambda args: overlap(args, args.overlap),
+    "scaling": scaling,
+    "ratio": onpolicy_ratio,
+    "quant_error": quant_error,
+}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    with cli.input_errors():
-        quantize.check(args.quantize, args.device)  # one line if this machine cannot run it
-    mode = next(
-        (
-            f
-            for flag, f in (
-                (args.loop, loop),
-                (args.overlap is not None, lambda a: overlap(a, a.overlap)),
-                (args.scaling, scaling),
-                (args.ratio, onpolicy_ratio),
-                (args.quant_error, quant_error),
-            )
-            if flag
-        ),
-        None,
-    )
-    if mode:  # one line of figures
-        res = mode(args)
-        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-    else:  # a table, printed a row at a time (and --json written after each row)
-        threads = torch.get_num_threads()
+    mode = next((fn for flag, fn in MODES.items() if getattr(args, flag) not in (None, False)), None)
+    threads = torch.get_num_threads()
+    with cli.input_errors():  # bad input (a quantization this machine lacks, a card too small): one line
+        quantize.check(args.quantize, args.device)
         try:
-            res = levers(args) if args.levers else run(args)
+            res = mode(args) if mode else levers(args) if args.levers else run(args)  # a table, a row at a time
         finally:
-            torch.set_num_threads(threads)  # run() may lower it; callers (tests) get theirs back
+            torch.set_num_threads(threads)  # the table may lower it; callers (tests) get theirs back
+    if mode:
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     write_json(args.json, res)
     if args.json:
         print(f"wrote {args.json}")

@@ -203,8 +203,8 @@ def parse_args(argv=None):
     a(
         "--pretrained_model_name_or_path",
         default="Qwen/Qwen-Image-Layered",
-        help="the released configuration (its "
-        "hub id or a folder holding it: 60 blocks), or 'random:K' for K of its blocks, as train.py builds them",
+        help="the released configuration (its hub id or a folder holding it: 60 blocks), or 'random:K' for K of its "
+        "blocks, as train.py builds them",
     )
     a("--resolution", type=int, default=640, help="longest side of the condition image in px")
     a(
@@ -224,15 +224,15 @@ def parse_args(argv=None):
         "--fsdp",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="the frozen transformer sharded over "
-        "--nproc_per_node ranks, as train.py --fsdp under torchrun; the plan is per GPU",
+        help="the frozen transformer sharded over --nproc_per_node ranks, as train.py --fsdp under torchrun; the "
+        "plan is per GPU",
     )
     a("--nproc_per_node", type=int, default=2, help="with --fsdp: the ranks (GPUs) torchrun starts")
     a(
         "--simulate",
         action="store_true",
-        help="also run simulate() for each row (this code on meta tensors: tens "
-        "of seconds per row at 60 blocks on a CPU)",
+        help="also run simulate() for each row (this code on meta tensors: tens of seconds per row at 60 blocks on a "
+        "CPU)",
     )
     args = p.parse_args(argv)
     model, _, blocks = args.pretrained_model_name_or_path.partition(":")
