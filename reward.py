@@ -467,7 +467,11 @@ def reward_kwargs(fn, spec, pairs):
     """--reward_args KEY=VALUE ... as keyword arguments of the reward fn: VALUE parsed as JSON where it reads as
     JSON (2, 0.5, [1, 2], {"a": 1}, true), else kept as text. A KEY must name a parameter of fn, unless fn takes
     **kwargs under a name other than `_` (a reward's `**_` says it ignores what it does not use)."""
-    kwargs, params = {}, inspect.signature(fn).parameters
+    kwargs = {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature to read: its arguments are its business
+        params = {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
     open_ended = any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params.values())
     named = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD][3:]  # after images, layers, group_size
     for pair in pairs:

@@ -177,9 +177,11 @@ def check_hub(name, what, timeout=3.0):
     """Before an expensive load from the hub: a hub id that is neither in the local cache nor reachable stops at once
     with one line (from_pretrained would retry for about a minute first). `what` names the flag in effect, e.g.
     "--pretrained_model_name_or_path Qwen/Qwen-Image-Layered (the default)". Nothing is checked offline
-    (HF_HUB_OFFLINE=1: the cache decides) or for a local folder."""
+    (HF_HUB_OFFLINE=1: the cache decides), behind a proxy, or for a local folder."""
     if not is_hub_id(name) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: a direct connection says nothing
     from huggingface_hub import constants, scan_cache_dir
 
     try:

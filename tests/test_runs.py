@@ -427,7 +427,8 @@ def test_an_unreachable_hub_fails_within_seconds_naming_the_flag_in_effect(
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for variable in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
     base = ["--images", str(design_images), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
     for argv, flag in [
         (base, "--pretrained_model_name_or_path Qwen/Qwen-Image-Layered (the default)"),
