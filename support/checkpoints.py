@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from support import quantize
 from support.cli import InputError
-from support.runfolder import _row_step, checkpoints, last_metrics
+from support.runfolder import checkpoints, last_metrics, row_step
 
 with quantize.quiet_imports():
     from diffusers import QwenImageLayeredPipeline
@@ -145,7 +145,7 @@ def load_checkpoint(path, output_dir, transformer, optimizer, writer=True):
         step = state["step"]
     metrics = output_dir / "metrics.jsonl"
     if writer and metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if _row_step(line) <= step]
+        kept = [line for line in metrics.read_text().splitlines() if row_step(line) <= step]
         metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics.with_suffix(".tmp"), metrics)
     if writer:

@@ -111,7 +111,7 @@ def checkpoints(output_dir):
     return sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _row_step(line):
+def row_step(line):
     """A metrics.jsonl row's step; a row cut short by a kill counts as after every step."""
     try:
         return int(json.loads(line)["step"])
@@ -133,7 +133,7 @@ def last_metrics(output_dir):
 def run_step(output_dir):
     """The last step output_dir's run reached: its last metrics row's or its latest checkpoint's, whichever is later
     (0 if none)."""
-    steps = [_row_step(line) for line in metric_rows(output_dir)]
+    steps = [row_step(line) for line in metric_rows(output_dir)]
     saved = [int(p.name.split("-")[1]) for p in checkpoints(output_dir)]
     return max(saved + [s for s in steps if s < float("inf")], default=0)
 
