@@ -289,10 +289,8 @@ def log_step(log, step, plan, scores, stats, traj, args, timer, device, save):
         "layers": plan.layers,
         "window": list(plan.window),
     }
-    if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
-        with timer("checkpoint"):
-            save(done, record)
-    log.log({**record, **timer.figures(), **tracking.memory_figures(device)})
+    due = done % args.checkpointing_steps == 0 or done == args.max_train_steps
+    log.step(record, timer, device, save if due else None)
     if args.sample_every and done % args.sample_every == 0:
         captions = [" ".join(f"{n} {r[k]:.3f}" for n, r in scores.items()) for k in range(args.group_size)]
         labels = [chr(ord("A") + k) for k in range(args.group_size)]
@@ -343,11 +341,7 @@ def main(argv=None):
     timer = tracking.Timer()
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")
 
-    def save(step, metrics=None):
-        return checkpoints.save_checkpoint(
-            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
-        )
-
+    save = checkpoints.saver(output_dir, transformer, optimizer, args, METHOD)
     with tracking.guard(
         output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))
     ):

@@ -498,11 +498,7 @@ def main(argv=None):
     timer = tracking.Timer()
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="sft")
 
-    def save(step, metrics=None):
-        return checkpoints.save_checkpoint(
-            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, METHOD
-        )
-
+    save = checkpoints.saver(output_dir, transformer, optimizer, args, METHOD)
     with tracking.guard(
         output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))
     ):

@@ -415,10 +415,8 @@ def log_step(log, step, plan, scores, advantages, stats, traj, args, timer, devi
         "window": list(plan.window),
         "time/reward_s": scores.reward_s,
     }
-    if scores.answered and (done % args.checkpointing_steps == 0 or done == args.max_train_steps):
-        with timer("checkpoint"):
-            save(done, record)
-    log.log({**record, **timer.figures(), **tracking.memory_figures(device)})
+    due = scores.answered and (done % args.checkpointing_steps == 0 or done == args.max_train_steps)
+    log.step(record, timer, device, save if due else None)
     if args.sample_every and done % args.sample_every == 0:
         log.sample(
             sample_picture(traj.images[0], traj.layers, scores.rewards[:G], advantages[:G], scores.candidates), done
@@ -528,11 +526,7 @@ def main(argv=None):
         range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="train", disable=rank != 0
     )
 
-    def save(step, metrics=None):
-        return checkpoints.save_checkpoint(
-            output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics
-        )
-
+    save = checkpoints.saver(output_dir, transformer, optimizer, args)
     with (
         tracking.guard(
             output_dir, timer, save, close=lambda: (bar.close(), log and log.close(), runfolder.release(lock))

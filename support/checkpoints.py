@@ -129,6 +129,14 @@ def save_checkpoint(
     return final
 
 
+def saver(output_dir, transformer, optimizer, args, method="Flow-GRPO (Stable-Layers)"):
+    """save(step, metrics=None): save_checkpoint for one run (--checkpoints_total_limit kept), as its loop and
+    tracking.guard call it."""
+    return lambda step, metrics=None: save_checkpoint(
+        output_dir, step, transformer, optimizer, args, args.checkpoints_total_limit, metrics, method
+    )
+
+
 def load_checkpoint(path, output_dir, transformer, optimizer, writer=True):
     """Restore the LoRA and the optimizer from a checkpoint folder (or "latest" in output_dir; none there: step 0)
     and, if this process is the run's writer (rank 0), drop the metric rows logged after it (those steps run again).

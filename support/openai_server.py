@@ -158,14 +158,3 @@ def vllm_completion(scores, distributions, model=MODEL):
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": len(content), "total_tokens": len(content)},
     }
-
-
-def expected_digit(top_logprobs):
-    """E[d] over the digit tokens 1..9 of a top_logprobs list (spaces stripped), renormalised: the number a judge that
-    reads logprobs takes for that score. Computed here apart from support/judges.py, to check it."""
-    mass = {}
-    for t in top_logprobs:
-        tok = t["token"].strip()
-        if tok.isdigit() and len(tok) == 1 and tok != "0":
-            mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
-    return sum(d * p for d, p in mass.items()) / sum(mass.values())

@@ -29,6 +29,10 @@ with quantize.quiet_imports():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+# the flow-matching schedule of both pipelines: dynamic shifting, linear time shift (mu set per call by rollout.py)
+SCHEDULER = dict(
+    use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
+)
 SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -226,9 +230,7 @@ def tiny_pipeline(seed=0):
             use_additional_t_cond=True,
         )
     vae = tiny_vae(seed + 2)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
     return QwenImageLayeredPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer
     )
@@ -293,9 +295,7 @@ def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=
             )
         finally:
             torch.set_default_dtype(old)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
     pipe = QwenImageLayeredPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer
     )

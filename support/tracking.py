@@ -78,6 +78,14 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
+    def step(self, record, timer, device, save=None):
+        """The step's row: record with its times (timer.figures) and memory; save(step, record) first, when given,
+        so the row holds the checkpoint's time/checkpoint_s and the checkpoint's model card the row's metrics."""
+        if save is not None:
+            with timer("checkpoint"):
+                save(record["step"], record)
+        self.log({**record, **timer.figures(), **memory_figures(device)})
+
     def sample(self, picture, step, tag="samples/group"):
         """The step's sample picture: OUT/samples/step-<step>.png, and the tracker's image `tag`."""
         path = self.output_dir / "samples" / f"step-{step:06d}.png"

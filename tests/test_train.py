@@ -80,6 +80,17 @@ def test_train_with_http_judge_url_alone(image_dir, tmp_path, monkeypatch, tiny_
     assert e.value.code == 2
 
 
+def expected_digit(top_logprobs):
+    """E[d] over the digit tokens 1..9 of a top_logprobs list (spaces stripped), renormalised: what a judge that reads
+    logprobs must take for that score, computed here apart from support/judges.py."""
+    mass = {}
+    for t in top_logprobs:
+        tok = t["token"].strip()
+        if tok.isdigit() and len(tok) == 1 and tok != "0":
+            mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(t["logprob"])
+    return sum(d * p for d, p in mass.items()) / sum(mass.values())
+
+
 def test_a_server_that_returns_logprobs_as_vllm_does_gives_the_expected_scores(
     image_dir, tmp_path, tiny_flags, judge_server
 ):
@@ -97,8 +108,7 @@ def test_a_server_that_returns_logprobs_as_vllm_does_gives_the_expected_scores(
         top[key] = {str(3 + i): 0.55, str(4 + i): 0.3, f" {5 + i}": 0.15}
     written = {k: int(max(d, key=d.get)) for k, d in top.items()}
     expected = {
-        k: openai_server.expected_digit([{"token": t, "logprob": math.log(p)} for t, p in d.items()])
-        for k, d in top.items()
+        k: expected_digit([{"token": t, "logprob": math.log(p)} for t, p in d.items()]) for k, d in top.items()
     }
     assert all(abs(expected[k] - written[k]) > 0.2 for k in top)  # a fallback to the integers cannot pass below
 
