@@ -38,8 +38,9 @@ Choices that are ours (no public code for the paper is known):
 - one process (train.py's torchrun data parallelism is not wired in here).
 Logs: loss/distill, kl/<teacher> (its mean per-element KL where it applies) and reward/<teacher>, that
 teacher's reward (--teacher_reward NAME=REWARD) on the student's samples. Choices that are ours (flags):
---sde_type sde|cps, --mixed_precision no|bf16|fp16, --report_to tensorboard|wandb|none, the judge's flags for a
---teacher_reward that scores with one (any --reward of train.py: a name, FILE.py:FUNCTION or MODULE:FUNCTION).
+--sde_type sde|cps, --report_to tensorboard|wandb|none, the model's flags of every script (rollout.add_model_flags:
+--mixed_precision, --quantize, --compile, ...), the judge's flags for a --teacher_reward that scores with one (any
+--reward of train.py: a name, FILE.py:FUNCTION or MODULE:FUNCTION).
 """
 
 import argparse
@@ -54,7 +55,7 @@ import lora
 import reward
 import rollout
 import train
-from support import checkpoints, cli, runfolder, tracking
+from support import checkpoints, cli, quantize, runfolder, tracking
 from support.checkpoints import load_lora
 from support.images import find_images, open_image
 from support.pictures import render_group_grid
@@ -99,12 +100,7 @@ def parse_args(argv=None):
         metavar="NAME",
         help="start the student as a copy of this teacher (default: a fresh LoRA)",
     )
-    a(
-        "--pretrained_model_name_or_path",
-        default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
-        "its 60 blocks: the real loop offline)",
-    )
+    rollout.add_model_flags(p)
     a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
     a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
@@ -138,8 +134,6 @@ def parse_args(argv=None):
     a("--rank", type=int, default=64, help="student LoRA rank r (ignored with --student_init)")
     a("--lora_alpha", type=int, default=128, help="student LoRA alpha (ignored with --student_init)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=300, help="number of training steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
@@ -311,7 +305,10 @@ def main(argv=None):
         paths, W = image_pool(args)
         cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
         judge = reward.load_judge(args, list(rewards.values()), device, dtype)
-        pipe = rollout.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+        quantize.check(args.quantize, device)
+        pipe = rollout.load_pipeline(
+            args.pretrained_model_name_or_path, torch_dtype=dtype, device=device, kind=args.quantize
+        )
         rollout.encode_prompt(pipe, args.prompt)  # cached on the pipeline: the text encoder is needed once
         judge = judge or reward.load_judge(args, list(rewards.values()), device, dtype, pipeline=pipe)
         if args.judge != "text_encoder":
@@ -329,6 +326,7 @@ def main(argv=None):
         params = lora.trainable_lora(transformer)  # the student's LoRA only, in fp32 (the optimizer's copy)
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        rollout.speed_up(transformer, args.attention_backend, args.compile)
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         start = 0
         if args.resume_from_checkpoint:
@@ -336,7 +334,7 @@ def main(argv=None):
         log = tracking.RunLog(output_dir, args.report_to, config=vars(args), project="stable-layers-distill")
     print(
         f"{len(paths)} images, teachers {names}, {sum(p.numel() for p in params) / 1e6:.2f}M student "
-        "LoRA parameters, " + cli.device_line(device, dtype)
+        "LoRA parameters, " + cli.device_line(device, dtype, args.quantize)
     )
     timer = tracking.Timer()
     bar = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps, desc="distill")

@@ -359,12 +359,7 @@ def parse_args(argv=None):
         metavar="[NAME=]DIR",
         help="score existing predictions (same folder format); repeatable; a bare DIR is named by its folder name",
     )
-    p.add_argument(
-        "--pretrained_model_name_or_path",
-        default="Qwen/Qwen-Image-Layered",
-        help="hub id or local folder of the pipeline for model mode ('tiny': a tiny random one, for tests; "
-        "'random[:K]': the released configuration with random weights, for timing)",
-    )
+    rollout.add_model_flags(p, speed=False)
     p.add_argument(
         "--lora",
         action="append",
@@ -390,19 +385,6 @@ def parse_args(argv=None):
         "--true_cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (released: 1.0, off)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed: sample k of a model run uses seed + k")
-    p.add_argument("--device", default=None, help="device for model mode (default: cuda when available, else cpu)")
-    p.add_argument(
-        "--mixed_precision",
-        default="bf16",
-        choices=["no", "bf16", "fp16"],
-        help="model dtype on a GPU (the CPU always runs float32)",
-    )
-    p.add_argument(
-        "--quantize",
-        default="none",
-        choices=list(quantize.QUANTIZE),
-        help="the base transformer's blocks in int8 (torchao) or nf4 (bitsandbytes) for 48 / 24 GB cards",
-    )
     p.add_argument(
         "--output_dir",
         default="outputs/eval",

@@ -85,6 +85,47 @@ def load_pipeline(
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flash", "_flash_3")
 
 
+def add_model_flags(parser, speed=True):
+    """The flags that load and run the pipeline, one definition for every script that loads it: the model, its
+    dtype, its quantization, the device, and (speed) the levers of speed_up."""
+    a = parser.add_argument
+    a(
+        "--pretrained_model_name_or_path",
+        default=DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
+        "its 60 blocks: the real model offline)",
+    )
+    a(
+        "--mixed_precision",
+        choices=["no", "bf16", "fp16"],
+        default="bf16",
+        help="the model's dtype on CUDA (CPU: fp32)",
+    )
+    a(
+        "--quantize",
+        default="none",
+        choices=list(quantize.QUANTIZE),
+        help="the frozen transformer blocks in fewer bits, a LoRA in fp32 on top (support/quantize.py): int8 "
+        "(torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
+    )
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    if speed:
+        a(
+            "--compile",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="regional torch.compile of the repeated transformer block, LoRA included (rollout.speed_up; the "
+            "first step pays the compile)",
+        )
+        a(
+            "--attention_backend",
+            default=None,
+            choices=ATTENTION_BACKENDS,
+            help="attention kernel through diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's "
+            "SDPA choice; rollout.speed_up)",
+        )
+
+
 def speed_up(transformer, attention_backend=None, compile=False):
     """The transformer's speed levers, applied once its LoRA is in place (bench.py --levers measures them;
     docs/performance.md):
@@ -546,11 +587,7 @@ def parse_args(argv=None):
         "and write them as RGBA PNGs: OUT/<image>/candidate_<k>/layer_<i>.png."
     )
     p.add_argument("--images", required=True, help="folder of input images (searched recursively)")
-    p.add_argument(
-        "--pretrained_model_name_or_path",
-        default=DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or 'random' (the released configuration, random weights)",
-    )
+    add_model_flags(p)
     p.add_argument("--lora", default=None, help="optional LoRA: diffusers .safetensors (or folder) or PEFT folder")
     p.add_argument("--output_dir", default="outputs/rollout", help="where the PNGs go")
     p.add_argument("--layers", type=int, default=4, help="number of RGBA layers N")
@@ -581,8 +618,6 @@ def parse_args(argv=None):
         help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="model dtype on CUDA")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     return p.parse_args(argv)
 
 
@@ -592,9 +627,11 @@ def main(argv=None):
         device, dtype = cli.pick_device(args.device, args.mixed_precision)  # float32 on the CPU
         paths = find_images(args.images)
         cli.check_hub(args.pretrained_model_name_or_path, cli.flag_value(args, "pretrained_model_name_or_path"))
-        pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device)
+        quantize.check(args.quantize, device)
+        pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype, device=device, kind=args.quantize)
         if args.lora:
             load_lora(pipe, args.lora)
+    speed_up(pipe.transformer, args.attention_backend, args.compile)
     generator = torch.Generator(device).manual_seed(args.seed)
     out = Path(args.output_dir)
     for path in tqdm(paths, desc="images"):

@@ -347,12 +347,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a(
-        "--pretrained_model_name_or_path",
-        default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
-        "its 60 blocks: the real loop offline)",
-    )
+    rollout.add_model_flags(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="reference-format folder: <sample>/image.png, layer_<i>.png")
     source.add_argument("--synthetic", type=int, default=None, help="N synthetic designs made on the fly")
@@ -381,29 +376,6 @@ def parse_args(argv=None):
     a("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     a("--mode_scale", type=float, default=1.29, help="scale of the mode density")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    a(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="regional torch.compile of the repeated transformer block, LoRA included (rollout.speed_up; the first "
-        "step pays the compile)",
-    )
-    a(
-        "--attention_backend",
-        default=None,
-        choices=rollout.ATTENTION_BACKENDS,
-        help="attention kernel through diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA "
-        "choice; rollout.speed_up)",
-    )
-    a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a(
-        "--quantize",
-        default="none",
-        choices=list(quantize.QUANTIZE),
-        help="the frozen transformer blocks in fewer bits, the LoRA in fp32 on top (support/quantize.py): int8 "
-        "(torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
-    )
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     a("--max_train_steps", type=int, default=2000, help="optimizer steps (the loop's bound)")
     a("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N steps")
     a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")

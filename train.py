@@ -95,12 +95,7 @@ def parse_args(argv=None):
     )
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
-    a(
-        "--pretrained_model_name_or_path",
-        default=rollout.DEFAULT_MODEL,
-        help="hub id, local folder, 'tiny', or 'random[:K]' (the released configuration with random weights, K of "
-        "its 60 blocks: the real loop offline)",
-    )
+    rollout.add_model_flags(p)
     a(
         "--init_lora",
         default=None,
@@ -209,34 +204,6 @@ def parse_args(argv=None):
         default=True,
         help="on CUDA, compare the memory plan for these flags (python -m bench.memory) with the card at start-up "
         "and stop with one line if it does not fit",
-    )
-    a(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="regional torch.compile of the repeated transformer block, LoRA included (rollout.speed_up; the first "
-        "step pays the compile)",
-    )
-    a(
-        "--attention_backend",
-        default=None,
-        choices=rollout.ATTENTION_BACKENDS,
-        help="attention kernel through diffusers' dispatcher, e.g. _native_cudnn on Hopper (default: PyTorch's SDPA "
-        "choice; rollout.speed_up)",
-    )
-    a("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16", help="frozen weights' dtype on CUDA")
-    a(
-        "--quantize",
-        default="none",
-        choices=list(quantize.QUANTIZE),
-        help="the frozen transformer blocks in fewer bits, the LoRA in fp32 on top (support/quantize.py): int8 "
-        "(torchao, a 48 GB card) or nf4 (bitsandbytes, 24 GB)",
-    )
-    a(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible); under torchrun, cuda puts rank k on "
-        "cuda:LOCAL_RANK (nccl) and cpu runs gloo ranks",
     )
     a(
         "--fsdp",

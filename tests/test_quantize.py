@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import distill
 import lora
 import rollout
 import sft
@@ -36,8 +37,8 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
     """--quantize: one GRPO step (with the KL) on the tiny model with its blocks quantized: ratio 1, the LoRA moves
     the policy. Saved, the LoRA loads on the unquantized base in diffusers and through lora.load_lora and gives the
     trained policy's velocity up to the quantization's own error, the base's velocity error, measured on the same
-    inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too. The
-    start-up line says the quantization."""
+    inputs (int8 0.2 %, nf4 4.8 % relative L2 here; bounds 1 % and 10 %). A supervised step trains on it too, and a
+    distillation pulls a fresh student towards that LoRA on it. The start-up lines say the quantization."""
     pytest.importorskip(quantize.PACKAGE[kind][0], reason="requirements.txt installs it; a GPU image may lack it")
     out = tmp_path / "grpo"
     pipe = train.main(
@@ -130,6 +131,29 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_full_precision_base(
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["train/skipped_updates"] == 0 for r in rows[1:])
     assert rows[-1]["train/grad_norm"] > 0
+    # distill.py on the quantized base: the GRPO LoRA above as the teacher, a fresh student pulled towards it
+    distill.main(
+        [
+            "--images",
+            str(design_images),
+            "--output_dir",
+            str(tmp_path / "distill"),
+            "--teacher",
+            f"t={out}",
+            "--quantize",
+            kind,
+            "--max_train_steps",
+            "3",
+            "--learning_rate",
+            "3e-2",
+            "--sde_window",
+            "0",
+            *tiny_run,
+        ]
+    )
+    assert f"blocks quantized to {kind}" in capsys.readouterr().out
+    kl = [json.loads(line)["kl/t"] for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert kl[0] > 0 and kl[-1] < kl[0]
 
 
 def test_an_unavailable_quantization_is_refused_in_one_line(design_images, tmp_path, monkeypatch, capsys, tiny_run):

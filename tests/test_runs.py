@@ -477,22 +477,27 @@ def test_an_unknown_flag_names_itself_and_the_closest_one(module, argv, said, ca
     assert e.value.code == 2 and said in one_line(capsys)[1]
 
 
+def parser_of(module, argv):
+    """The cli.ArgumentParser a script's parse_args(argv) builds."""
+    parser = {}
+    original = cli.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        parser.setdefault("p", self)
+        return original(self, args, namespace)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cli.ArgumentParser, "parse_args", grab)
+        module.parse_args(argv)
+    return parser["p"]
+
+
 def test_flag_names_agree_across_scripts():
     """The reward's and the judge's flags are one set, with one name each, in train.py, distill.py and reward.py (the
     reward's own in train.py and reward.py); no script spells a concept another way."""
 
     def flags(module, argv):
-        parser = {}
-        original = cli.ArgumentParser.parse_args
-
-        def grab(self, args=None, namespace=None):
-            parser.setdefault("p", self)
-            return original(self, args, namespace)
-
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(cli.ArgumentParser, "parse_args", grab)
-            module.parse_args(argv)
-        return set(parser["p"]._option_dests())
+        return set(parser_of(module, argv)._option_dests())
 
     judge = {
         "--judge",
@@ -521,6 +526,29 @@ def test_flag_names_agree_across_scripts():
         flags(bench, []),
     )
     assert not everything & {"--api_key_env", "--combine", "--weights", "--num_blocks_built"}
+
+
+def test_the_model_flags_are_one_definition_in_every_script_that_loads_the_model():
+    """The model, its dtype, its quantization and the device (and the speed levers where a script applies them) are
+    the same flags with the same defaults, choices and help in all five scripts that load the pipeline."""
+    model = ["--pretrained_model_name_or_path", "--mixed_precision", "--quantize", "--device"]
+    speed = ["--compile", "--attention_backend"]
+
+    def options(module, argv):
+        actions = parser_of(module, argv)._option_string_actions
+        return {f: (actions[f].default, actions[f].choices, actions[f].help) for f in model + speed if f in actions}
+
+    found = {
+        "train": options(train, ["--images", "x"]),
+        "sft": options(sft, ["--synthetic", "1"]),
+        "distill": options(distill, ["--images", "x", "--teacher", "a=b"]),
+        "rollout": options(rollout, ["--images", "x"]),
+        "evaluate": options(ev, []),
+    }
+    assert all(list(f) == model + speed for name, f in found.items() if name != "evaluate")
+    assert list(found["evaluate"]) == model  # evaluate.py swaps LoRAs on one base: no compiled graphs to keep
+    assert all(f[k] == found["train"][k] for f in found.values() for k in f)
+    assert found["train"]["--pretrained_model_name_or_path"][0] == rollout.DEFAULT_MODEL
 
 
 def test_the_last_line_counts_in_words(tmp_path):
