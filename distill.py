@@ -101,7 +101,7 @@ def parse_args(argv=None):
         help="start the student as a copy of this teacher (default: a fresh LoRA)",
     )
     rollout.add_model_flags(p)
-    a("--output_dir", default="outputs/distill", help="checkpoints, metrics.jsonl, samples/, the student LoRA")
+    tracking.add_run_flags(p, "outputs/distill", 300, 25, sample_every=10)
     a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
     a(
@@ -134,12 +134,6 @@ def parse_args(argv=None):
     a("--rank", type=int, default=64, help="student LoRA rank r (ignored with --student_init)")
     a("--lora_alpha", type=int, default=128, help="student LoRA alpha (ignored with --student_init)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    a("--max_train_steps", type=int, default=300, help="number of training steps (the loop's bound)")
-    a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
-    a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
-    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
-    a("--sample_every", type=int, default=10, help="write a PNG of one group every N steps (0 = never)")
-    a("--report_to", choices=tracking.REPORT_TO, default="tensorboard", help="tracker besides metrics.jsonl")
     reward.add_judge_flags(p)  # the judge of a --teacher_reward that scores with one, as in train.py and reward.py
     args = p.parse_args(argv)
     T = args.num_inference_steps

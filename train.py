@@ -102,7 +102,7 @@ def parse_args(argv=None):
         help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter folder); it is also the KL "
         "reference; its rank and targets replace --rank/--lora_alpha",
     )
-    a("--output_dir", default="outputs/stable-layers", help="checkpoints, metrics.jsonl, samples/, final LoRA")
+    tracking.add_run_flags(p, "outputs/stable-layers", 300, 25, sample_every=10)
     a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
     a(
@@ -211,18 +211,6 @@ def parse_args(argv=None):
         default=False,
         help="under torchrun: shard the frozen transformer across the ranks (FSDP2), so that several smaller GPUs "
         "train the bf16 model; the LoRA, the algorithm and the checkpoints are unchanged (support/parallel.py)",
-    )
-    a("--max_train_steps", type=int, default=300, help="number of optimizer steps (the loop's bound)")
-    a("--checkpointing_steps", type=int, default=25, help="save a checkpoint every N steps")
-    a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
-    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
-    a("--sample_every", type=int, default=10, help="write a PNG of one scored group every N steps (0 = never)")
-    a(
-        "--report_to",
-        choices=tracking.REPORT_TO,
-        default="tensorboard",
-        help="tracker for the scalars and sample pictures (metrics.jsonl is always written); tensorboard: "
-        "`tensorboard --logdir OUTPUT_DIR/logs`",
     )
     args = p.parse_args(argv)
     T = args.num_inference_steps

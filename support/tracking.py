@@ -26,6 +26,26 @@ from support.runfolder import checkpoints, resume_command, run_step
 REPORT_TO = ("tensorboard", "wandb", "none")
 
 
+def add_run_flags(parser, output_dir, max_train_steps, checkpointing_steps, sample_every=None):
+    """A training script's run flags, one definition for train.py, sft.py and distill.py: where the run writes, how
+    long it runs, what it keeps, how it resumes and how it is watched; each script gives its own defaults."""
+    a = parser.add_argument
+    a("--output_dir", default=output_dir, help="the run's folder: metrics.jsonl, logs/, checkpoints, the final LoRA")
+    a("--max_train_steps", type=int, default=max_train_steps, help="optimizer steps (the loop's bound)")
+    a("--checkpointing_steps", type=int, default=checkpointing_steps, help="save a checkpoint every N steps")
+    a("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
+    if sample_every is not None:
+        a("--sample_every", type=int, default=sample_every, help="write a PNG of one group every N steps (0 = never)")
+    a(
+        "--report_to",
+        choices=REPORT_TO,
+        default="tensorboard",
+        help="tracker for the scalars and sample pictures (metrics.jsonl is always written); tensorboard: "
+        "`tensorboard --logdir OUTPUT_DIR/logs`",
+    )
+
+
 # ----------------------------------------------------------------------------- metrics and trackers
 class RunLog:
     """metrics.jsonl (always) plus the --report_to tracker. log(record) writes one step's scalars to both;

@@ -551,6 +551,20 @@ def test_the_model_flags_are_one_definition_in_every_script_that_loads_the_model
     assert found["train"]["--pretrained_model_name_or_path"][0] == rollout.DEFAULT_MODEL
 
 
+def test_the_run_flags_are_one_definition_in_the_three_training_scripts():
+    """Where a run writes, how long it runs, what it keeps and how it is watched: the same flags with the same help
+    in train.py, sft.py and distill.py; only the defaults are each script's (sft.py draws no sample pictures)."""
+    run = ["--output_dir", "--max_train_steps", "--checkpointing_steps", "--checkpoints_total_limit"]
+    run += ["--resume_from_checkpoint", "--sample_every", "--report_to"]
+    found = {}
+    for module, argv in [(train, ["--images", "x"]), (sft, ["--synthetic", "1"]), (distill, ["--images", "x"])]:
+        actions = parser_of(module, argv + ["--teacher", "a=b"] * (module is distill))._option_string_actions
+        found[module.__name__] = {f: (actions[f].help, actions[f].choices) for f in run if f in actions}
+    assert list(found["train"]) == list(found["distill"]) == run and "--sample_every" not in found["sft"]
+    assert all(f[k] == found["train"][k] for f in found.values() for k in f)
+    assert parser_of(sft, ["--synthetic", "1"]).get_default("output_dir") == "outputs/sft"
+
+
 def test_the_last_line_counts_in_words(tmp_path):
     """What a run wrote, as its last line says it: one picture, two pictures."""
     (tmp_path / "samples").mkdir()
