@@ -100,9 +100,11 @@ def parse_args(argv=None):
         metavar="NAME",
         help="start the student as a copy of this teacher (default: a fresh LoRA)",
     )
-    rollout.add_model_flags(p)
-    tracking.add_run_flags(p, "outputs/distill", 300, 25, sample_every=10)
-    a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
+    g = p.add_argument_group("the student's rollouts: Flow-GRPO's SDE sampler")
+    a = g.add_argument
+    a("--group_size", type=int, default=8, help="G: student rollouts per image")
+    a("--images_per_step", type=int, default=4, help="images per optimizer step (train.py's default)")
+    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
     a(
         "--sizing",
@@ -111,10 +113,7 @@ def parse_args(argv=None):
         help="condition size rule, as the teachers were trained: longest side = resolution (released inference) or "
         "diffusers' area rule",
     )
-    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (the teachers' training prompt)")
-    a("--group_size", type=int, default=8, help="G: student rollouts per image")
-    a("--images_per_step", type=int, default=4, help="images per optimizer step (train.py's default)")
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps of the student's rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (> 0: the KL divides by the variance)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
@@ -127,14 +126,25 @@ def parse_args(argv=None):
         metavar=("LO", "HI"),
         help="window start drawn per step so the window lies in steps LO..HI-1 (default: 0..T-1, all but the last)",
     )
+    g = p.add_argument_group("the update: the student's LoRA and its optimizer")
+    a = g.add_argument
     a("--train_batch_size", type=int, default=2, help="candidates per forward/backward when re-scoring")
     a("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the student LoRA")
     a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
     a("--rank", type=int, default=64, help="student LoRA rank r (ignored with --student_init)")
     a("--lora_alpha", type=int, default=128, help="student LoRA alpha (ignored with --student_init)")
+    g = p.add_argument_group("the judge of a --teacher_reward that scores with one")
+    a = g.add_argument
+    reward.add_judge_flags(g)  # the judge of a --teacher_reward that scores with one, as in train.py and reward.py
+    g = p.add_argument_group("model, memory and speed")
+    a = g.add_argument
+    rollout.add_model_flags(g)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
-    reward.add_judge_flags(p)  # the judge of a --teacher_reward that scores with one, as in train.py and reward.py
+    g = p.add_argument_group("the run: its folder, length, checkpoints, tracker and seed")
+    a = g.add_argument
+    tracking.add_run_flags(g, "outputs/distill", 300, 25, sample_every=10)
+    a("--seed", type=int, default=42, help="seed of every random draw (images, layers, noise, window)")
     args = p.parse_args(argv)
     T = args.num_inference_steps
     args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it

@@ -347,7 +347,6 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    rollout.add_model_flags(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="reference-format folder: <sample>/image.png, layer_<i>.png")
     source.add_argument("--synthetic", type=int, default=None, help="N synthetic designs made on the fly")
@@ -356,16 +355,10 @@ def parse_args(argv=None):
     a("--validation_data", default=None, help="held-out reference-format folder (instead of --validation_synthetic)")
     a("--validation_synthetic", type=int, default=8, help="held-out synthetic designs (seed stream never trained on)")
     a("--validation_every", type=int, default=100, help="val/loss every N steps (also at step 0 and at the end)")
-    tracking.add_run_flags(p, "outputs/sft", 2000, 500)
-    a("--seed", type=int, default=42, help="seed of every draw: designs, data order, sigmas, noise")
+    g = p.add_argument_group("flow matching: the velocity loss and its timestep density")
+    a = g.add_argument
     a("--resolution", type=int, default=640, help="condition size (longest side / area, see rollout.condition_size)")
     a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (the released setting)")
-    a("--rank", type=int, default=32, help="LoRA rank r (DiffSynth-Studio's Qwen-Image-Layered recipe)")
-    a("--lora_alpha", type=int, default=32, help="LoRA alpha (scale alpha / r = 1)")
-    a("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (DiffSynth-Studio's recipe), constant")
-    a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay (diffusers' default)")
-    a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
-    a("--gradient_accumulation_steps", type=int, default=1, help="designs per optimizer step (one per forward)")
     a(
         "--weighting_scheme",
         default="none",
@@ -375,8 +368,23 @@ def parse_args(argv=None):
     a("--logit_mean", type=float, default=0.0, help="mean of the logit_normal density")
     a("--logit_std", type=float, default=1.0, help="std of the logit_normal density")
     a("--mode_scale", type=float, default=1.29, help="scale of the mode density")
+    g = p.add_argument_group("the LoRA and its optimizer")
+    a = g.add_argument
+    a("--rank", type=int, default=32, help="LoRA rank r (DiffSynth-Studio's Qwen-Image-Layered recipe)")
+    a("--lora_alpha", type=int, default=32, help="LoRA alpha (scale alpha / r = 1)")
+    a("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (DiffSynth-Studio's recipe), constant")
+    a("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay (diffusers' default)")
+    a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
+    a("--gradient_accumulation_steps", type=int, default=1, help="designs per optimizer step (one per forward)")
+    g = p.add_argument_group("model, memory and speed")
+    a = g.add_argument
+    rollout.add_model_flags(g)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a("--dataloader_num_workers", type=int, default=2, help="DataLoader workers making/reading designs (0 = inline)")
+    g = p.add_argument_group("the run: its folder, length, checkpoints, tracker and seed")
+    a = g.add_argument
+    tracking.add_run_flags(g, "outputs/sft", 2000, 500)
+    a("--seed", type=int, default=42, help="seed of every draw: designs, data order, sigmas, noise")
     a("--measure_data", type=int, default=0, help="only time N synthetic designs (one worker) and exit")
     a("--eval_lora", default=None, help="only print the held-out val/loss of the base model + this LoRA and exit")
     args = p.parse_args(argv)

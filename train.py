@@ -95,25 +95,14 @@ def parse_args(argv=None):
     )
     a = p.add_argument
     a("--images", required=True, help="folder of unlabelled training images (searched recursively)")
-    rollout.add_model_flags(p)
     a(
         "--init_lora",
         default=None,
         help="start from this LoRA (a train.py/sft.py output folder or a PEFT adapter folder); it is also the KL "
         "reference; its rank and targets replace --rank/--lora_alpha",
     )
-    tracking.add_run_flags(p, "outputs/stable-layers", 300, 25, sample_every=10)
-    a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
-    a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
-    a(
-        "--sizing",
-        choices=["longest", "area"],
-        default="longest",
-        help="condition size rule: longest side = resolution, multiples of 16 (released inference) or diffusers' "
-        "area rule",
-    )
-    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
-    a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
+    g = p.add_argument_group("rollouts: G candidates per image, Flow-GRPO's SDE sampler")
+    a = g.add_argument
     a("--group_size", type=int, default=8, help="G: candidates per image")
     a(
         "--images_per_step",
@@ -122,6 +111,16 @@ def parse_args(argv=None):
         help="images (groups) per optimizer step, over all ranks (a multiple of their number); step times: "
         "docs/performance.md",
     )
+    a("--layers", type=int, nargs="+", default=[4], help="layer count N, or a list to draw from per step")
+    a("--resolution", type=int, default=640, help="longest side of the condition image in px (released: 640)")
+    a(
+        "--sizing",
+        choices=["longest", "area"],
+        default="longest",
+        help="condition size rule: longest side = resolution, multiples of 16 (released inference) or diffusers' "
+        "area rule",
+    )
+    a("--prompt", default=rollout.DEFAULT_PROMPT, help="fixed prompt (released setting); '' auto-captions")
     a("--num_inference_steps", type=int, default=10, help="T: sampling steps during training rollouts")
     a("--noise_level", type=float, default=1.2, help="a: SDE noise level (Flow-GRPO's Qwen-Image setting)")
     a("--sde_type", choices=["sde", "cps"], default="sde", help="Flow-GRPO SDE step or coefficients-preserving")
@@ -147,7 +146,9 @@ def parse_args(argv=None):
         default=True,
         help="with CFG: rescale the guided velocity to the conditional norm per token (upstream)",
     )
-    reward.add_reward_flags(p)  # --reward, --reward_args and the judge's flags, as in distill.py and reward.py
+    g = p.add_argument_group("reward: the VLM judge, or a reward of your own")
+    a = g.add_argument
+    reward.add_reward_flags(g)  # --reward, --reward_args and the judge's flags, as in distill.py and reward.py
     a(
         "--judge_concurrency",
         type=int,
@@ -175,6 +176,8 @@ def parse_args(argv=None):
         help="stop after this many steps in a row in which the judge answered none of its requests (such steps are "
         "never trained), saving the state for --resume_from_checkpoint latest once the judge is back",
     )
+    g = p.add_argument_group("objective and update: group advantages, the clipped ratio, the KL, the LoRA")
+    a = g.add_argument
     a("--clip_range", type=float, default=1e-4, help="eps of the clipped ratio (small: log-probs are dim means)")
     a("--beta", type=float, default=0.04, help="KL weight (see the departures table); 0 skips the reference forward")
     a("--adv_clip_max", type=float, default=5.0, help="advantages are clipped to [-x, x]")
@@ -191,6 +194,9 @@ def parse_args(argv=None):
     a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
     a("--rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / r)")
+    g = p.add_argument_group("model, memory and speed")
+    a = g.add_argument
+    rollout.add_model_flags(g)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True, help="recompute blocks")
     a(
         "--decode_chunk",
@@ -212,6 +218,10 @@ def parse_args(argv=None):
         help="under torchrun: shard the frozen transformer across the ranks (FSDP2), so that several smaller GPUs "
         "train the bf16 model; the LoRA, the algorithm and the checkpoints are unchanged (support/parallel.py)",
     )
+    g = p.add_argument_group("the run: its folder, length, checkpoints, tracker and seed")
+    a = g.add_argument
+    tracking.add_run_flags(g, "outputs/stable-layers", 300, 25, sample_every=10)
+    a("--seed", type=int, default=42, help="seed of every random draw (data order, layers, noise, window)")
     args = p.parse_args(argv)
     T = args.num_inference_steps
     checks = [

@@ -565,6 +565,16 @@ def test_the_run_flags_are_one_definition_in_the_three_training_scripts():
     assert parser_of(sft, ["--synthetic", "1"]).get_default("output_dir") == "outputs/sft"
 
 
+def test_the_docs_flag_table_lists_every_flag_of_train_py():
+    """docs/training.md's "Flags by group" names each flag train.py takes, and none it does not."""
+    actions = parser_of(train, ["--images", "x"])._actions
+    flags = {s for a in actions for s in a.option_strings if s.startswith("--") and not s.startswith("--no-")}
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    table = text[text.index("## Flags by group") :]
+    table = table[: table.index("\n## ")]
+    assert set(re.findall(r"`(--[a-z_]+)", table)) == flags - {"--help"}
+
+
 def test_the_last_line_counts_in_words(tmp_path):
     """What a run wrote, as its last line says it: one picture, two pictures."""
     (tmp_path / "samples").mkdir()
