@@ -57,7 +57,7 @@ import rollout
 import train
 from support import checkpoints, cli, quantize, runfolder, tracking
 from support.checkpoints import load_lora
-from support.images import find_images, open_image
+from support.images import find_images
 from support.pictures import render_group_grid
 from support.scoring import call_reward
 
@@ -148,6 +148,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     T = args.num_inference_steps
     args.sde_window_range = args.sde_window_range or [0, T - 1]  # train.step_plan draws the window in it
+    args.true_cfg_scale, args.cfg_normalize, args.decode_chunk = 1.0, True, 8  # train.roll_out with CFG off
     args.teachers, names = {}, []
     for spec in args.teacher:
         name, eq, rest = spec.partition("=")
@@ -253,29 +254,6 @@ def distill_update(transformer, trajectories, weights, names, args, params, opti
 
 
 @torch.no_grad()
-def roll_out(pipe, args, path, plan, k, decode):
-    """The student's G candidates of image position k (train.roll_out's sampler, without CFG)."""
-    pipe.transformer.eval()
-    with lora.lora_precision(pipe.transformer):
-        traj = rollout.sample(
-            pipe,
-            [open_image(path)],
-            layers=plan.layers,
-            prompt=args.prompt,
-            group_size=args.group_size,
-            num_inference_steps=args.num_inference_steps,
-            noise_level=args.noise_level,
-            sde_window=plan.window,
-            sde_type=args.sde_type,
-            resolution=args.resolution,
-            sizing=args.sizing,
-            decode=decode,
-            generator=torch.Generator(pipe.transformer.device).manual_seed(plan.seeds[k]),
-        )
-    traj.layers = traj.layers.cpu() if decode else None
-    return traj
-
-
 def log_step(log, step, plan, scores, stats, traj, args, timer, device, save):
     """One row of metrics.jsonl (and the tracker), a checkpoint every --checkpointing_steps, a sample picture (the
     first group, captioned with each teacher's reward) every --sample_every steps: train.log_step's plumbing."""
@@ -351,7 +329,9 @@ def main(argv=None):
             plan = train.step_plan(args, step, len(paths))  # all from (seed, step), as train.py's
             decode = bool(rewards) or bool(args.sample_every and (step + 1) % args.sample_every == 0)
             with timer("rollout"):
-                trajectories = [roll_out(pipe, args, paths[i], plan, k, decode) for k, i in enumerate(plan.indices)]
+                trajectories = [
+                    train.roll_out(pipe, args, paths[i], plan, k, device, decode) for k, i in enumerate(plan.indices)
+                ]
             with timer("reward"):  # name -> (B,): each teacher's reward of the student's samples, logged only
                 scores = {
                     n: torch.cat(

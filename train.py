@@ -280,9 +280,10 @@ def step_plan(args, step, num_images):
 
 
 @torch.no_grad()
-def roll_out(pipe, args, path, plan, k, device):
+def roll_out(pipe, args, path, plan, k, device, decode=True):
     """The G candidates of image position k of the step: rollout.sample with the policy (LoRA on), SDE on the plan's
-    window and ODE elsewhere, log-probs of the window's transitions kept; layers decoded, on the CPU for the reward."""
+    window and ODE elsewhere, log-probs of the window's transitions kept; layers decoded (if decode), on the CPU for
+    the reward. distill.py rolls out its student with it too."""
     pipe.transformer.eval()
     with lora.lora_precision(pipe.transformer):
         traj = rollout.sample(
@@ -299,10 +300,11 @@ def roll_out(pipe, args, path, plan, k, device):
             sizing=args.sizing,
             true_cfg_scale=args.true_cfg_scale,
             cfg_normalize=args.cfg_normalize,
+            decode=decode,
             decode_chunk=args.decode_chunk,
             generator=torch.Generator(device).manual_seed(plan.seeds[k]),
         )
-    traj.layers = traj.layers.cpu()
+    traj.layers = traj.layers.cpu() if decode else None
     return traj
 
 
