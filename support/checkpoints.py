@@ -36,8 +36,8 @@ with quantize.quiet_imports():
 def quiet_peft():
     """Silence, where they arise, the two peft warnings that are noise here, and only those: that a LoRA on torchao
     int8 blocks (--quantize int8) cannot merge() / unmerge() (nothing here merges: the LoRA stays a separate adapter,
-    saved alone), and that exclude_modules excluded nothing (a diffusers LoRA names its adapted modules one by one, so
-    the exclusions saved with it have nothing left to exclude)."""
+    saved alone), and that exclude_modules excluded nothing (a diffusers LoRA whose metadata lists exclusions beside
+    the modules its weights name one by one: other tools write such files)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated without", UserWarning)
         warnings.filterwarnings("ignore", "You have passed exclude_modules=.* no modules were excluded", UserWarning)
@@ -52,11 +52,12 @@ def save_lora(transformer, folder, base_model):
     state = get_peft_model_state_dict(transformer, adapter_name="default", save_embedding_layers=False)
     config = transformer.peft_config["default"]
     config.base_model_name_or_path = base_model
+    # diffusers builds its LoraConfig from this metadata (alpha included) but adapts the modules the weights name:
+    # the metadata names those same modules, so that peft finds nothing to exclude and nothing missing to warn of
+    metadata = {**config.to_dict(), "exclude_modules": None}
+    metadata["target_modules"] = sorted({key.rsplit(".lora_", 1)[0] for key in state})
     QwenImageLayeredPipeline.save_lora_weights(
-        folder,
-        transformer_lora_layers=state,
-        safe_serialization=True,
-        transformer_lora_adapter_metadata=config.to_dict(),  # keeps alpha
+        folder, transformer_lora_layers=state, safe_serialization=True, transformer_lora_adapter_metadata=metadata
     )
     (folder / "peft").mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder / "peft")

@@ -252,9 +252,9 @@ def test_a_skipped_image_is_one_plain_line(design_images, tmp_path, capsys):
 
 
 def test_peft_noise_is_silenced_where_it_arises_and_only_there(tmp_path):
-    """Loading a diffusers LoRA (what evaluate.py --lora does) and a LoRA on int8 blocks (--quantize int8) raise
-    none of peft's two noise warnings through our code, though peft raises them when called directly; other warnings,
-    and these outside our code, still show."""
+    """Loading a LoRA (what evaluate.py --lora does) and a LoRA on int8 blocks (--quantize int8) raise none of peft's
+    noise warnings through our code; the diffusers file loads without one through diffusers itself too (its metadata
+    names the modules its weights adapt); the int8 warning and other warnings still show outside our code."""
     from peft import LoraConfig
 
     pipe = rollout.load_pipeline("tiny")
@@ -271,12 +271,13 @@ def test_peft_noise_is_silenced_where_it_arises_and_only_there(tmp_path):
     assert not [w for w in caught if any(n in str(w.message) for n in noise)], [str(w.message) for w in caught]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rollout.load_pipeline("tiny").load_lora_weights(str(tmp_path))  # diffusers directly: peft warns
+        rollout.load_pipeline("tiny").load_lora_weights(str(tmp_path))  # diffusers directly, as README says
         if int8:
             rollout.load_pipeline("tiny", kind="int8").transformer.add_adapter(LoraConfig(target_modules=["to_q"]))
         warnings.warn("a warning of someone else's", stacklevel=1)
     messages = [str(w.message) for w in caught]
-    assert any("exclude_modules" in m for m in messages) and "a warning of someone else's" in messages
+    assert not any("exclude_modules" in m or "inconsistency" in m for m in messages), messages  # the file is clean
+    assert "a warning of someone else's" in messages
     assert not int8 or any("get_apply_tensor_subclass" in m for m in messages)
 
 
