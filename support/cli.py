@@ -182,13 +182,11 @@ def check_hub(name, what, timeout=3.0):
         return
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # the hub is reached through a proxy: a direct connection says nothing
-    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub import constants
 
-    try:
-        if any(repo.repo_id == name for repo in scan_cache_dir().repos):
-            return
-    except Exception:  # no cache folder yet, or one that cannot be read: only the hub can answer
-        pass
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):  # this repo's folder alone, not a scan of the whole cache
+        return
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname or HUB
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

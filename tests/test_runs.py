@@ -451,6 +451,8 @@ def test_an_unreachable_hub_fails_within_seconds_naming_the_flag_in_effect(
             assert err.startswith("no CUDA GPU is visible: running on the CPU")
         assert not (tmp_path / "out").exists()
     assert "given" not in train.parse_args([*base, *tiny_run]).__dict__  # the record of given flags stays apart
+    (tmp_path / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots" / "0123abc").mkdir(parents=True)
+    assert cli.check_hub("Qwen/Qwen-Image-Layered", "--pretrained_model_name_or_path") is None  # cached: no hub asked
 
 
 @pytest.mark.parametrize(
