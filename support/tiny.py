@@ -33,6 +33,30 @@ with quantize.quiet_imports():
 SCHEDULER = dict(
     use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=0.9, max_image_seq_len=8192
 )
+# Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json, field by field; 60 blocks, 20.4B parameters,
+# 38 GiB in bf16
+FULL_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+    use_layer3d_rope=True,
+    use_additional_t_cond=True,
+    zero_cond_t=False,
+    guidance_embeds=False,
+)
+FULL_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    input_channels=4,
+)
 SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -154,13 +178,8 @@ def tiny_vae(seed=0, base_dim=12):
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae = AutoencoderKLQwenImage(
-            base_dim=base_dim,
-            z_dim=16,
-            dim_mult=[1, 2, 4, 4],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-            input_channels=4,
+        vae = AutoencoderKLQwenImage(  # the released VAE, narrower, one residual block per level
+            **{**FULL_VAE, "base_dim": base_dim, "num_res_blocks": 1},
             latents_mean=LATENTS_MEAN,
             latents_std=LATENTS_STD,
         )
@@ -217,17 +236,15 @@ def tiny_pipeline(seed=0):
     text_encoder = tiny_qwen2_5_vl(ids, len(tok), seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            axes_dims_rope=(8, 4, 4),
-            use_layer3d_rope=True,
-            use_additional_t_cond=True,
+        transformer = QwenImageTransformer2DModel(  # the released transformer at toy sizes
+            **{
+                **FULL_TRANSFORMER,
+                "num_layers": 2,
+                "attention_head_dim": 16,
+                "num_attention_heads": 2,
+                "joint_attention_dim": 16,
+                "axes_dims_rope": (8, 4, 4),
+            }
         )
     vae = tiny_vae(seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
@@ -237,32 +254,6 @@ def tiny_pipeline(seed=0):
 
 
 # ----------------------------------------------------------------------------- the released configuration, random
-# Qwen/Qwen-Image-Layered's transformer/config.json and vae/config.json, field by field; 60 blocks, 20.4B parameters,
-# 38 GiB in bf16
-FULL_TRANSFORMER = dict(
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=60,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    axes_dims_rope=(16, 56, 56),
-    use_layer3d_rope=True,
-    use_additional_t_cond=True,
-    zero_cond_t=False,
-    guidance_embeds=False,
-)
-FULL_VAE = dict(
-    base_dim=96,
-    z_dim=16,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    temperal_downsample=[False, True, True],
-    input_channels=4,
-)
-
-
 def released_pipeline(num_blocks=None, device="cpu", dtype=torch.bfloat16, seed=0):
     """Qwen-Image-Layered's released transformer and VAE configuration with random weights, built directly on
     `device` in `dtype` (never 76 GiB of fp32 in CPU memory): the real loop measured where the weights cannot be
